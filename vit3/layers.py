@@ -1,0 +1,54 @@
+"""Building blocks shared by the ViT³ / H-ViT³ classifiers and DiT³.
+
+RoPE2d is imported by the TTT core (H-ViT³ rotates the SwiGLU branch's queries
+and keys); the other layers are the plain pieces the models stack.
+"""
+import torch
+import torch.nn as nn
+
+
+class RoPE2d(nn.Module):
+    """2-D rotary position embedding over the whole channel dimension.
+
+    Channels are taken as (real, imaginary) pairs. The first C/4 pairs rotate with
+    the row index, the last C/4 with the column index, at frequencies
+    base ** (-k / (C/4)), k = 0 .. C/4 - 1; this is the layout of the official
+    H-ViT³ (its checkpoints store the table as `rope.rotations`; here it is built
+    on the fly for the actual feature map, so any h x w works and the key is not
+    part of the state dict).
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"RoPE2d needs a channel count divisible by 4, got {dim}")
+        self.dim = dim
+        self.base = base
+        self._cache: dict = {}
+
+    def rotations(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables, each [h, w, C/2]."""
+        key = (h, w, device, dtype)
+        if key not in self._cache:
+            k_max = self.dim // 4
+            theta = 1.0 / (self.base ** (torch.arange(k_max, dtype=torch.float64, device=device) / k_max))
+            rows = torch.arange(h, dtype=torch.float64, device=device)[:, None, None] * theta  # [h, 1, k]
+            cols = torch.arange(w, dtype=torch.float64, device=device)[None, :, None] * theta  # [1, w, k]
+            angles = torch.cat([rows.expand(h, w, k_max), cols.expand(h, w, k_max)], dim=-1)  # [h, w, C/2]
+            self._cache = {key: (angles.cos().to(dtype), angles.sin().to(dtype))}  # keep one resolution
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, h, w, C] -> [B, h, w, C], rotated in float32 (or float64), returned in x's dtype
+        _, h, w, c = x.shape
+        if c != self.dim:
+            raise ValueError(f"RoPE2d built for {self.dim} channels got {c}")
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.rotations(h, w, x.device, dtype)
+        pairs = x.to(dtype).unflatten(-1, (c // 2, 2))  # [B, h, w, C/2, 2]
+        re, im = pairs.unbind(-1)
+        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base}"

@@ -1,0 +1,142 @@
+"""The ViT³ test-time-training layer (https://arxiv.org/abs/2512.01643).
+
+Keys and values of one image are a small training set: an inner model is trained
+on them with one full-batch gradient step of a dot-product loss (inner lr 1.0,
+each gradient divided by its norm + 1), and the trained inner model is applied
+to the queries. The paper's final design runs two inner models side by side:
+
+  branch 1: simplified SwiGLU per head, f(x) = (x W1) * silu(x W2), on q1, k1, v1 (C wide)
+  branch 2: 3x3 depthwise conv on q2, k2, v2 laid out as d x h x w maps (d = C / heads)
+
+and projects concat(f'(q1), conv'(q2)) back to C. Cost is linear in N.
+
+The other options reproduce the paper's design-space ablations. Two
+implementations sit behind `impl`: "reference" (reference.py, autograd inner
+gradient, every option) and "fast" (fast.py, closed-form gradient and a custom
+backward, the paper's design); "auto" takes the fast one when it applies.
+"""
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from .fast import ttt_fast
+from .reference import HEAD_MODELS, ttt_reference
+
+INNER_MODELS = ("linear", "mlp", "silu_linear", "swiglu", "dwconv3x3", "swiglu+dwconv")
+INNER_LOSSES = ("dot", "mse", "l1")
+IMPLS = ("auto", "fast", "reference")
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32; float32 and float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class TTT(nn.Module):
+    """ViT³ test-time-training token mixer: forward(x [B, h*w, C], h, w, rope=None) -> [B, h*w, C].
+
+    Parameter names and shapes of the default design equal the official release
+    (`qkv`, `w1`, `w2`, `w3`, `proj`), so its checkpoints load unchanged.
+
+    Args:
+        dim, num_heads, qkv_bias: as in attention.
+        inner_model: one of INNER_MODELS; "swiglu+dwconv" is the paper's final design.
+        inner_mlp_ratio: hidden width / head width of the "mlp" inner model.
+        inner_loss: "dot" (the paper's), "mse" or "l1".
+        inner_lr, inner_steps: step size and number of passes over the keys and values.
+        inner_batch: tokens per inner mini-batch, updated sequentially; None = full batch.
+        grad_norm: divide each inner gradient by (its norm + 1).
+        impl: "auto", "fast" or "reference".
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *,
+                 inner_model: str = "swiglu+dwconv", inner_mlp_ratio: float = 4.0, inner_loss: str = "dot",
+                 inner_lr: float = 1.0, inner_steps: int = 1, inner_batch: int | None = None,
+                 grad_norm: bool = True, impl: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if inner_model not in INNER_MODELS:
+            raise ValueError(f"unknown inner_model {inner_model!r}; choose one of {INNER_MODELS}")
+        if inner_loss not in INNER_LOSSES:
+            raise ValueError(f"unknown inner_loss {inner_loss!r}; choose one of {INNER_LOSSES}")
+        if inner_steps < 1 or (inner_batch is not None and inner_batch < 1):
+            raise ValueError(f"inner_steps and inner_batch must be positive, got {inner_steps}, {inner_batch}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+        self.dim, self.num_heads = dim, num_heads
+        self.inner_model, self.inner_loss = inner_model, inner_loss
+        self.inner_lr, self.inner_steps, self.inner_batch = inner_lr, inner_steps, inner_batch
+        self.grad_norm, self.impl = grad_norm, impl
+        d = dim // num_heads
+        self.head_kind = inner_model.split("+")[0] if inner_model.split("+")[0] in HEAD_MODELS else None
+        use_conv = "dwconv" in inner_model
+        # branch widths: the head branch is C wide; the conv branch is d wide next to it, C wide alone
+        self.conv_dim = (d if self.head_kind else dim) if use_conv else 0
+        head_dim_total = dim if self.head_kind else 0
+
+        self.qkv = nn.Linear(dim, 3 * (head_dim_total + self.conv_dim), bias=qkv_bias)
+        if self.head_kind in ("linear", "silu_linear"):
+            self.w1 = nn.Parameter(torch.zeros(1, num_heads, d, d))
+        elif self.head_kind == "swiglu":
+            self.w1 = nn.Parameter(torch.zeros(1, num_heads, d, d))
+            self.w2 = nn.Parameter(torch.zeros(1, num_heads, d, d))
+        elif self.head_kind == "mlp":
+            hidden = int(d * inner_mlp_ratio)
+            self.w1 = nn.Parameter(torch.zeros(1, num_heads, d, hidden))
+            self.w2 = nn.Parameter(torch.zeros(1, num_heads, hidden, d))
+        if use_conv:
+            self.w3 = nn.Parameter(torch.zeros(self.conv_dim, 1, 3, 3))
+        for p in self.inner_params():
+            trunc_normal_(p, std=0.02)
+        self.proj = nn.Linear(head_dim_total + self.conv_dim, dim)
+        # 9 = 1 channel x 3 x 3, the conv branch's "head width"; the official code uses it for both branches
+        self.scale = 9 ** -0.5
+
+    def head_params(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in ("w1", "w2") if hasattr(self, n)]
+
+    def inner_params(self) -> list[nn.Parameter]:
+        return self.head_params() + ([self.w3] if self.conv_dim else [])
+
+    def uses_fast_path(self) -> bool:
+        fast_ok = (self.inner_model == "swiglu+dwconv" and self.inner_loss == "dot" and self.inner_steps == 1
+                   and self.inner_batch is None and self.grad_norm)
+        if self.impl == "fast" and not fast_ok:
+            raise ValueError("impl='fast' covers the paper's design only (swiglu+dwconv, dot loss, one full-batch "
+                             "step, grad_norm=True); use impl='reference' or 'auto' for other options")
+        return self.impl == "fast" or (self.impl == "auto" and fast_ok)
+
+    def forward(self, x: torch.Tensor, h: int, w: int, rope=None) -> torch.Tensor:
+        b, n, c = x.shape
+        if n != h * w:
+            raise ValueError(f"TTT got {n} tokens for an h x w = {h} x {w} map")
+        heads, d = self.num_heads, c // self.num_heads
+        cd, hd = self.conv_dim, (c if self.head_kind else 0)
+        q1, k1, v1, q2, k2, v2 = self.qkv(x).split([hd, hd, hd, cd, cd, cd], dim=-1)
+        if self.head_kind and rope is not None:  # rope acts on [B, h, w, C]
+            q1 = rope(q1.reshape(b, h, w, c)).view(b, n, c)
+            k1 = rope(k1.reshape(b, h, w, c)).view(b, n, c)
+        if self.head_kind:  # per head: [B, N, heads, d] views, no copy
+            q1, k1, v1 = (t.unflatten(-1, (heads, d)) for t in (q1, k1, v1))
+        else:
+            q1 = k1 = v1 = None
+        if not cd:
+            q2 = k2 = v2 = None
+
+        # the inner gradient, its norm and the token reductions run in float32 under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            inputs = [t if t is None else _upcast(t) for t in (q1, k1, v1, q2, k2, v2)]
+            params = [_upcast(p) for p in self.head_params()]
+            w3 = _upcast(self.w3) if cd else None
+            if self.uses_fast_path():
+                out = ttt_fast(*inputs, *params, w3, h=h, w=w, scale=self.scale, lr=self.inner_lr)
+            else:
+                out = ttt_reference(*inputs, params, w3, h=h, w=w, head_kind=self.head_kind,
+                                    loss=self.inner_loss, scale=self.scale, lr=self.inner_lr,
+                                    steps=self.inner_steps, batch=self.inner_batch, grad_norm=self.grad_norm)
+        return self.proj(out.to(x.dtype))  # [B, N, C]
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, inner_model={self.inner_model}, "
+                f"inner_loss={self.inner_loss}, inner_lr={self.inner_lr}, impl={self.impl}")
