@@ -87,7 +87,7 @@ def ttt_reference(
         for chunk in chunks:
             with torch.enable_grad():
                 # under no_grad (or with frozen weights) the inner step still needs a graph of its own
-                ws = [x if x.requires_grad else x.detach().requires_grad_() for x in ws]
+                ws = [x if create_graph and x.requires_grad else x.detach().requires_grad_() for x in ws]
                 inner_loss = 0.0
                 if use_head:
                     pred = head_model(head_kind, k1[:, :, chunk], ws[: len(head_ws)])  # [B, H, n_c, d]
