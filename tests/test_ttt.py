@@ -45,6 +45,29 @@ def test_fast_matches_reference_float64(use_rope):
         assert rel(fast[name], ref[name]) < 1e-6, name
 
 
+def test_fast_gradient_in_place_or_not():
+    """inplace_grad writes qkv's gradient over qkv; without it qkv is left alone. A second backward
+    through a graph whose qkv was overwritten must fail, not compute with gradients as inputs."""
+    from vit3.ttt import ttt_fast
+    torch.manual_seed(0)
+    heads, d, h, w = 2, 4, 3, 5
+    qkv0 = torch.randn(2, h * w, 3 * heads * d + 3 * d, dtype=torch.float64)
+    w1, w2 = (torch.randn(1, heads, d, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w3 = torch.randn(d, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for inplace in (False, True):
+        x = qkv0.clone().requires_grad_()
+        qkv = x * 1.0  # a non-leaf, as the layer's projection output is
+        out = ttt_fast(qkv, w1, w2, w3, heads=heads, h=h, w=w, scale=1 / 3, lr=1.0, inplace_grad=inplace)
+        out.sum().backward(retain_graph=True)
+        grads.append(x.grad.clone())
+        assert torch.equal(qkv.detach(), qkv0) != inplace
+        if inplace:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_default_design_against_torch_func():
     """The paper's layer written independently: per-(sample, head) inner loss, torch.func.grad."""
     torch.manual_seed(0)
@@ -187,18 +210,28 @@ def test_bf16_autocast_close_to_float32(impl):
 
 
 def test_inner_math_runs_in_float32_under_autocast(monkeypatch):
+    import vit3.ttt.fast as fast_mod
     import vit3.ttt.layer as layer_mod
-    seen = []
-    real = layer_mod.ttt_fast
+    seen = {}
 
-    def spy(*args, **kwargs):
-        seen.extend(t.dtype for t in args if t is not None)
-        return real(*args, **kwargs)
+    def spy(module, name):
+        real = getattr(module, name)
 
-    monkeypatch.setattr(layer_mod, "ttt_fast", spy)
+        def wrapper(*args, **kwargs):
+            seen.setdefault(name, []).extend(t.dtype for t in args if isinstance(t, torch.Tensor))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(fast_mod, "_swiglu_inner_grads")  # inner gradient of the fast path
+    spy(fast_mod, "_conv_weight_grad")  # conv-branch gradient of the fast path
+    spy(layer_mod, "ttt_reference")
+    layer = TTT(16, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        TTT(16, 2)(torch.randn(1, 9, 16), 3, 3)
-    assert seen and all(dt == torch.float32 for dt in seen)
+        layer(torch.randn(1, 9, 16), 3, 3)
+        layer.impl = "reference"
+        layer(torch.randn(1, 9, 16), 3, 3)
+    assert set(seen) == {"_swiglu_inner_grads", "_conv_weight_grad", "ttt_reference"}
+    assert all(dt == torch.float32 for dts in seen.values() for dt in dts), seen
 
 
 def test_no_grad_inference_matches_training_output():

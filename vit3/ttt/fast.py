@@ -8,7 +8,7 @@ With e = dL/df(k) = -scale / N * v, the inner gradients are
 
   g1 = K^T (e * silu(K W2))                 [B, H, d, d]
   g2 = K^T (e * (K W1) * silu'(K W2))
-  g3[o] = sum_p e[p] k[p + o]               [B, 3, 3, c], o one of the 9 offsets
+  g3[o] = sum_p e[p] k[p + o]               [B, c, 3, 3], o one of the 9 offsets
 
 and the trained models are applied to the queries. The forward keeps only its
 inputs and the d x d / 3 x 3 weight tensors; every N-sized intermediate is
@@ -16,22 +16,17 @@ recomputed in the backward, which is derived by hand below (the outer loop
 differentiates through the inner step, so second derivatives of silu appear).
 Memory is therefore that of the inputs, linear in N.
 
-The conv branch works in channels-last maps [B, h, w, c] (what the qkv
-projection produces, no permute) as 9 shifted multiply-adds, which is cheaper
-than a grouped convolution with one group per sample and channel.
+The function takes the qkv projection whole ([B, N, 3C + 3c], any float dtype)
+and returns its gradient whole: nothing is split, concatenated or upcast
+outside, so under autocast the saved tensor is the bf16 projection itself. The
+inner math runs in float32 (float64 for float64 inputs), a group of heads at a
+time, with RoPE applied (and inverted in the backward) per group. The conv
+branch's per-sample kernels make one depthwise convolution over B*c channels,
+and its gradients are that convolution's own weight and input gradients
+(oneDNN / cuDNN depthwise kernels).
 """
 import torch
 import torch.nn.functional as F
-
-OFFSETS = [(i, j) for i in range(3) for j in range(3)]
-
-
-def _silu_grads(z: torch.Tensor):
-    """silu(z), silu'(z), silu''(z)."""
-    s = torch.sigmoid(z)
-    d1 = s * (1 + z * (1 - s))
-    d2 = s * (1 - s) * (2 + z * (1 - 2 * s))
-    return z * s, d1, d2
 
 
 def _norm_backward(g: torch.Tensor, n: torch.Tensor, du: torch.Tensor, dims) -> torch.Tensor:
@@ -40,129 +35,223 @@ def _norm_backward(g: torch.Tensor, n: torch.Tensor, du: torch.Tensor, dims) -> 
     return du / (n + 1) - g * dot / ((n + 1) ** 2 * n.clamp_min(torch.finfo(g.dtype).tiny))
 
 
-def _shift(x: torch.Tensor, i: int, j: int, h: int, w: int) -> torch.Tensor:
-    """Window of a padded map [B, h+2, w+2, c] at offset (i, j): [B, h, w, c]."""
-    return x[:, i:i + h, j:j + w]
+def _conv(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """Per-sample 3x3 depthwise conv: x [1, B*c, h, w], wt [B*c, 1, 3, 3] (one group per sample and channel)."""
+    return F.conv2d(x, wt, padding=1, groups=x.shape[1])
 
 
-def _dwconv(xp: torch.Tensor, wt: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Per-sample 3x3 depthwise cross-correlation. xp: [B, h+2, w+2, c] padded, wt: [B, 3, 3, c]."""
-    out = None
-    for i, j in OFFSETS:
-        term = _shift(xp, i, j, h, w) * wt[:, i, j, None, None]
-        out = term if out is None else out.add_(term)
-    return out
+def _conv_weight_grad(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """sum_p gy[p] x[p + o] for the 9 offsets o, i.e. the conv's weight gradient: -> [B*c, 1, 3, 3]."""
+    return torch.nn.grad.conv2d_weight(x, (x.shape[1], 1, 3, 3), gy, padding=1, groups=x.shape[1])
 
 
-def _correlate(xp: torch.Tensor, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """sum_p y[p] x[p + o] for the 9 offsets o. xp: [B, h+2, w+2, c], y: [B, h, w, c] -> [B, 3, 3, c]."""
-    return torch.stack([(_shift(xp, i, j, h, w) * y).sum(dim=(1, 2)) for i, j in OFFSETS], 1).unflatten(1, (3, 3))
+def _conv_input_grad(wt: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """sum_o wt[o] gy[p - o], i.e. the conv's input gradient: -> [1, B*c, h, w]."""
+    return torch.nn.grad.conv2d_input(gy.shape, wt, gy, padding=1, groups=gy.shape[1])
 
 
-def _scatter_shifts(wt: torch.Tensor, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Adjoint of _dwconv in its input: sum_o wt[o] y[p - o], cropped to the map. -> [B, h, w, c]."""
-    b, _, _, c = y.shape
-    out = y.new_zeros(b, h + 2, w + 2, c)
-    for i, j in OFFSETS:
-        _shift(out, i, j, h, w).add_(y * wt[:, i, j, None, None])
-    return out[:, 1:h + 1, 1:w + 1]
+def _to_maps(x: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tokens [B, N, c] -> one depthwise-conv input [1, B*c, h, w] (a copy, in the compute dtype)."""
+    b, _, c = x.shape
+    return x.transpose(1, 2).reshape(1, b * c, h, w).to(dtype)
 
 
-def _pad(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, N, c] tokens -> zero-padded map [B, h+2, w+2, c]."""
-    return F.pad(x.unflatten(1, (h, w)), (0, 0, 1, 1, 1, 1))
+def _to_tokens(x: torch.Tensor, b: int) -> torch.Tensor:
+    """[1, B*c, h, w] -> tokens [B, N, c] (a view)."""
+    return x.view(b, -1, x.shape[-2] * x.shape[-1]).transpose(1, 2)
+
+
+def _chunks(b: int, heads: int, n: int, d: int, device: torch.device) -> list[tuple[slice, slice]]:
+    """(head group, token range) blocks processed one at a time, so that every N-sized temporary stays
+    small: about 256K elements on CPU (cache-resident, no fresh pages), 16M on GPUs (fewer, larger
+    kernels). Per-head sums over tokens (inner gradients, weight gradients) accumulate across blocks."""
+    if torch.compiler.is_compiling():  # the compiler fuses the elementwise work; sizes may be symbolic
+        return [(slice(0, heads), slice(0, n))]
+    budget = 1 << (18 if device.type == "cpu" else 24)
+    hstep = max(1, min(heads, budget // (b * n * d)))
+    tstep = n if hstep > 1 or b * n * d <= budget else max(1, budget // (b * d))
+    return [(slice(h0, min(h0 + hstep, heads)), slice(t0, min(t0 + tstep, n)))
+            for h0 in range(0, heads, hstep) for t0 in range(0, n, tstep)]
+
+
+def _swiglu_inner_grads(k, v, w12, coef):
+    """Inner gradients of the SwiGLU branch.
+
+    k, v: [B, h, N, d]; w12 = [W1 | W2]: [1, h, d, 2d] -> [g1 | g2]: [B, h, d, 2d].
+    """
+    d = k.shape[-1]
+    z = k @ w12  # [z1 | z2], one GEMM for both weights
+    z1, z2 = z[..., :d], z[..., d:]
+    s = torch.sigmoid(z2)
+    a = z2 * s  # silu(z2)
+    ds = z2.sub_(a).add_(1).mul_(s)  # silu'(z2) = s (1 + z2 - silu(z2)), in z2's memory
+    z1.mul_(ds)
+    z2.copy_(a)
+    z.unflatten(-1, (2, d)).mul_(v.unsqueeze(-2))  # z = [v z1 silu'(z2) | v silu(z2)]
+    g = k.transpose(-2, -1) @ z  # [g2 | g1] / coef
+    return torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(coef)
+
+
+def _step(w, g, n, lr):
+    return w - lr * g / (n + 1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE on channel pairs. x: [B, h, N, d], cos/sin: [h, N, d/2]; inverse=True applies R^T."""
+    re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+    if inverse:
+        sin = -sin
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
+
+
+def _load(x: torch.Tensor, hs: slice, ts: slice, dtype: torch.dtype, rope=None) -> torch.Tensor:
+    """A block of q, k, v or dout ([B, H, N, d] views) as a contiguous [B, h, n, d] tensor in the compute
+    dtype, rotated if rope is given. Contiguous matters: elementwise results follow their inputs'
+    layout, and mixing the qkv layout with the GEMM outputs' makes every later op a strided one."""
+    x = torch.empty(x[:, hs, ts].shape, dtype=dtype, device=x.device).copy_(x[:, hs, ts])  # always a copy
+    return x if rope is None else _rotate(x, rope[0][hs, ts], rope[1][hs, ts])
+
+
+def _store(dst: torch.Tensor, hs: slice, ts: slice, x: torch.Tensor, rope=None):
+    """Write a block's gradient [B, h, n, d] into dst ([B, H, N, d] view), through R^T if rope is given."""
+    dst[:, hs, ts] = x if rope is None else _rotate(x, rope[0][hs, ts], rope[1][hs, ts], inverse=True)
+
+
+def _head_views(qkv: torch.Tensor, dim: int, heads: int):
+    """q1, k1, v1 of a qkv tensor [B, N, 3C + 3c] as [B, H, N, d] views."""
+    return [qkv[..., i * dim:(i + 1) * dim].unflatten(-1, (heads, dim // heads)).transpose(1, 2) for i in range(3)]
+
+
+def _head_tables(cos: torch.Tensor, sin: torch.Tensor, n: int, heads: int, d: int):
+    """RoPE tables [h, w, C/2] -> per head [H, N, d/2]."""
+    return tuple(t.reshape(n, heads, d // 2).transpose(0, 1) for t in (cos, sin))
 
 
 class _TTTFast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q1, k1, v1, q2, k2, v2, w1, w2, w3, h, w, scale, lr):
-        b, n, heads, d = q1.shape
-        coef = -scale / n
-        # ---- branch 1: SwiGLU per head, tensors [B, H, N, d] ----
-        q, k, v = (t.transpose(1, 2) for t in (q1, k1, v1))
-        z1, z2 = k @ w1, k @ w2
-        a, ds, _ = _silu_grads(z2)
-        e = v * coef
-        kt = k.transpose(-2, -1)
-        g1 = kt @ (e * a)  # [B, H, d, d]
-        g2 = kt @ (e * z1 * ds)
-        del z1, z2, a, ds, e
-        n1, n2 = g1.norm(dim=-2, keepdim=True), g2.norm(dim=-2, keepdim=True)
-        w1n = w1 - lr * g1 / (n1 + 1)
-        w2n = w2 - lr * g2 / (n2 + 1)
-        y1, y2 = q @ w1n, q @ w2n
-        out1 = y1 * F.silu(y2)  # [B, H, N, d]
-        del y1, y2
+    def forward(ctx, qkv, w1, w2, w3, cos, sin, heads, h, w, scale, lr, inplace_grad):
+        b, n, width = qkv.shape
+        c = w3.shape[0]
+        dim = (width - 3 * c) // 3
+        d = dim // heads
+        cdt = torch.promote_types(qkv.dtype, torch.float32)  # compute dtype
+        coef = -scale / n  # dL/df(k) = coef * v
+        rope = None if cos is None else _head_tables(cos, sin, n, heads, d)
+        w1f, w2f, w3f = w1.to(cdt), w2.to(cdt), w3.to(cdt)
+        out = qkv.new_empty(b, n, dim + c)
+        out1 = out[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d] view
+        q, k, v = _head_views(qkv, dim, heads)
+        chunks = _chunks(b, heads, n, d, qkv.device)
 
-        # ---- branch 2: 3x3 depthwise conv on channels-last maps [B, h, w, c] ----
-        kp, qp = _pad(k2, h, w), _pad(q2, h, w)
-        e2 = v2.unflatten(1, (h, w)) * coef
-        g3 = _correlate(kp, e2, h, w)  # [B, 3, 3, c]
-        n3 = g3.norm(dim=(1, 2), keepdim=True)
-        w3n = w3.squeeze(1).permute(1, 2, 0) - lr * g3 / (n3 + 1)  # [c, 1, 3, 3] -> [B, 3, 3, c]
-        out2 = _dwconv(qp, w3n, h, w)  # [B, h, w, c]
+        # ---- branch 1: SwiGLU per head ----
+        w12 = torch.cat([w1f, w2f], dim=-1)  # [1, H, d, 2d]
+        g12 = qkv.new_zeros(b, heads, d, 2 * d, dtype=cdt)
+        for hs, ts in chunks:
+            g12[:, hs] += _swiglu_inner_grads(_load(k, hs, ts, cdt, rope), _load(v, hs, ts, cdt), w12[:, hs], coef)
+        n12 = torch.cat([g12[..., :d].norm(dim=-2, keepdim=True),  # per output column of each weight
+                         g12[..., d:].norm(dim=-2, keepdim=True)], dim=-1)
+        w12n = _step(w12, g12, n12, lr)  # [B, H, d, 2d]
+        for hs, ts in chunks:
+            y = _load(q, hs, ts, cdt, rope) @ w12n[:, hs]  # [B, h, n, 2d]
+            out1[:, hs, ts] = y[..., :d] * F.silu(y[..., d:], inplace=True)
 
-        ctx.save_for_backward(q1, k1, v1, q2, k2, v2, w1, w2, g1, g2, n1, n2, w1n, w2n, g3, n3, w3n)
-        ctx.hw, ctx.scale, ctx.lr = (h, w), scale, lr
-        return torch.cat([out1.transpose(1, 2).reshape(b, n, heads * d), out2.flatten(1, 2)], dim=-1)
+        # ---- branch 2: 3x3 depthwise conv, one group per sample and channel ----
+        q2, k2, v2 = (_to_maps(qkv[..., 3 * dim + i * c:3 * dim + (i + 1) * c], h, w, cdt) for i in range(3))
+        g3 = _conv_weight_grad(k2, v2).mul_(coef)  # [B*c, 1, 3, 3]
+        n3 = g3.norm(dim=(-2, -1), keepdim=True)  # per 3x3 kernel
+        w3n = _step(w3f.repeat(b, 1, 1, 1), g3, n3, lr)
+        out[..., dim:] = _to_tokens(_conv(q2, w3n), b)
+
+        ctx.save_for_backward(qkv, w1, w2, w3, cos, sin, w12, g12, n12, w12n, g3, n3, w3n)
+        ctx.args = (heads, h, w, scale, lr, inplace_grad)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        q1, k1, v1, q2, k2, v2, w1, w2, g1, g2, n1, n2, w1n, w2n, g3, n3, w3n = ctx.saved_tensors
-        (h, w), lr = ctx.hw, ctx.lr
-        b, n, heads, d = q1.shape
-        coef = -ctx.scale / n
-        do1 = dout[..., :heads * d].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d]
-        do2 = dout[..., heads * d:].unflatten(1, (h, w))  # [B, h, w, c]
-
-        # ---- branch 1: through the application to q ----
-        q, k, v = (t.transpose(1, 2) for t in (q1, k1, v1))
-        y1, y2 = q @ w1n, q @ w2n
-        sy2, dsy2, _ = _silu_grads(y2)
-        dy1, dy2 = do1 * sy2, do1 * y1 * dsy2
-        del y1, y2, sy2, dsy2
-        dq = dy1 @ w1n.transpose(-2, -1) + dy2 @ w2n.transpose(-2, -1)
-        qt = q.transpose(-2, -1)
-        dw1n, dw2n = qt @ dy1, qt @ dy2  # [B, H, d, d]
-        del dy1, dy2
-        # through w' = w - lr * g / (||g|| + 1)
-        dg1 = -lr * _norm_backward(g1, n1, dw1n, dims=-2)
-        dg2 = -lr * _norm_backward(g2, n2, dw2n, dims=-2)
-        # through g1 = K^T (e * a) and g2 = K^T (e * z1 * ds), a = silu(z2), ds = silu'(z2)
-        z1, z2 = k @ w1, k @ w2
-        a, ds, dds = _silu_grads(z2)
-        e = v * coef
-        p1, p2 = k @ dg1, k @ dg2  # d(e * a) and d(e * z1 * ds)
-        de = p1 * a + p2 * z1 * ds
-        dz1 = p2 * e * ds
-        dz2 = p1 * e * ds + p2 * e * z1 * dds
-        dk = (e * a) @ dg1.transpose(-2, -1) + (e * z1 * ds) @ dg2.transpose(-2, -1)
-        del a, ds, dds, p1, p2, z1, z2
-        dk = dk + dz1 @ w1.transpose(-2, -1) + dz2 @ w2.transpose(-2, -1)
-        kt = k.transpose(-2, -1)
-        dw1 = (dw1n + kt @ dz1).sum(0, keepdim=True)
-        dw2 = (dw2n + kt @ dz2).sum(0, keepdim=True)
-        dv = de * coef
+        qkv, w1, w2, w3, cos, sin, w12, g12, n12, w12n, g3, n3, w3n = ctx.saved_tensors
+        heads, h, w, scale, lr, inplace_grad = ctx.args
+        b, n, width = qkv.shape
+        c = w3.shape[0]
+        dim = (width - 3 * c) // 3
+        d = dim // heads
+        cdt = w12n.dtype
+        coef = -scale / n
+        rope = None if cos is None else _head_tables(cos, sin, n, heads, d)
+        # the gradient of a block of qkv (head group and tokens, or the conv branch's columns) is written once
+        # that block has been read for the last time, so with inplace_grad it overwrites qkv: no second
+        # N x (3C + 3c) buffer. qkv's version counter moves, so a second backward through this graph fails
+        # loudly instead of reading gradients as inputs.
+        dqkv = qkv if inplace_grad else torch.empty_like(qkv)
+        q, k, v = _head_views(qkv, dim, heads)
+        dq, dk, dv = _head_views(dqkv, dim, heads)
+        do1 = dout[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d]
+        chunks = _chunks(b, heads, n, d, qkv.device)
+        # pass 1, through the application out = (q W1') * silu(q W2'): dq and dW' (a sum over all tokens)
+        dw12n = torch.zeros_like(w12n)  # [dW1' | dW2'], [B, H, d, 2d]
+        for hs, ts in chunks:
+            qc, doc = _load(q, hs, ts, cdt, rope), _load(do1, hs, ts, cdt)
+            y = qc @ w12n[:, hs]  # [y1 | y2]
+            y1, y2 = y[..., :d], y[..., d:]
+            s = torch.sigmoid(y2)
+            sy = y2 * s  # silu(y2)
+            y2.sub_(sy).add_(1).mul_(s).mul_(y1)  # y1 silu'(y2)
+            y1.copy_(sy)
+            dy = y.unflatten(-1, (2, d)).mul_(doc.unsqueeze(-2)).flatten(-2)  # [dy1 | dy2], in y's memory
+            dw12n[:, hs] += qc.transpose(-2, -1) @ dy
+            _store(dq, hs, ts, dy @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
+            del qc, doc, y, s, sy, dy
+        # through w' = w - lr * g / (||g|| + 1), per weight; coef folded in: P = K (coef dg)
+        dgc = (-lr * coef) * torch.cat([_norm_backward(g12[..., :d], n12[..., :d], dw12n[..., :d], dims=-2),
+                                        _norm_backward(g12[..., d:], n12[..., d:], dw12n[..., d:], dims=-2)], -1)
+        w1e, w2e = (t.expand(b, -1, -1, -1) for t in (w12[..., :d], w12[..., d:]))
+        mats = torch.cat([dgc[..., :d], dgc[..., d:], w1e, w2e], dim=-1).transpose(-2, -1)  # [B, H, 4d, d]
+        dw12 = dw12n.sum(0, keepdim=True)  # [1, H, d, 2d]
+        # pass 2, through g1 = coef K^T (v a), g2 = coef K^T (v z1 ds); a, ds, dds = silu, silu', silu'' of z2
+        for hs, ts in chunks:
+            kc, vc = _load(k, hs, ts, cdt, rope), _load(v, hs, ts, cdt)
+            z = kc @ w12[:, hs]
+            z1, z2 = z[..., :d], z[..., d:]
+            s = torch.sigmoid(z2)
+            a = z2 * s
+            ds = (z2 - a).add_(1).mul_(s)
+            dds = torch.mul(s, -2).add_(1).mul_(z2).add_(2).mul_(s).mul_(s.neg_().add_(1))  # s (1-s) (2 + z2 (1-2s))
+            p = kc @ dgc[:, hs]  # [P1 | P2]
+            p1, p2 = p[..., :d], p[..., d:]
+            vds = vc * ds
+            zds = ds.mul_(z1)  # z1 ds
+            _store(dv, hs, ts, torch.addcmul(p1 * a, p2, zds))  # dv = P1 a + P2 z1 ds; v is read
+            dz1 = p2 * vds  # P2 v ds
+            dz2 = (p1 * vds).addcmul_(p2, dds.mul_(z1).mul_(vc))  # P1 v ds + P2 v z1 dds
+            # u = [v a | v z1 ds | dz1 | dz2], so that dk = u @ [dg1^T; dg2^T; W1^T; W2^T] is one GEMM
+            u = torch.cat([a.mul_(vc), vds.mul_(z1), dz1, dz2], dim=-1)
+            del z, s, a, ds, dds, p, vds, zds, dz1, dz2
+            dw12[:, hs] += (kc.transpose(-2, -1) @ u[..., 2 * d:]).sum(0, keepdim=True)
+            _store(dk, hs, ts, u @ mats[:, hs], rope)  # k is read
+            del kc, vc, u
 
         # ---- branch 2 ----
-        kp, qp = _pad(k2, h, w), _pad(q2, h, w)
-        dq2 = _scatter_shifts(w3n, do2, h, w)
-        dw3n = _correlate(qp, do2, h, w)  # [B, 3, 3, c]
-        dg3 = -lr * _norm_backward(g3, n3, dw3n, dims=(1, 2))
-        e2 = v2.unflatten(1, (h, w)) * coef
-        dv2 = _dwconv(kp, dg3, h, w) * coef  # de2[p] = sum_o dg3[o] k[p + o]
-        dk2 = _scatter_shifts(dg3, e2, h, w)
-        dw3 = dw3n.sum(0).permute(2, 0, 1).unsqueeze(1)  # [c, 1, 3, 3]
-
-        tok = lambda t: t.transpose(1, 2)  # [B, H, N, d] -> [B, N, H, d]
-        return (tok(dq), tok(dk), tok(dv), dq2.flatten(1, 2), dk2.flatten(1, 2), dv2.flatten(1, 2),
-                dw1, dw2, dw3, None, None, None, None)
+        q2, k2, v2 = (_to_maps(qkv[..., 3 * dim + i * c:3 * dim + (i + 1) * c], h, w, cdt) for i in range(3))
+        do2 = _to_maps(dout[..., dim:], h, w, cdt)
+        dw3n = _conv_weight_grad(q2, do2)  # [B*c, 1, 3, 3]
+        dgc3 = (-lr * coef) * _norm_backward(g3, n3, dw3n, dims=(-2, -1))
+        dqkv[..., 3 * dim:3 * dim + c] = _to_tokens(_conv_input_grad(w3n, do2), b)
+        dqkv[..., 3 * dim + c:3 * dim + 2 * c] = _to_tokens(_conv_input_grad(dgc3, v2), b)
+        dqkv[..., 3 * dim + 2 * c:] = _to_tokens(_conv(k2, dgc3), b)  # coef sum_o dg3[o] k[p + o]
+        dw3 = dw3n.view(b, c, 1, 3, 3).sum(0)  # [c, 1, 3, 3]
+        return (dqkv, dw12[..., :d].to(w1.dtype), dw12[..., d:].to(w2.dtype), dw3.to(w3.dtype),
+                None, None, None, None, None, None, None, None)
 
 
-def ttt_fast(q1, k1, v1, q2, k2, v2, w1, w2, w3, *, h, w, scale, lr):
-    """The paper's TTT inner step; same arguments and result as reference.ttt_reference.
+def ttt_fast(qkv, w1, w2, w3, *, heads, h, w, scale, lr, rope_tables=None, inplace_grad=False):
+    """The paper's TTT inner step on a whole qkv projection.
 
-    q1/k1/v1: [B, N, H, d], q2/k2/v2: [B, N, c], w1/w2: [1, H, d, d], w3: [c, 1, 3, 3].
-    Returns [B, N, H*d + c].
+    qkv: [B, N, 3C + 3c] laid out as q1 k1 v1 (C each) q2 k2 v2 (c each), tokens in
+    raster order of an h x w map; w1/w2: [1, H, d, d]; w3: [c, 1, 3, 3];
+    rope_tables: None or (cos, sin), each [h, w, C/2], rotating q1 and k1.
+    inplace_grad: the backward writes qkv's gradient into qkv's own memory; only for a qkv that
+    nothing else reads afterwards (the TTT layer's own projection output).
+    Returns [B, N, C + c] in qkv's dtype: the SwiGLU outputs then the conv outputs.
     """
-    return _TTTFast.apply(q1, k1, v1, q2, k2, v2, w1, w2, w3, h, w, scale, lr)
+    cos, sin = rope_tables if rope_tables is not None else (None, None)
+    inplace_grad = inplace_grad and qkv.is_contiguous()
+    return _TTTFast.apply(qkv, w1, w2, w3, cos, sin, heads, h, w, scale, lr, inplace_grad)

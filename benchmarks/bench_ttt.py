@@ -1,0 +1,242 @@
+"""Speed and memory of one token mixer layer: TTT (fast, reference) against attention.
+
+    python benchmarks/bench_ttt.py                  # CPU, and CUDA (bf16) when present
+    python benchmarks/bench_ttt.py --device cpu --tokens 256 1024
+
+For each mixer (TTT fast, TTT reference, SDPA attention, materialised "math"
+attention, linear attention) and token count N (C = 384, 6 heads, batch 1) it
+times forward+backward and inference, measures peak memory, and reports the
+layer's analytic FLOPs and the fraction of this machine's plain matmul
+throughput it reaches. On CPU, time and memory are measured in fresh subprocesses, and
+peak memory is the process's peak resident size above what it held before the step;
+on CUDA it is the allocator's peak above what was allocated before the step.
+Writes benchmarks/results/bench_ttt_<device>.{md,json} and checks the targets
+of the TTT-core issue (ratios in one run).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIXERS = {  # name -> (build_mixer name, kwargs)
+    "ttt_fast": ("ttt", {"impl": "fast"}),
+    "ttt_reference": ("ttt", {"impl": "reference"}),
+    "attn_sdpa": ("attention", {"impl": "sdpa"}),
+    "attn_math": ("attention", {"impl": "math"}),
+    "linear_attn": ("linear_attention", {}),
+}
+
+
+def layer_flops(mixer: str, n: int, c: int, heads: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of the layer's matmuls and convolutions; elementwise ops excluded."""
+    d = c // heads
+    if mixer.startswith("ttt"):
+        # qkv and proj; per head z1, z2, g1, g2 and the two applications (6 N d^2 MACs each head);
+        # conv branch: the 3x3 gradient correlation and the application (2 x 9 N d MACs)
+        return 2 * n * (c * (3 * c + 3 * d) + (c + d) * c + 6 * c * d + 18 * d)
+    if mixer.startswith("attn"):
+        return 2 * n * (4 * c * c) + 4 * n * n * c
+    return 2 * n * (4 * c * c) + 4 * n * c * d
+
+
+def matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    size = 2048 if device == "cpu" else 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * size ** 3 / min(times) / 1e12
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(mixer: str, n: int, mode: str, device: str, c: int, heads: int, min_time: float, what: str) -> dict:
+    """One (mixer, N, mode) point; what is "time" or "memory" (CPU: two separate worker processes)."""
+    from vit3.mixers import build_mixer
+
+    torch.manual_seed(0)
+    name, kwargs = MIXERS[mixer]
+    layer = build_mixer(name, c, heads, **kwargs).to(device)
+    side = math.isqrt(n)
+    x = torch.randn(1, n, c, device=device, requires_grad=(mode == "train"))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(device == "cuda"))
+
+    def step():
+        if mode == "train":
+            with amp:
+                y = layer(x, side, n // side)
+            y.float().square().mean().backward()
+        else:
+            with torch.no_grad(), amp:
+                layer(x, side, n // side)
+
+    result = {}
+    if what in ("memory", "both"):
+        if device == "cuda":
+            step()  # warm-up (kernel selection), then the peak of one step
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            base = rss_bytes()
+            step()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        result["peak_mb"] = max(peak, 0) / 2 ** 20
+    if what in ("time", "both"):
+        step()
+        times, start = [], time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < 20):
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        result.update(time_ms=1e3 * statistics.median(times), runs=len(times))
+    return result
+
+
+def run_worker(args, what: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", args.mixer, str(args.n), args.mode, args.device, what,
+           "--dim", str(args.dim), "--heads", str(args.heads), "--min-time", str(args.min_time)]
+    env = dict(os.environ)
+    if what == "memory":
+        # a fixed mmap threshold makes glibc return every large block on free, so the peak resident size
+        # follows the live tensors instead of the allocator's retained heap (it slows allocation: timing
+        # runs in a process of its own, without it)
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratio(a, b):
+    return a / b if a and b else float("nan")
+
+
+def check_targets(res: dict, device: str) -> list[str]:
+    """The TTT-core issue's targets (forward+backward unless said), as measured ratios."""
+    def get(mixer, n, mode, key):
+        return res.get(f"{mixer}/{n}/{mode}", {}).get(key)
+
+    lines = []
+
+    def target(label, value, ok):
+        lines.append(f"| {label} | {value:.2f} | {'met' if ok else 'MISSED'} |")
+
+    for n, want in ((4096, 4.0), (16384, 12.0)):
+        r = ratio(get("attn_sdpa", n, "train", "time_ms"), get("ttt_fast", n, "train", "time_ms"))
+        target(f"speed-up of TTT fast over SDPA, N={n} (>= {want}x)", r, r >= want)
+    for n in sorted({int(k.split("/")[1]) for k in res}):
+        r = ratio(get("ttt_reference", n, "train", "time_ms"), get("ttt_fast", n, "train", "time_ms"))
+        want = 1.25 if n == 16384 else 1.0
+        target(f"speed-up of TTT fast over reference, N={n} (>= {want}x)", r, r >= want)
+    n = 16384
+    r = ratio(get("ttt_fast", n, "train", "peak_mb"), get("ttt_reference", n, "train", "peak_mb"))
+    target(f"peak memory TTT fast / reference, N={n} (<= 0.5)", r, r <= 0.5)
+    r = ratio(get("ttt_fast", n, "train", "peak_mb"), get("attn_sdpa", n, "train", "peak_mb"))
+    target(f"peak memory TTT fast / SDPA, N={n} (<= 1.0)", r, r <= 1.0)
+    r = ratio(get("attn_sdpa", 4096, "infer", "time_ms"), get("ttt_fast", 4096, "infer", "time_ms"))
+    target("inference speed-up of TTT fast over SDPA, N=4096 (>= 2.5x)", r, r >= 2.5)
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=list(MIXERS))
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per point")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per point before giving up")
+    parser.add_argument("--worker", nargs=5, metavar=("MIXER", "N", "MODE", "DEVICE", "WHAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        mixer, n, mode, device, what = args.worker
+        print(json.dumps(measure(mixer, int(n), mode, device, args.dim, args.heads, args.min_time, what)))
+        return
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for device in devices:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        peak_tflops = matmul_tflops(device, dtype)
+        machine = (torch.cuda.get_device_name() if device == "cuda"
+                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        res = {}
+        for n in args.tokens:
+            for mixer in args.mixers:
+                for mode in ("train", "infer"):
+                    args.mixer, args.n, args.mode, args.device = mixer, n, mode, device
+                    if device == "cpu":  # fresh processes per point: the peak RSS is this point's
+                        r = {**run_worker(args, "time"), **run_worker(args, "memory")}
+                    else:  # CUDA peak memory is the allocator's own statistic
+                        try:
+                            r = measure(mixer, n, mode, device, args.dim, args.heads, args.min_time, "both")
+                        except torch.OutOfMemoryError:
+                            r = {"error": "out of memory"}
+                        torch.cuda.empty_cache()
+                    flops = layer_flops(mixer, n, args.dim, args.heads) * (3 if mode == "train" else 1)
+                    if "time_ms" in r:
+                        r["tflops"] = flops / (r["time_ms"] / 1e3) / 1e12
+                        r["matmul_fraction"] = r["tflops"] / peak_tflops
+                    r["gflops"] = flops / 1e9
+                    res[f"{mixer}/{n}/{mode}"] = r
+                    print(f"{device} {mixer:14s} N={n:6d} {mode:5s} {r}", flush=True)
+
+        lines = [f"# TTT layer benchmark ({device})", "",
+                 f"Machine: {machine}; torch {torch.__version__}; "
+                 f"{'bf16 autocast' if device == 'cuda' else 'float32'}; C={args.dim}, {args.heads} heads, "
+                 f"batch 1; plain {('bf16' if device == 'cuda' else 'fp32')} matmul: {peak_tflops:.3f} TFLOP/s.",
+                 "Command: `python benchmarks/bench_ttt.py " + " ".join(sys.argv[1:]) + "`", "",
+                 "FLOPs are analytic (matmuls and convolutions, 2 per multiply-add; training = 3 x forward); "
+                 "'of matmul' is achieved FLOP/s over the plain matmul's.", "",
+                 "| mixer | N | fwd+bwd ms | fwd+bwd peak MB | inference ms | inference peak MB | GFLOPs (fwd) "
+                 "| of matmul (fwd+bwd) |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in args.tokens:
+            for mixer in args.mixers:
+                t, i = res[f"{mixer}/{n}/train"], res[f"{mixer}/{n}/infer"]
+                if "error" in t or "error" in i:
+                    lines.append(f"| {mixer} | {n} | {t.get('error', '')} {i.get('error', '')} | | | | | |")
+                    continue
+                lines.append(f"| {mixer} | {n} | {t['time_ms']:.1f} | {t['peak_mb']:.0f} | {i['time_ms']:.1f} | "
+                             f"{i['peak_mb']:.0f} | {i['gflops']:.2f} | {100 * t['matmul_fraction']:.0f}% |")
+        lines += ["", "## Targets", "", "| target | measured | |", "|---|---:|---|"] + check_targets(res, device)
+        (RESULTS / f"bench_ttt_{device}.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / f"bench_ttt_{device}.json").write_text(json.dumps(
+            {"machine": machine, "torch": torch.__version__, "dim": args.dim, "heads": args.heads,
+             "matmul_tflops": peak_tflops, "results": res}, indent=1))
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
