@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from ..layers import RoPE2d
 from .fast import ttt_fast
 from .reference import HEAD_MODELS, ttt_reference
 
@@ -107,35 +108,61 @@ class TTT(nn.Module):
                              "step, grad_norm=True); use impl='reference' or 'auto' for other options")
         return self.impl == "fast" or (self.impl == "auto" and fast_ok)
 
-    def forward(self, x: torch.Tensor, h: int, w: int, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
         b, n, c = x.shape
         if n != h * w:
             raise ValueError(f"TTT got {n} tokens for an h x w = {h} x {w} map")
-        heads, d = self.num_heads, c // self.num_heads
+        qkv = self.qkv(x)  # [B, N, 3C + 3c]; read by nothing but the inner step below
+        return self.proj(self.inner(qkv, h, w, rope))  # [B, N, C]
+
+    def inner(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
+        """Inner training on the keys and values, then the trained models on the queries: [B, N, C + c]."""
+        # the inner gradient, its norm and the token reductions run in float32 under autocast
+        with torch.autocast(device_type=qkv.device.type, enabled=False):
+            if not self.uses_fast_path():
+                return self._reference(qkv, h, w, rope)
+            tables = None
+            if rope is not None:
+                tables = rope.rotations(h, w, qkv.device, torch.promote_types(qkv.dtype, torch.float32))
+            return ttt_fast(qkv, self.w1, self.w2, self.w3, heads=self.num_heads, h=h, w=w, scale=self.scale,
+                            lr=self.inner_lr, rope_tables=tables, inplace_grad=True)
+
+    def inner_macs(self, tokens: int) -> int:
+        """Multiply-accumulates of `inner` for one image of `tokens` tokens.
+
+        Exact for the paper's design (what the fast path computes): per head K [W1|W2], K^T [.],
+        Q [W1'|W2'] (6 N d^2), and for the conv branch the 3x3 gradient correlation and the
+        trained conv (2 x 9 c N). Other designs: (2 steps + 1) x the inner model's forward, an estimate.
+        """
+        d = self.dim // self.num_heads
+        if self.inner_model == "swiglu+dwconv":
+            forward = 2 * tokens * d * self.dim + 9 * self.conv_dim * tokens
+            if self.uses_fast_path():
+                return 6 * tokens * d * self.dim + 18 * self.conv_dim * tokens
+        else:
+            per_token = {"linear": d, "silu_linear": d, "swiglu": 2 * d, None: 0}.get(
+                self.head_kind, 2 * self.w1.shape[-1])  # mlp: d -> r d -> d
+            forward = tokens * per_token * (self.dim if self.head_kind else 0) + 9 * self.conv_dim * tokens
+        return (2 * self.inner_steps + 1) * forward
+
+    def _reference(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None) -> torch.Tensor:
+        b, n, _ = qkv.shape
+        c, heads = self.dim, self.num_heads
         cd, hd = self.conv_dim, (c if self.head_kind else 0)
-        q1, k1, v1, q2, k2, v2 = self.qkv(x).split([hd, hd, hd, cd, cd, cd], dim=-1)
+        q1, k1, v1, q2, k2, v2 = _upcast(qkv).split([hd, hd, hd, cd, cd, cd], dim=-1)
         if self.head_kind and rope is not None:  # rope acts on [B, h, w, C]
             q1 = rope(q1.reshape(b, h, w, c)).view(b, n, c)
             k1 = rope(k1.reshape(b, h, w, c)).view(b, n, c)
-        if self.head_kind:  # per head: [B, N, heads, d] views, no copy
-            q1, k1, v1 = (t.unflatten(-1, (heads, d)) for t in (q1, k1, v1))
+        if self.head_kind:  # per head: [B, N, heads, d] views
+            q1, k1, v1 = (t.unflatten(-1, (heads, c // heads)) for t in (q1, k1, v1))
         else:
             q1 = k1 = v1 = None
         if not cd:
             q2 = k2 = v2 = None
-
-        # the inner gradient, its norm and the token reductions run in float32 under autocast
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            inputs = [t if t is None else _upcast(t) for t in (q1, k1, v1, q2, k2, v2)]
-            params = [_upcast(p) for p in self.head_params()]
-            w3 = _upcast(self.w3) if cd else None
-            if self.uses_fast_path():
-                out = ttt_fast(*inputs, *params, w3, h=h, w=w, scale=self.scale, lr=self.inner_lr)
-            else:
-                out = ttt_reference(*inputs, params, w3, h=h, w=w, head_kind=self.head_kind,
-                                    loss=self.inner_loss, scale=self.scale, lr=self.inner_lr,
-                                    steps=self.inner_steps, batch=self.inner_batch, grad_norm=self.grad_norm)
-        return self.proj(out.to(x.dtype))  # [B, N, C]
+        return ttt_reference(q1, k1, v1, q2, k2, v2, [_upcast(p) for p in self.head_params()],
+                             _upcast(self.w3) if cd else None, h=h, w=w, head_kind=self.head_kind,
+                             loss=self.inner_loss, scale=self.scale, lr=self.inner_lr, steps=self.inner_steps,
+                             batch=self.inner_batch, grad_norm=self.grad_norm)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, inner_model={self.inner_model}, "
