@@ -52,3 +52,45 @@ class RoPE2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}"
+
+
+class TokenDWConv(nn.Conv2d):
+    """3x3 depthwise convolution over tokens laid out as an h x w map.
+
+    The blocks use it as the conditional position encoding (CPE, Chu et al.,
+    https://arxiv.org/abs/2102.10882; the block adds its output to its input), and
+    ConvFFN inside its hidden layer. It subclasses nn.Conv2d so that the parameters
+    are `<name>.weight` / `<name>.bias`, the names in the official checkpoints.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        # x: [B, h*w, C] -> [B, h*w, C]
+        b, n, c = x.shape
+        # a channels-last view, no copy: oneDNN's depthwise conv is fastest on it, and the
+        # output, channels-last too, flattens back to tokens without a copy
+        y = super().forward(x.reshape(b, h, w, c).permute(0, 3, 1, 2))  # [B, C, h, w]
+        return y.flatten(2).transpose(1, 2)
+
+
+class ConvFFN(nn.Module):
+    """MLP with a depthwise-conv residual on its hidden map (the FFN of H-ViT³).
+
+    fc1 -> act -> (x + dwconv3x3(x)) -> act -> fc2, the activation applied on both
+    sides of the conv as in the official model; parameters `fc1`, `dwc`, `fc2`.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = act_layer()
+        self.dwc = TokenDWConv(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = self.drop(self.act(self.fc1(x)))  # [B, N, hidden]
+        x = x + self.dwc(x, h, w)
+        return self.drop(self.fc2(self.act(x)))  # [B, N, C]
