@@ -1,0 +1,6 @@
+"""dit3: DiT³, the Diffusion Transformer with the ViT³ test-time-training layer (arXiv 2512.01643)."""
+from .diffusion import GaussianDiffusion, create_diffusion, space_timesteps
+from .models import DiT3, DiT3_models, load_official_checkpoint
+
+__all__ = ["DiT3", "DiT3_models", "load_official_checkpoint", "GaussianDiffusion", "create_diffusion",
+           "space_timesteps"]
