@@ -1,0 +1,326 @@
+"""Smoke, resume, signal, multi-process and bad-input tests of train_vit.py on CPU.
+
+Tiny models (16-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images: each in-process
+run takes well under a second; the subprocess tests pay for Python / torch start-up.
+"""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+from vit3 import training as T
+from vit3.data import DataError, prepare_digits
+from vit3.training import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_vit", ROOT / "train_vit.py")
+train_vit = sys.modules.setdefault("train_vit", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(train_vit)
+
+TINY = "{patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2}"
+
+
+def _write_images(folder: Path, classes, n, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """3 classes x 8 train / 4 val images: 3 updates per epoch at global batch 8."""
+    root = tmp_path_factory.mktemp("data")
+    _write_images(root / "train", "abc", 8, seed=0)
+    _write_images(root / "val", "abc", 4, seed=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Accelerate keeps process-wide singletons; each in-process run starts from scratch."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _argv(data, out, *extra):
+    return ["model.name=vit3_tiny", "model.img_size=16", "model.drop_path_rate=0.2", f"model.kwargs={TINY}",
+            f"data.path={data}", "data.batch_size=8", "data.num_workers=0", "optim.epochs=3",
+            "optim.warmup_epochs=1", "mixed_precision=no", "log.every=1", "log.log_with=none",
+            "log.progress=false", "threads=1", f"output_dir={out}", *extra]
+
+
+def _run(data, out, *extra):
+    result = train_vit.main(_argv(data, out, *extra))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return result
+
+
+def _weights(run_dir, step, name="model"):
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
+
+
+def _env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+# ---------------------------------------------------------------------------------------------
+def test_two_steps_run_folder_and_trackers(data, tmp_path):
+    r = _run(data, tmp_path, "max_steps=2", "log.log_with=tensorboard", "name=smoke")
+    run = r["run_dir"]
+    assert run.name == "000-smoke" and r["step"] == 2
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["num_classes"] == 3 and cfg["max_steps"] == 2  # resolved config
+    info = json.loads((run / "run.json").read_text())
+    assert info["seed"] == 0 and info["git"] and info["environment"]["world_size"] == 1
+    assert {"torch", "timm", "accelerate"} <= set(info["environment"])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["train/loss"]) and m["train/images_per_s"] > 0 for m in metrics)
+    assert list(run.rglob("events.out.tfevents.*"))  # TensorBoard tracker
+    ckpt = run / "checkpoints" / "step-00000002"
+    assert yaml.safe_load((ckpt / "config.yaml").read_text()) == cfg  # config in every checkpoint
+    assert json.loads((ckpt / "trainer_state.json").read_text())["updates_in_epoch"] == 2
+
+
+def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
+    """4 straight updates == 2, stop, resume, 2 more: mid-epoch resume, an epoch boundary (eval +
+    checkpoint) in between, gradient accumulation, drop-path, Mixup/CutMix, RandAugment, random
+    erasing and MESA (EMA teacher) all on, so every RNG and the data position must be restored."""
+    common = ("optim.grad_accum_steps=2", "mesa=1.0", "mesa_start=0.0")
+    a = _run(data, tmp_path, "run_name=straight", "max_steps=4", *common)
+    _run(data, tmp_path, "run_name=split", "max_steps=2", *common)
+    c = _run(data, tmp_path, "run_name=split", "resume=latest", "max_steps=4", *common)
+    assert c["step"] == 4
+    for name in ("model", "ema"):
+        wa, wc = _weights(a["run_dir"], 4, name), _weights(c["run_dir"], 4, name)
+        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+    opt_a = torch.load(a["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
+    opt_c = torch.load(c["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
+    assert all(torch.equal(opt_a["state"][k]["exp_avg"], opt_c["state"][k]["exp_avg"]) for k in opt_a["state"])
+
+    # control: the same resume without restoring the RNG states ends elsewhere
+    monkeypatch.setattr(T, "restore_rng_state", lambda state: None)
+    d = _run(data, tmp_path, f"resume={c['run_dir'] / 'checkpoints' / 'step-00000002'}", "max_steps=4", *common)
+    wa, wd = _weights(a["run_dir"], 4), _weights(d["run_dir"], 4)
+    assert not all(torch.equal(wa[k], wd[k]) for k in wa)
+
+
+def test_eval_only_matches_training_eval(data, tmp_path):
+    r = _run(data, tmp_path, "run_name=train", "optim.epochs=1")  # one epoch: eval + checkpoint at step 3
+    ckpt = r["run_dir"] / "checkpoints" / "step-00000003"
+    e = _run(data, tmp_path, "--eval-only", f"resume={ckpt}")
+    assert e["eval"]["model"] == r["eval"]["val"] and e["eval"]["ema"] == r["eval"]["val_ema"]
+    assert e["run_dir"].name.endswith("-eval") and (e["run_dir"] / "eval.json").is_file()
+    e2 = _run(data, tmp_path, "eval_only=true", f"weights={ckpt / 'model.safetensors'}")
+    assert e2["eval"]["model"] == r["eval"]["val"] and "ema" not in e2["eval"]
+    # an official-style .pth: {'model', 'state_dict_ema', 'config'}, read with weights_only=True
+    official = {"model": load_file(str(ckpt / "model.safetensors")),
+                "state_dict_ema": load_file(str(ckpt / "ema.safetensors")), "config": {"MODEL": {"TYPE": "x"}}}
+    torch.save(official, tmp_path / "official.pth")
+    e3 = _run(data, tmp_path, "eval_only=true", f"weights={tmp_path / 'official.pth'}")
+    assert e3["eval"] == e["eval"]
+
+
+def test_hvit3_mesa_bf16_two_steps(data, tmp_path):
+    r = _run(data, tmp_path, "model.name=hvit3_tiny", "model.img_size=32",
+             "model.kwargs={embed_dims: [8, 8, 8, 8], depths: [1, 1, 1, 1], num_heads: [1, 1, 1, 1]}",
+             "mesa=1.0", "mesa_start=0.0", "mixed_precision=bf16", "max_steps=2", "model.grad_checkpointing=true")
+    assert r["step"] == 2
+    loss = [json.loads(x)["train/loss"] for x in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(loss))
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
+    """SIGTERM to the whole process group (as a cluster's scancel does, loader worker included)
+    after the first update: a checkpoint, exit code 0, and the run resumes from it."""
+    argv = _argv(data, tmp_path, "run_name=sig", "optim.epochs=200", "checkpoint.every_epochs=1000",
+                 "data.num_workers=1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_vit.py"), *argv], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if "(step 1)" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert "stopping at step" in log and "SIGTERM" in log
+    ckpt = T.find_latest_checkpoint(tmp_path / "sig" / "checkpoints")
+    assert ckpt is not None, log
+    step = T.read_trainer_state(ckpt)["global_step"]
+    assert 1 <= step < 600
+    r = _run(data, tmp_path, "run_name=sig", "optim.epochs=200", "resume=latest", f"max_steps={step + 1}")
+    assert r["step"] == step + 1
+
+
+def test_two_processes_agree(data, tmp_path):
+    """Two real gloo processes: world size 2 recorded, identical weights on both ranks (and in the
+    checkpoint), train loss all-reduced, validation sums over both shards."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "train_vit.py"),
+           *_argv(data, tmp_path, "run_name=ddp", "optim.epochs=1", "log.debug_ranks=true", "threads=0")]
+    p = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
+    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+    model = train_vit.create_model(train_vit.ModelConfig(name="vit3_tiny", img_size=16, drop_path_rate=0.2,
+                                                         kwargs=yaml.safe_load(TINY)), 3)
+    T.load_weights(model, run / "checkpoints" / "step-00000003")
+    assert T.weights_digest(model) == ranks[0]["model_digest"]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last_train = [m for m in metrics if "train/loss" in m][-1]
+    local = [r["local_train"]["loss"] for r in ranks]
+    assert local[0] != local[1]  # each rank saw its own shard ...
+    assert last_train["train/loss"] == pytest.approx(sum(local) / 2, rel=1e-6)  # ... and the log shows the mean
+    val = [m for m in metrics if "val/n" in m][-1]
+    assert val["val/n"] == 12 and [r["local_val_images"] for r in ranks] == [6, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors that name the problem and the fix
+# ---------------------------------------------------------------------------------------------
+def test_missing_and_empty_data_folder(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*data.path must hold train/ and val/"):
+        _run(tmp_path / "nowhere", tmp_path / "out")
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty/train holds no images"):
+        _run(tmp_path / "empty", tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())  # failed runs leave no empty run folders
+
+
+def test_train_val_class_mismatch(tmp_path):
+    _write_images(tmp_path / "d" / "train", "abc", 2)
+    _write_images(tmp_path / "d" / "val", "abd", 2)
+    with pytest.raises(DataError, match=r"only in train \['c'\], only in val \['d'\]"):
+        _run(tmp_path / "d", tmp_path / "out")
+
+
+def test_corrupt_image_error_or_skip(tmp_path):
+    _write_images(tmp_path / "d" / "train", "abc", 8)
+    _write_images(tmp_path / "d" / "val", "abc", 2)
+    bad = tmp_path / "d" / "train" / "b" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
+    with pytest.raises(DataError, match=rf"cannot read image {bad}.*data.bad_images=skip"):
+        _run(tmp_path / "d", tmp_path / "out", "optim.epochs=1")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        r = _run(tmp_path / "d", tmp_path / "out", "optim.epochs=1", "data.bad_images=skip")
+    assert r["state"]["skipped_images"] == 1  # all 24 images are used once per epoch
+
+
+def test_image_size_not_divisible_by_patch(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.img_size=18 is not divisible by the patch size 4.*model.img_size=16"):
+        _run(data, tmp_path, "model.img_size=18")
+    with pytest.raises(ConfigError, match=r"vit3_tiny cannot be built with model.kwargs=.*'dpth'"):
+        _run(data, tmp_path, "model.kwargs.dpth=3")
+
+
+def test_unknown_config_key(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*Did you mean 'lr'.*Valid keys in 'optim'"):
+        _run(data, tmp_path, "optim.lrr=1e-3")
+    p = subprocess.run([sys.executable, str(ROOT / "train_vit.py"), "data.bogus=1"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "error: unknown config key 'data.bogus'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_of_another_model_is_refused(data, tmp_path):
+    _run(data, tmp_path, "run_name=m", "max_steps=1")
+    with pytest.raises(ConfigError, match=r"another model \(model.kwargs: checkpoint .*'embed_dim': 16.* "
+                                          r"vs this run .*'embed_dim': 32"):
+        _run(data, tmp_path, "run_name=m", "resume=latest", "model.kwargs.embed_dim=32")
+    with pytest.raises(ConfigError, match=r"already holds checkpoints; pass resume=latest"):
+        _run(data, tmp_path, "run_name=m")
+
+
+# ---------------------------------------------------------------------------------------------
+# shipped configs and demo data
+# ---------------------------------------------------------------------------------------------
+OFFICIAL = {  # model: (drop_path_rate, mesa) from the official cfgs/*.yaml (H-ViT³: the *_mesa ones)
+    "vit3_tiny": (0.0, 0.0), "vit3_small": (0.1, 0.0), "vit3_base": (0.4, 0.0),
+    "hvit3_tiny": (0.2, 1.0), "hvit3_small": (0.4, 1.5), "hvit3_base": (0.6, 2.0),
+}
+
+
+@pytest.mark.parametrize("model", sorted(OFFICIAL))
+def test_shipped_configs_follow_the_official_recipe(model):
+    cfg, _ = T.load_config(train_vit.TrainConfig, ["--config", str(ROOT / "configs" / f"{model}_in1k.yaml")])
+    assert cfg.model.name == model and (cfg.model.drop_path_rate, cfg.mesa) == OFFICIAL[model]
+    assert (cfg.model.img_size, cfg.data.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs) == (224, 1024, 300, 20)
+    assert T.scaled_lrs(cfg.optim, cfg.data.batch_size) == pytest.approx((1e-3, 1e-6, 1e-5))
+    o = cfg.optim
+    assert (o.opt, o.betas, o.eps, o.weight_decay, o.clip_grad, o.sched) == (
+        "adamw", (0.9, 0.999), 1e-8, 0.05, 5.0, "cosine")
+    d = cfg.data
+    assert (d.auto_augment, d.reprob, d.remode, d.interpolation, d.crop_pct) == (
+        "rand-m9-mstd0.5-inc1", 0.25, "pixel", "bicubic", 0.875)
+    assert (d.mixup, d.cutmix, d.label_smoothing, d.color_jitter, d.hflip) == (0.8, 1.0, 0.1, 0.4, 0.5)
+    assert cfg.ema.enabled and cfg.ema.decay ** (1024 / cfg.ema.decay_batch) == pytest.approx(0.9999, abs=1e-6)
+    assert cfg.mesa_start == 0.25
+
+
+def test_demo_config_two_steps(tmp_path):
+    digits = prepare_digits(tmp_path / "digits16", 16)
+    r = train_vit.main(["--config", str(ROOT / "configs" / "vit3_demo.yaml"), f"data.path={digits}",
+                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                        "data.num_workers=0"])
+    assert r["step"] == 2 and r["run_dir"].name == "000-vit3_demo"
+
+
+def test_prepare_digits(tmp_path):
+    root = prepare_digits(tmp_path / "digits", 16)
+    counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "val")}
+    assert counts == {"train": 1437, "val": 360}
+    per_class = [len(list((root / "val" / str(c)).glob("*.png"))) for c in range(10)]
+    assert min(per_class) >= 35  # stratified
+    img = Image.open(next((root / "train" / "0").glob("*.png")))
+    assert img.size == (16, 16) and img.mode == "RGB"
+    names = sorted(p.name for p in (root / "val" / "3").glob("*.png"))
+    assert prepare_digits(tmp_path / "digits", 16) == root  # written once
+    assert sorted(p.name for p in (root / "val" / "3").glob("*.png")) == names
+
+
+def test_randaugment_posterize_zero_bits_does_not_crash():
+    """RandAugment inc1 at magnitude 10 asks to keep 0 bits: Pillow >= 11 raises, we give the old
+    Pillow result (black), as the official runs had."""
+    from timm.data import auto_augment
+
+    from vit3.data import DataConfig, _posterize_any_bits, build_transform
+
+    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(_posterize_any_bits(img, 0)).max() == 0
+    assert np.asarray(_posterize_any_bits(img, 2)).max() == 192
+    tf = build_transform(DataConfig(), 16, is_training=True)
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", [])]
+    assert any(op.name == "PosterizeIncreasing" for op in ops)
+    assert not any(op.aug_fn is auto_augment.posterize for op in ops)

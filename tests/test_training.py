@@ -1,0 +1,255 @@
+"""Unit tests of the shared trainer utilities (vit3/training.py): configs, sampler, RNG,
+checkpoints, optimizer / schedule, signals."""
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from vit3 import training as T
+from vit3.training import ConfigError
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Inner:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    steps: int = 10
+
+
+@dataclasses.dataclass
+class Cfg:
+    name: str = ""
+    flag: bool = False
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "a", "inner": {"lr": "5e-4", "betas": [0.8, 0.9]}}))
+    cfg, p = T.load_config(Cfg, ["--config", str(path), "inner.steps=7", "name=007", "kwargs.depth=4",
+                                 "kwargs={depth: 2, dim: 8}", "kwargs.dim=16", "--flag"])
+    assert p == str(path)
+    assert cfg.inner.lr == 5e-4  # yaml 1.1 reads 5e-4 as a string; coerced
+    assert cfg.inner.betas == (0.8, 0.9) and cfg.inner.steps == 7
+    assert cfg.name == "007"  # string fields keep the raw text
+    assert cfg.kwargs == {"depth": 2, "dim": 16} and cfg.flag is True
+    # the resolved config round-trips through yaml
+    again, _ = T.load_config(Cfg, [])
+    again = T._merge(again, yaml.safe_load(yaml.safe_dump(T.config_to_dict(cfg))), "x")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["inner.lrr=1"], ["unknown config key 'inner.lrr'", "Did you mean 'lr'", "lr, betas, steps"]),
+    (["bogus=1"], ["unknown config key 'bogus'", "name, flag, inner, kwargs"]),
+    (["inner.steps=abc"], ["'inner.steps'", "integer"]),
+    (["inner.betas=[1, 2, 3]"], ["'inner.betas'", "2 items"]),
+    (["inner=3"], ["config section", "inner.lr"]),
+    (["stray"], ["cannot read argument 'stray'"]),
+])
+def test_config_errors_name_the_key(argv, words):
+    with pytest.raises(ConfigError) as e:
+        T.load_config(Cfg, argv)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_config_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 1.0\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.warmup' \(from .*c.yaml\)"
+                                          r".*Valid keys in 'inner'"):
+        T.load_config(Cfg, ["--config", str(path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+# ---------------------------------------------------------------------------------------------
+def _epoch(n, b, world, accum, epoch, seed=3, start=0):
+    out = []
+    for r in range(world):
+        s = T.ResumableBatchSampler(n, b, world, r, seed=seed, accum_steps=accum)
+        s.set_epoch(epoch, start)
+        out.append(list(s))
+    return out
+
+
+def test_sampler_shards_cover_and_resume():
+    n = 50
+    per_rank = _epoch(n, 4, world=2, accum=2, epoch=0)
+    idx = [i for rank in per_rank for batch in rank for i, _ in batch]
+    assert len(idx) == len(set(idx)) == (n // 16) * 16  # disjoint, whole updates only
+    # the images of update u are the same however the global batch of 16 is split
+    split_a = _epoch(n, 4, world=2, accum=2, epoch=0)
+    split_b = _epoch(n, 16, world=1, accum=1, epoch=0)
+    for u in range(n // 16):
+        a = {i for r in split_a for batch in r[2 * u:2 * u + 2] for i, _ in batch}
+        b = {i for i, _ in split_b[0][u]}
+        assert a == b
+    # skipping consumed batches continues with exactly the rest, seeds included
+    full = _epoch(n, 4, 2, 2, epoch=1)
+    rest = _epoch(n, 4, 2, 2, epoch=1, start=2)
+    assert [r[2:] for r in full] == rest
+    assert _epoch(n, 4, 2, 2, epoch=2) != full  # a new order each epoch
+
+
+def test_seeded_rng_is_deterministic_and_restores_global_state():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    with T.seeded_rng(123):
+        a = (random.random(), np.random.rand(), torch.rand(1).item())
+    with T.seeded_rng(123):
+        b = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert a == b
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == before
+
+
+def test_rng_state_roundtrip_weights_only(tmp_path):
+    T.seed_process(5)
+    state = T.capture_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    T.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+class _OneProcess:
+    """What save/load_checkpoint need from an Accelerator, for one process."""
+    is_main_process, process_index, num_processes = True, 0, 1
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+def test_checkpoint_roundtrip_atomic_and_pruned(tmp_path):
+    acc = _OneProcess()
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        T.save_checkpoint(acc, root, step, modules={"model": model}, states={"optimizer": opt, "scaler": None},
+                          trainer_state={"epoch": 0, "global_step": step}, config={"model": {"name": "x"}}, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]
+    (root / ".tmp-step-00000009").mkdir()  # an interrupted save is never "latest"
+    (root / "step-00000010").mkdir()  # nor a folder without trainer_state.json
+    assert T.find_latest_checkpoint(root).name == "step-00000003"
+    files = sorted(p.name for p in (root / "step-00000003").iterdir())
+    assert files == ["config.yaml", "model.safetensors", "optimizer.pt", "rng-0.pt", "trainer_state.json"]
+
+    other, other_opt = _tiny(), None
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    state = T.load_checkpoint(acc, root / "step-00000003", modules={"model": other}, states={"optimizer": other_opt})
+    assert state["global_step"] == 3 and state["config"] == {"model": {"name": "x"}}
+    assert T.weights_digest(other) == T.weights_digest(model)
+    assert other_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+    wrong = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        T.load_checkpoint(acc, root / "step-00000003", modules={"model": wrong}, states={})
+
+
+def test_check_same_model_names_the_difference():
+    state = {"config": {"model": {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}}}
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+    with pytest.raises(ConfigError, match=r"another model \(model.name: checkpoint 'vit3_tiny' "
+                                          r"vs this run 'vit3_small'"):
+        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+
+
+def test_resolve_run_numbering_and_latest(tmp_path):
+    out = tmp_path / "results"
+    run0, ck = T.resolve_run(str(out), "exp")
+    run1, _ = T.resolve_run(str(out), "exp")
+    assert (run0.name, run1.name, ck) == ("000-exp", "001-exp", None)
+    with pytest.raises(ConfigError, match="resume=latest found no checkpoint"):
+        T.resolve_run(str(out), "exp", resume="latest")
+    assert T.resolve_run(str(out), "exp", resume="auto")[0].name == "002-exp"  # auto: fresh if none
+    T.save_checkpoint(_OneProcess(), run0 / "checkpoints", 5, modules={}, states={}, trainer_state={}, config={})
+    run, ck = T.resolve_run(str(out), "exp", resume="latest")
+    assert run == run0 and ck.name == "step-00000005"
+    run, ck = T.resolve_run(str(out), "exp", resume=str(ck), new_run=True)  # evaluation: a new folder
+    assert run.name == "003-exp-eval" and ck.name == "step-00000005"
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer, schedule, EMA
+# ---------------------------------------------------------------------------------------------
+def test_optimizer_groups_and_schedule():
+    model = _tiny()
+    cfg = T.OptimConfig(epochs=10, warmup_epochs=2)
+    opt, sched = T.create_optimizer_and_scheduler(model, cfg, global_batch=1024, updates_per_epoch=5)
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decay == {id(model[0].weight), id(model[2].weight)}  # not LayerNorm, not biases
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    lr, wlr, mlr = 1e-3, 1e-6, 1e-5  # 5e-4, 5e-7, 5e-6 x 1024 / 512
+    assert opt.param_groups[0]["lr"] == pytest.approx(wlr)
+    sched.step_update(5)  # half-way through the 10-update warm-up
+    assert opt.param_groups[0]["lr"] == pytest.approx(wlr + (lr - wlr) * 5 / 10)
+    sched.step_update(30)  # cosine over all 50 updates (warm-up included, as the official code)
+    assert opt.param_groups[0]["lr"] == pytest.approx(mlr + 0.5 * (lr - mlr) * (1 + math.cos(math.pi * 30 / 50)))
+
+
+def test_ema_decay_scales_with_batch():
+    ema = T.create_ema(_tiny(), T.EMAConfig(decay=0.9996, decay_batch=4096), global_batch=1024)
+    assert ema.decay == pytest.approx(0.9996 ** 0.25)
+    assert not any(p.requires_grad for p in ema.parameters())
+    assert T.create_ema(_tiny(), T.EMAConfig(enabled=False), 1024) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# signals and metrics
+# ---------------------------------------------------------------------------------------------
+def test_stop_signal_sets_flag_and_restores_handler():
+    before = signal.getsignal(signal.SIGUSR1)
+    acc = _OneProcess()
+    with T.StopSignal() as stop:
+        assert not stop.should_stop(acc)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop(acc) and stop.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_running_means_one_process():
+    m = T.RunningMeans("cpu")
+    for v in (1.0, 2.0, 3.0):
+        m.add("loss", torch.tensor(v))
+    assert m.reduce(_OneProcess(), extra_sums={"images_per_s": 10.0}) == {"loss": 2.0, "images_per_s": 10.0}
+
+
+def test_write_run_info(tmp_path):
+    class Acc(_OneProcess):
+        num_processes, distributed_type, mixed_precision, device = 1, "NO", "no", torch.device("cpu")
+
+    info = T.write_run_info(tmp_path, {"a": 1}, Acc(), seed=3)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["seed"] == 3 and saved["environment"]["world_size"] == 1
+    assert {"torch", "timm", "accelerate"} <= set(saved["environment"]) and info["git"]
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"a": 1}

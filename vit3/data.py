@@ -1,0 +1,247 @@
+"""Classification data: ImageFolder train/val with timm's transforms, Mixup/CutMix, demo digits.
+
+The recipe is the DeiT / official ViT³ one: RandomResizedCrop + flip + RandAugment
+rand-m9-mstd0.5-inc1 + random erasing 0.25 (bicubic) for training; resize to size / 0.875 and
+centre crop for evaluation; Mixup 0.8 / CutMix 1.0 with label smoothing 0.1. timm turns colour
+jitter off whenever RandAugment is on (so did timm 0.4.12 in the official code); the 0.4 is
+kept for the record and takes effect only with auto_augment="".
+
+`data.demo: digits` writes scikit-learn's bundled 8x8 digits (1797 images, 10 classes) once as
+an ImageFolder of RGB PNGs upscaled to `img_size`, split 80/20 stratified with a fixed seed, so
+the demo runs through exactly the same code as ImageNet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .training import ConfigError, seeded_rng
+
+
+class DataError(ValueError):
+    """Missing, empty, inconsistent or unreadable data; the message names the fix."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = "data/imagenet"  # holds train/ and val/ (one sub-folder per class)
+    demo: str = ""  # "digits": build the demo dataset under `path` (empty path: ~/.cache/vit3)
+    batch_size: int = 1024  # global batch: per process = batch_size / (processes * grad_accum_steps)
+    eval_batch_size: int = 0  # per process; 0 = the per-process training batch
+    num_workers: int = 8
+    pin_memory: bool = True
+    bad_images: str = "error"  # unreadable image: "error" names the file, "skip" substitutes the next one and counts
+    # training transforms (timm.data.create_transform)
+    interpolation: str = "bicubic"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" = none
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    # evaluation transform: resize to img_size / crop_pct, centre crop img_size
+    crop_pct: float = 0.875
+    # Mixup / CutMix (timm Mixup); both 0 = off, then label_smoothing applies to hard labels
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    label_smoothing: float = 0.1
+
+
+# ----------------------------------------------------------------------------------------
+# Transforms and mixup
+# ----------------------------------------------------------------------------------------
+def _posterize_any_bits(img, bits_to_keep, **__):
+    """timm's posterize with Pillow < 11 semantics: keeping 0 bits gives a black image.
+
+    RandAugment "inc1" maps magnitude 10 (m9 + N(0, 0.5) noise clipped at 10, ~2% of draws) to
+    0 bits; the official runs (old Pillow) got a black image, Pillow >= 11 raises ValueError.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform):
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_any_bits
+    return transform
+
+
+def build_transform(cfg: DataConfig, img_size: int, is_training: bool):
+    from timm.data import create_transform
+
+    if is_training:
+        return _patch_posterize(create_transform(
+            input_size=img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip, color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment or None,
+            interpolation=cfg.interpolation, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount))
+    return create_transform(input_size=img_size, is_training=False, interpolation=cfg.interpolation,
+                            crop_pct=cfg.crop_pct)
+
+
+def build_mixup(cfg: DataConfig, num_classes: int):
+    """timm Mixup/CutMix with label smoothing, or None when both alphas are 0."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------
+class ClassificationFolder(ImageFolder):
+    """ImageFolder whose items are (image, label, skipped) and whose index may be (index, seed).
+
+    A seed (from `training.ResumableBatchSampler`) seeds the random transform of that one sample.
+    An unreadable file raises a DataError naming it (bad_images="error"), or is replaced by the
+    next readable image and flagged with skipped=1 so the trainer can count it ("skip").
+    """
+
+    def __init__(self, root, transform, bad_images: str = "error"):
+        if bad_images not in ("error", "skip"):
+            raise ConfigError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
+        super().__init__(root, transform=transform)
+        self.bad_images = bad_images
+        self._warned: set[str] = set()
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, (tuple, list)) else (item, None)
+        skipped = 0
+        for attempt in range(min(len(self.samples), 100)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = self.loader(path)
+                break
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+                if self.bad_images == "error":
+                    raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}. Delete or replace "
+                                    "the file, or set data.bad_images=skip to skip unreadable images and "
+                                    "count them") from None
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})")
+                skipped = 1
+        else:
+            raise DataError(f"no readable image among 100 files from {self.samples[index][0]}; check {self.root}")
+        with seeded_rng(seed):
+            img = self.transform(img)
+        return img, target, skipped
+
+
+def _has_images(folder: Path) -> bool:
+    """True at the first image file found (no full walk of a 1.28M-image tree)."""
+    return any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(folder) for f in files)
+
+
+def _open_split(root: Path, split: str, transform, bad_images: str) -> ClassificationFolder:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist. data.path must hold train/ and val/, each "
+                        "with one sub-folder of images per class (ImageNet layout); set data.path=..., "
+                        "or data.demo=digits for the built-in demo")
+    if not _has_images(folder):
+        raise DataError(f"data folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}): put one "
+                        "sub-folder of images per class in it")
+    try:
+        return ClassificationFolder(folder, transform, bad_images)
+    except FileNotFoundError as e:
+        raise DataError(f"cannot use {folder} as an image folder: {e}. It needs one sub-folder of "
+                        "images per class") from None
+
+
+def build_datasets(cfg: DataConfig, img_size: int):
+    """(train, val) ClassificationFolders; DataError on missing/empty folders or class mismatch."""
+    root = Path(cfg.path).expanduser()
+    train = _open_split(root, "train", build_transform(cfg, img_size, True), cfg.bad_images)
+    val = _open_split(root, "val", build_transform(cfg, img_size, False), cfg.bad_images)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(f"train and val classes differ under {root}: only in train {only_train[:10]}, "
+                        f"only in val {only_val[:10]} ({len(train.classes)} vs {len(val.classes)} classes). "
+                        "Both splits need the same class sub-folders (an empty folder is fine)")
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------
+# Demo data: scikit-learn digits as an ImageFolder
+# ----------------------------------------------------------------------------------------
+def default_demo_path(name: str, img_size: int) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "vit3" / f"{name}{img_size}"
+
+
+def prepare_digits(root: str | os.PathLike, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """Write the 1797 digits as root/{train,val}/<digit>/<index>.png (RGB, img_size^2) once.
+
+    Grey levels 0..16 map to 0..255, upscaled with bicubic interpolation; the split is stratified
+    and seeded, so every machine gets the same 1437 / 360 images. Written to a temporary folder
+    and renamed, so an interrupted write is never mistaken for a finished one.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    root = Path(root).expanduser()
+    if (root / ".complete").is_file():
+        return root
+    digits = load_digits()
+    idx = np.arange(len(digits.target))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target, random_state=seed)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, ids in (("train", train_idx), ("val", val_idx)):
+        for c in range(10):
+            (tmp / split / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            grey = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # [8, 8]
+            img = Image.fromarray(grey, mode="L").resize((img_size, img_size), Image.BICUBIC).convert("RGB")
+            img.save(tmp / split / str(digits.target[i]) / f"{i:04d}.png")
+    (tmp / ".complete").write_text(f"sklearn digits, {len(train_idx)} train / {len(val_idx)} val, seed {seed}\n")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if root.exists() and not (root / ".complete").is_file():
+            shutil.rmtree(root)  # an old partial copy
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / ".complete").is_file():  # else another process finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def prepare_demo(cfg: DataConfig, img_size: int) -> DataConfig:
+    """If cfg.demo names a demo dataset, write it (if needed) and return cfg with its path."""
+    if not cfg.demo:
+        return cfg
+    if cfg.demo != "digits":
+        raise ConfigError(f"unknown data.demo {cfg.demo!r}: the built-in demo dataset is 'digits' ('' for none)")
+    path = cfg.path if cfg.path and cfg.path != DataConfig.path else str(default_demo_path("digits", img_size))
+    prepare_digits(path, img_size)
+    return dataclasses.replace(cfg, path=path)
+
