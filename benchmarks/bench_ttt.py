@@ -7,9 +7,11 @@ For each mixer (TTT fast, TTT reference, SDPA attention, materialised "math"
 attention, linear attention) and token count N (C = 384, 6 heads, batch 1) it
 times forward+backward and inference, measures peak memory, and reports the
 layer's analytic FLOPs and the fraction of this machine's plain matmul
-throughput it reaches. On CPU, time and memory are measured in fresh subprocesses, and
-peak memory is the process's peak resident size above what it held before the step;
-on CUDA it is the allocator's peak above what was allocated before the step.
+throughput it reaches. Times are medians over rounds that run one step of every
+mixer in turn in one process, so noise and allocator state fall on all alike.
+Peak memory: on CPU each point runs in a fresh subprocess and it is the peak
+resident size above what the process held before the step; on CUDA it is the
+allocator's peak above what was allocated before the step.
 Writes benchmarks/results/bench_ttt_<device>.{md,json} and checks the targets
 of the TTT-core issue (ratios in one run).
 """
@@ -73,8 +75,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(mixer: str, n: int, mode: str, device: str, c: int, heads: int, min_time: float, what: str) -> dict:
-    """One (mixer, N, mode) point; what is "time" or "memory" (CPU: two separate worker processes)."""
+def make_step(mixer: str, n: int, mode: str, device: str, c: int, heads: int):
+    """A closure running one forward (+ backward for mode="train") of one mixer layer on [1, N, C]."""
     from vit3.mixers import build_mixer
 
     torch.manual_seed(0)
@@ -92,43 +94,61 @@ def measure(mixer: str, n: int, mode: str, device: str, c: int, heads: int, min_
         else:
             with torch.no_grad(), amp:
                 layer(x, side, n // side)
+    return step
 
-    result = {}
-    if what in ("memory", "both"):
-        if device == "cuda":
-            step()  # warm-up (kernel selection), then the peak of one step
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            base = rss_bytes()
-            step()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        result["peak_mb"] = max(peak, 0) / 2 ** 20
-    if what in ("time", "both"):
+
+def peak_memory_mb(step, device: str) -> float:
+    """Peak memory of one step above what was held before it (run after a warm-up step on CUDA)."""
+    if device == "cuda":
+        step()  # warm-up (kernel selection)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         step()
-        times, start = [], time.perf_counter()
-        while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < 20):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return max(peak, 0) / 2 ** 20
+
+
+def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
+    """Median step time of each mixer, timed in rounds (one step of each per round) in one process, so
+    that machine noise and allocator state fall on all of them alike and the ratios stay stable."""
+    for step in steps.values():
+        step()
+        step()  # warm-up: kernel choice, allocator steady state
+    times = {k: [] for k in steps}
+    start = time.perf_counter()
+    while len(times[next(iter(steps))]) < 3 or (time.perf_counter() - start < min_time * len(steps)
+                                               and len(times[next(iter(steps))]) < 20):
+        for k, step in steps.items():
             sync(device)
             t0 = time.perf_counter()
             step()
             sync(device)
-            times.append(time.perf_counter() - t0)
-        result.update(time_ms=1e3 * statistics.median(times), runs=len(times))
-    return result
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def run_worker(args, what: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", args.mixer, str(args.n), args.mode, args.device, what,
+def worker(kind: str, mixers: list[str], n: int, mode: str, device: str, c: int, heads: int, min_time: float) -> dict:
+    """kind "memory": one mixer's peak; kind "time": every mixer's median time, interleaved."""
+    steps = {m: make_step(m, n, mode, device, c, heads) for m in mixers}
+    if kind == "memory":
+        return {"peak_mb": peak_memory_mb(steps[mixers[0]], device)}
+    return {m: {"time_ms": t} for m, t in interleaved_times_ms(steps, device, min_time).items()}
+
+
+def run_worker(args, kind: str, mixers: list[str], n: int, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, ",".join(mixers), str(n), mode, "cpu",
            "--dim", str(args.dim), "--heads", str(args.heads), "--min-time", str(args.min_time)]
     env = dict(os.environ)
-    if what == "memory":
+    if kind == "memory":
         # a fixed mmap threshold makes glibc return every large block on free, so the peak resident size
-        # follows the live tensors instead of the allocator's retained heap (it slows allocation: timing
-        # runs in a process of its own, without it)
+        # follows the live tensors instead of the allocator's retained heap (it slows allocation, so
+        # timing runs in processes of their own, without it)
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if out.returncode != 0:
@@ -174,13 +194,13 @@ def main():
     parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=list(MIXERS))
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per point")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per mixer and point")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per point before giving up")
-    parser.add_argument("--worker", nargs=5, metavar=("MIXER", "N", "MODE", "DEVICE", "WHAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, metavar=("KIND", "MIXERS", "N", "MODE", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        mixer, n, mode, device, what = args.worker
-        print(json.dumps(measure(mixer, int(n), mode, device, args.dim, args.heads, args.min_time, what)))
+        kind, mixers, n, mode, device = args.worker
+        print(json.dumps(worker(kind, mixers.split(","), int(n), mode, device, args.dim, args.heads, args.min_time)))
         return
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -193,17 +213,27 @@ def main():
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
         res = {}
         for n in args.tokens:
-            for mixer in args.mixers:
-                for mode in ("train", "infer"):
-                    args.mixer, args.n, args.mode, args.device = mixer, n, mode, device
-                    if device == "cpu":  # fresh processes per point: the peak RSS is this point's
-                        r = {**run_worker(args, "time"), **run_worker(args, "memory")}
-                    else:  # CUDA peak memory is the allocator's own statistic
+            for mode in ("train", "infer"):
+                if device == "cpu":  # memory: a fresh process per point; time: one process for all mixers
+                    times = run_worker(args, "time", args.mixers, n, mode)
+                    points = {m: {**times.get(m, {"error": times.get("error", "failed")}),
+                                  **run_worker(args, "memory", [m], n, mode)} for m in args.mixers}
+                else:
+                    points = {}
+                    for m in args.mixers:
                         try:
-                            r = measure(mixer, n, mode, device, args.dim, args.heads, args.min_time, "both")
+                            points[m] = {"peak_mb": peak_memory_mb(make_step(m, n, mode, device, args.dim,
+                                                                             args.heads), device)}
                         except torch.OutOfMemoryError:
-                            r = {"error": "out of memory"}
+                            points[m] = {"error": "out of memory"}
                         torch.cuda.empty_cache()
+                    ok = [m for m in args.mixers if "error" not in points[m]]
+                    steps = {m: make_step(m, n, mode, device, args.dim, args.heads) for m in ok}
+                    for m, t in interleaved_times_ms(steps, device, args.min_time).items():
+                        points[m]["time_ms"] = t
+                    del steps
+                    torch.cuda.empty_cache()
+                for mixer, r in points.items():
                     flops = layer_flops(mixer, n, args.dim, args.heads) * (3 if mode == "train" else 1)
                     if "time_ms" in r:
                         r["tflops"] = flops / (r["time_ms"] / 1e3) / 1e12
