@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir, resume_ckpt = T.resolve_run(cfg.output_dir, name, cfg.run_name, cfg.resume, new_run=cfg.eval_only)
         if resume_ckpt:  # fail before building anything if the checkpoint is of another model
             ckpt_state = T.read_trainer_state(resume_ckpt)
-            T.check_same_model(ckpt_state, _model_dict_for_check(cfg, ckpt_state), ARCH_KEYS, resume_ckpt)
+            model_now = T.model_section_for_check(dataclasses.asdict(cfg.model), ckpt_state)
+            T.check_same_model(ckpt_state, model_now, ARCH_KEYS, resume_ckpt)
         log_with = [t.strip() for t in cfg.log.log_with.split(",") if t.strip() not in ("", "none")]
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                                   gradient_accumulation_steps=cfg.optim.grad_accum_steps,
@@ -207,13 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
         T.close_logging()
         torch.set_num_threads(threads_before)
 
-
-def _model_dict_for_check(cfg: TrainConfig, ckpt_state: dict) -> dict:
-    """This run's model section as it will be resolved (num_classes 0 = as in the data, i.e. as saved)."""
-    d = dataclasses.asdict(cfg.model)
-    if d["num_classes"] == 0:
-        d["num_classes"] = ckpt_state.get("config", {}).get("model", {}).get("num_classes")
-    return d
 
 
 def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, accelerator, log,
@@ -320,7 +314,7 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
         T.seed_process(cfg.seed + 1 + rank)  # dropout / drop-path / mixup differ between processes
 
     if accelerator.log_with:  # (main process only, inside Accelerate)
-        accelerator.init_trackers(name, config=_flat(config))
+        accelerator.init_trackers(name, config=T.flat_config(config))
 
     # ---- train --------------------------------------------------------------------------------
     criterion = SoftTargetCrossEntropy() if mixup_on else nn.CrossEntropyLoss(label_smoothing=cfg.data.label_smoothing)
@@ -462,17 +456,6 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
     accelerator.end_training()
     return {"run_dir": run_dir, "step": step, "state": state, "eval": last_eval, "stopped": stopped,
             "world_size": world}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Flat {"a/b": scalar} of a nested config for tracker hparams (lists as strings)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def _config_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -186,7 +186,11 @@ class DiT3(ModelMixin, ConfigMixin):
         mixer: one of vit3.mixers.MIXERS ("ttt", "attention", "linear_attention").
         cpe: the 3x3 depthwise-conv position encoding at the start of each block (DiT³ only).
         mixer_kwargs: passed to the mixer (e.g. TTT impl="reference", attention impl="math").
+
+    `enable_gradient_checkpointing()` (diffusers) recomputes each block in the backward pass.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
@@ -216,6 +220,7 @@ class DiT3(ModelMixin, ConfigMixin):
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.gradient_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -267,7 +272,10 @@ class DiT3(ModelMixin, ConfigMixin):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
         for block in self.blocks:
-            x = block(x, c, h, w)  # [B, h*w, D]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(block, x, c, h, w)  # [B, h*w, D]
+            else:
+                x = block(x, c, h, w)  # [B, h*w, D]
         x = self.final_layer(x, c)  # [B, h*w, p*p*out_channels]
         return self.unpatchify(x, h, w)  # [B, out_channels, H, W]
 

@@ -218,3 +218,23 @@ def test_registry():
     assert type(model.blocks[0].attn).__name__ == "LinearAttention" and model.blocks[0].cpe is not None
     with pytest.raises(ValueError):
         DiT3(**TINY, mixer="mamba")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """diffusers' enable_gradient_checkpointing() recomputes each block; outputs and every gradient unchanged."""
+    x, t, y = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        model = fill_deterministic(DiT3(**TINY, class_dropout_prob=0.0)).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        calls, block_forward = [], model.blocks[0].forward
+        model.blocks[0].forward = lambda *a: calls.append(1) or block_forward(*a)
+        out = model(x, t, y)
+        out.square().mean().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing reruns the block in the backward pass
+        grads.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (out0, g0), (out1, g1) = grads
+    torch.testing.assert_close(out1, out0, rtol=1e-6, atol=1e-6)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)

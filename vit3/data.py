@@ -162,6 +162,15 @@ def _open_split(root: Path, split: str, transform, bad_images: str) -> Classific
         raise DataError(f"data folder {folder} does not exist. data.path must hold train/ and val/, each "
                         "with one sub-folder of images per class (ImageNet layout); set data.path=..., "
                         "or data.demo=digits for the built-in demo")
+    return open_image_folder(folder, transform, bad_images)
+
+
+def open_image_folder(folder: Path, transform, bad_images: str = "error") -> ClassificationFolder:
+    """A ClassificationFolder of `folder` (one sub-folder per class); DataError if missing or empty."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist: set data.path to a folder with one sub-folder "
+                        "of images per class (e.g. imagenet/train)")
     if not _has_images(folder):
         raise DataError(f"data folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}): put one "
                         "sub-folder of images per class in it")

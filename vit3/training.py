@@ -511,6 +511,17 @@ def close_logging():
         logger.removeHandler(h)
 
 
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """Flat {"a/b": scalar} of a nested config for tracker hparams (lists as strings)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 class MetricsFile:
     """Append-only metrics.jsonl in the run folder (main process), beside the trackers."""
 
@@ -779,6 +790,15 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int):
 def read_trainer_state(ckpt: Path) -> dict:
     with open(Path(ckpt) / "trainer_state.json") as f:
         return json.load(f)
+
+
+def model_section_for_check(model_config: dict, ckpt_state: dict) -> dict:
+    """This run's model section as it will be resolved: num_classes 0 (= as in the data) is taken as
+    the checkpoint's, so only explicit differences count."""
+    d = dict(model_config)
+    if d.get("num_classes") == 0:
+        d["num_classes"] = ckpt_state.get("config", {}).get("model", {}).get("num_classes")
+    return d
 
 
 def check_same_model(ckpt_state: dict, model_config: dict, keys=("name", "num_classes", "img_size", "kwargs"),

@@ -1,0 +1,420 @@
+"""Smoke, resume, signal, divergence, latent, multi-process and bad-input tests of train_dit.py on CPU.
+
+Tiny DiT³s (32-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images, in pixel space or
+through a tiny randomly initialised AutoencoderKL saved to a local folder (no hub access).
+"""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+from dit3 import diffusion as D
+from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
+from vit3 import training as T
+from vit3.data import DataError, prepare_digits
+from vit3.training import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_dit", ROOT / "train_dit.py")
+train_dit = sys.modules.setdefault("train_dit", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(train_dit)
+
+TINY = "{depth: 2, hidden_size: 32, num_heads: 2}"
+
+
+def _write_images(folder: Path, classes, n, seed=0, size=16):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """3 classes x 8 images: 3 updates per epoch at global batch 8."""
+    root = tmp_path_factory.mktemp("data") / "train"
+    _write_images(root, "abc", 8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny random AutoencoderKL (2x downsampling, 4 latent channels) saved as a local folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _argv(data, out, *extra):
+    return ["model.name=DiT3-S/2", "model.image_size=8", "model.num_classes=0", f"model.kwargs={TINY}",
+            "vae.name=", f"data.path={data}", "data.batch_size=8", "data.num_workers=0", "max_steps=4",
+            "mixed_precision=no", "log.every=1", "log.log_with=none", "log.progress=false", "threads=1",
+            "sample.every=0", "sample.steps=4", "sample.classes=[0, 1, 2]", "optim.lr=1e-3",
+            "checkpoint.every_steps=2", f"output_dir={out}", *extra]
+
+
+def _run(data, out, *extra):
+    result = train_dit.main(_argv(data, out, *extra))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return result
+
+
+def _weights(run_dir, step, name="model"):
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
+
+
+def _env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+# ---------------------------------------------------------------------------------------------
+def test_run_folder_metrics_checkpoints_and_grids(data, tmp_path):
+    r = _run(data, tmp_path, "name=smoke", "sample.every=2", "log.log_with=tensorboard",
+             "checkpoint.keep_last=1")
+    run = r["run_dir"]
+    assert run.name == "000-smoke" and r["step"] == 4 and r["stopped"] is None
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["num_classes"] == 3 and cfg["optim"]["weight_decay"] == 0.0  # resolved config
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_input"] == [3, 8, 8] and info["environment"]["world_size"] == 1
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(np.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0 and m["train/steps_per_s"] > 0
+               and m["train/images_per_s"] > 0 for m in metrics)
+    assert list(run.rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]  # keep_last=1
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == ["final.png", "step-0000002.png"]
+    img = Image.open(run / "samples" / "final.png")
+    assert img.size == (3 * 65 + 1, 65 + 1)  # 3 classes of 8x8 enlarged to 64x64 in a row, 1-pixel padding
+    ckpt = run / "checkpoints" / "step-00000004"
+    assert set(_weights(run, 4)) == set(_weights(run, 4, "ema"))
+    assert yaml.safe_load((ckpt / "config.yaml").read_text()) == cfg
+
+
+def test_ema_starts_as_the_model_and_follows_with_its_decay(data, tmp_path):
+    r = _run(data, tmp_path, "max_steps=1", "ema.decay=0.5", "run_name=ema", "checkpoint.every_steps=1")
+    model, ema = _weights(r["run_dir"], 1), _weights(r["run_dir"], 1, "ema")
+    # after one update with decay 0.5 from a copy of the initial weights: ema = (init + model) / 2
+    T.seed_process(0)  # the trainer builds its model right after this seeding
+    init = train_dit.create_model(train_dit.TrainConfig(model=train_dit.ModelConfig(
+        name="DiT3-S/2", kwargs=yaml.safe_load(TINY))), 3, 8, 3).state_dict()
+    for k in model:
+        torch.testing.assert_close(ema[k], (init[k] + model[k]) / 2, rtol=1e-6, atol=1e-7, msg=k)
+        assert ema[k].dtype == torch.float32
+
+
+def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
+    """4 straight updates == 2, stop, resume, 2 more: mid-epoch resume, an epoch boundary in between,
+    gradient accumulation, flips, label dropout, timesteps and noise, so every RNG and the data
+    position must be restored."""
+    common = ("optim.grad_accum_steps=2",)
+    a = _run(data, tmp_path, "run_name=straight", *common)
+    _run(data, tmp_path, "run_name=split", "max_steps=2", *common)
+    c = _run(data, tmp_path, "run_name=split", "resume=latest", *common)
+    assert c["step"] == 4
+    for name in ("model", "ema"):
+        wa, wc = _weights(a["run_dir"], 4, name), _weights(c["run_dir"], 4, name)
+        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+
+    # control: the same resume without restoring the RNG states ends elsewhere
+    monkeypatch.setattr(T, "restore_rng_state", lambda state: None)
+    d = _run(data, tmp_path, f"resume={c['run_dir'] / 'checkpoints' / 'step-00000002'}", *common)
+    wa, wd = _weights(a["run_dir"], 4), _weights(d["run_dir"], 4)
+    assert not all(torch.equal(wa[k], wd[k]) for k in wa)
+
+
+def test_nan_loss_stops_naming_the_step_and_last_good_checkpoint(data, tmp_path, monkeypatch):
+    real = D.GaussianDiffusion.training_losses
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 3:  # the third update goes bad
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(D.GaussianDiffusion, "training_losses", poisoned)
+    with pytest.raises(train_dit.TrainingDiverged,
+                       match=r"NaN or inf at step 3.*Last good checkpoint: .*step-00000002"):
+        _run(data, tmp_path, "run_name=nan", "max_steps=6", "log.every=4", "checkpoint.every_steps=2")
+    # the check runs before every save: step 4's checkpoint (bad weights) was never written
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_bf16_and_gradient_checkpointing_two_steps(data, tmp_path):
+    r = _run(data, tmp_path, "mixed_precision=bf16", "model.grad_checkpointing=true", "max_steps=2",
+             "optim.clip_grad=1.0")
+    loss = [json.loads(x)["train/loss"] for x in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert len(loss) == 2 and all(np.isfinite(loss))
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
+    argv = _argv(data, tmp_path, "run_name=sig", "max_steps=100000", "checkpoint.every_steps=0",
+                 "data.num_workers=1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_dit.py"), *argv], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if "(step 0000001)" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert "stopping at step" in log and "SIGTERM" in log
+    ckpt = T.find_latest_checkpoint(tmp_path / "sig" / "checkpoints")
+    assert ckpt is not None, log
+    step = T.read_trainer_state(ckpt)["global_step"]
+    assert 1 <= step < 1000
+    r = _run(data, tmp_path, "run_name=sig", "resume=latest", f"max_steps={step + 1}")
+    assert r["step"] == step + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# latent space: VAE on the fly and pre-extracted shards
+# ---------------------------------------------------------------------------------------------
+def test_latent_extraction_shards_resume_and_training(data, vae_dir, tmp_path):
+    latents = tmp_path / "latents"
+    common = (f"vae.name={vae_dir}", "model.image_size=16", f"data.latents={latents}", "data.latent_shard_size=10",
+              "data.latent_dtype=float32")
+    r = _run(data, tmp_path / "out", *common, "--extract-latents")
+    assert r["latents"] == latents and not any((tmp_path / "out").iterdir())  # extraction is not a run
+    index = json.loads((latents / "index.json").read_text())
+    assert index["complete"] and index["num_images"] == 24 and index["num_shards"] == 3
+    assert index["latent_shape"] == [4, 8, 8]
+
+    # shard 1 holds images 10..19: the posterior of each image and of its mirror image
+    shard = load_file(str(latents / "shard-00001.safetensors"))
+    assert shard["mean"].shape == (10, 2, 4, 8, 8) and shard["labels"].tolist() == [1] * 6 + [2] * 4
+    from torchvision.datasets import ImageFolder
+    images = ImageFolder(str(data), transform=image_transform(16, hflip=False))
+    vae = load_vae(str(vae_dir))
+    x = images[12][0][None]
+    with torch.no_grad():
+        direct = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    torch.testing.assert_close(shard["mean"][2], direct.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shard["std"][2], direct.std, rtol=1e-4, atol=1e-6)
+
+    # resumable: a lost shard is re-encoded, finished ones are kept as they are
+    mtime = (latents / "shard-00000.safetensors").stat().st_mtime_ns
+    (latents / "shard-00001.safetensors").unlink()
+    idx = json.loads((latents / "index.json").read_text())
+    (latents / "index.json").write_text(json.dumps({**idx, "complete": False}))
+    _run(data, tmp_path / "out", *common, "--extract-latents")
+    assert load_file(str(latents / "shard-00001.safetensors"))["mean"].equal(shard["mean"])
+    assert (latents / "shard-00000.safetensors").stat().st_mtime_ns == mtime
+
+    # items: scaled draws from the stored posterior; the sample seed fixes flip and draw
+    ds = LatentShards(latents, scale=0.5)
+    z1, y1, _ = ds[(12, 7)]
+    z2, _, _ = ds[(12, 7)]
+    assert z1.equal(z2) and y1 == 1 and z1.shape == (4, 8, 8)
+    assert not ds[(12, 8)][0].equal(z1)
+    flips = {int(torch.randint(0, 2, (), generator=torch.Generator().manual_seed(s))) for s in range(20)}
+    assert flips == {0, 1}
+    z, _, _ = ds[(12, 7)]
+    f = int(torch.randint(0, 2, (), generator=torch.Generator().manual_seed(7)))
+    assert ((z / 0.5 - shard["mean"][2, f]).abs() <= 6 * shard["std"][2, f] + 1e-6).all()
+
+    # train from the shards, and with the VAE on the fly
+    r = _run(data, tmp_path / "out", *common, "max_steps=2")
+    assert r["step"] == 2 and (r["run_dir"] / "samples" / "final.png").is_file()
+    r = _run(data, tmp_path / "out", f"vae.name={vae_dir}", "model.image_size=16", "max_steps=2")
+    assert r["step"] == 2
+
+
+def test_latent_folder_of_other_settings_is_refused(data, vae_dir, tmp_path):
+    latents = tmp_path / "latents"
+    _run(data, tmp_path, f"vae.name={vae_dir}", "model.image_size=16", f"data.latents={latents}", "--extract-latents")
+    with pytest.raises(ConfigError, match=r"latents in .* are of 16px images .* this run asks for 32px"):
+        _run(data, tmp_path, f"vae.name={vae_dir}", "model.image_size=32", f"data.latents={latents}")
+
+
+def test_center_crop_matches_adm():
+    """ADM's crop of a 300x200 image to 64: box-halve while the short side is >= 128 (once, to 150x100),
+    resize bicubically so the short side is 64 (96x64), keep the centre 64x64."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 64)
+    half = img.resize((150, 100), resample=Image.BOX)  # 200 >= 128: halve once; 100 < 128: stop
+    resized = half.resize((96, 64), resample=Image.BICUBIC)
+    expect = np.array(resized)[:, 16:80]
+    assert out.size == (64, 64) and np.array_equal(np.array(out), expect)
+    same = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert np.array_equal(np.array(center_crop_arr(same, 64)), np.array(same))
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes
+# ---------------------------------------------------------------------------------------------
+def test_two_processes_agree(data, vae_dir, tmp_path):
+    """Two real gloo processes: world size 2, shards extracted by both, identical weights on both ranks and
+    in the checkpoint, the train loss all-reduced, each checkpoint written once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    latents = tmp_path / "latents"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(ROOT / "train_dit.py"),
+           *_argv(data, tmp_path, "run_name=ddp", "log.debug_ranks=true", "threads=0", f"vae.name={vae_dir}",
+                  "model.image_size=16", f"data.latents={latents}", "data.latent_shard_size=5",
+                  "data.latent_dtype=float32", "log.every=2")]
+    p = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
+    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+
+    # each checkpoint once: one folder per save, both ranks' RNG in it, no temporary left over
+    log = (run / "log.txt").read_text()
+    assert log.count("saved checkpoint") == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000004").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
+    model = train_dit.create_model(train_dit.TrainConfig(model=train_dit.ModelConfig(
+        name="DiT3-S/2", kwargs=yaml.safe_load(TINY))), 3, 8, 4)
+    T.load_weights(model, run / "checkpoints" / "step-00000004")
+    assert T.weights_digest(model) == ranks[0]["model_digest"]
+
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    local = [r["local_train"]["loss"] for r in ranks]
+    assert local[0] != local[1]  # each rank saw its own shard of the batch ...
+    assert metrics[-1]["train/loss"] == pytest.approx(sum(local) / 2, rel=1e-6)  # ... the log shows the mean
+
+    # the 5 shards were spread over the two processes and equal a one-process extraction
+    single = tmp_path / "single"
+    _run(data, tmp_path / "o", f"vae.name={vae_dir}", "model.image_size=16", f"data.latents={single}",
+         "data.latent_shard_size=5", "data.latent_dtype=float32", "--extract-latents")
+    for k in range(5):
+        a = load_file(str(latents / f"shard-{k:05d}.safetensors"))
+        b = load_file(str(single / f"shard-{k:05d}.safetensors"))
+        assert all(torch.allclose(a[n].float(), b[n].float(), rtol=1e-5, atol=1e-6) for n in a), k
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors that name the problem and the fix
+# ---------------------------------------------------------------------------------------------
+def test_image_size_not_divisible(data, vae_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.image_size=9 is not divisible by the patch size 2"):
+        _run(data, tmp_path, "model.image_size=9")
+    with pytest.raises(ConfigError, match=r"model.image_size=18 is not divisible by 2 \(VAE\) x 2 \(patch\) = 4; "
+                                          r"use a multiple of 4"):
+        _run(data, tmp_path, f"vae.name={vae_dir}", "model.image_size=18")
+    assert not any(tmp_path.iterdir())  # no run folders left behind
+
+
+def test_missing_vae(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"VAE folder vae.name=/nowhere/vae does not exist.*save_pretrained"):
+        _run(data, tmp_path, "vae.name=/nowhere/vae", "model.image_size=16")
+    # a hub name that cannot be fetched offline says how to get the weights onto the machine
+    with pytest.raises(ConfigError, match=r"(?s)cannot load the VAE 'nobody/no-such-vae'.*pass vae.name=DIR"):
+        _run(data, tmp_path, "vae.name=nobody/no-such-vae", "model.image_size=16")
+
+
+def test_missing_and_empty_data_folder(tmp_path):
+    with pytest.raises(DataError, match=r"data folder .*nowhere does not exist"):
+        _run(tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty holds no images"):
+        _run(tmp_path / "empty", tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())  # failed runs leave no empty run folders
+
+
+def test_class_count_mismatch(data, tmp_path):
+    with pytest.raises(DataError, match=r"model.num_classes=1000 but .* has 3 classes; set model.num_classes=3"):
+        _run(data, tmp_path, "model.num_classes=1000")
+    with pytest.raises(ConfigError, match=r"sample.classes \[207\] are not class ids of this data \(0 .. 2\)"):
+        _run(data, tmp_path, "sample.classes=[0, 207]")
+
+
+def test_resume_of_another_model_is_refused(data, tmp_path):
+    _run(data, tmp_path, "run_name=m", "max_steps=2")
+    with pytest.raises(ConfigError, match=r"another model \(model.kwargs: checkpoint .*'hidden_size': 32.* "
+                                          r"vs this run .*'hidden_size': 64"):
+        _run(data, tmp_path, "run_name=m", "resume=latest", "model.kwargs.hidden_size=64")
+    with pytest.raises(ConfigError, match=r"another model \(model.name: checkpoint 'DiT3-S/2' vs this run 'DiT-S/2'"):
+        _run(data, tmp_path, "run_name=m", "resume=latest", "model.name=DiT-S/2")
+
+
+def test_unknown_model_and_cli_error(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown model.name 'DiT3-Q/2'; choose one of .*DiT3-B/2"):
+        _run(data, tmp_path, "model.name=DiT3-Q/2")
+    p = subprocess.run([sys.executable, str(ROOT / "train_dit.py"), "model.image_sise=3"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Did you mean 'image_size'" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# shipped configs and the demo
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config,model", [("dit3_s2_in256", "DiT3-S/2"), ("dit3_b2_in256", "DiT3-B/2"),
+                                          ("dit3_xl2_in256", "DiT3-XL/2"), ("dit_b2_in256", "DiT-B/2")])
+def test_shipped_configs_follow_dits_recipe(config, model):
+    cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
+    assert cfg.model.name == model and (cfg.model.image_size, cfg.model.num_classes) == (256, 1000)
+    assert cfg.model.class_dropout_prob == 0.1 and cfg.max_steps == 400_000
+    assert (cfg.vae.name, cfg.vae.scale) == ("stabilityai/sd-vae-ft-ema", 0.18215)
+    o = cfg.optim
+    assert (o.opt, o.lr, o.lr_batch, o.weight_decay, o.sched, o.warmup_epochs, o.clip_grad, o.betas) == (
+        "adamw", 1e-4, 0, 0.0, "constant", 0, 0.0, (0.9, 0.999))
+    assert cfg.data.batch_size == 256 and cfg.data.hflip
+    assert cfg.ema.enabled and (cfg.ema.decay, cfg.ema.decay_batch) == (0.9999, 0)
+
+
+def test_demo_config_two_steps(tmp_path):
+    digits = prepare_digits(tmp_path / "digits16", 16)
+    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
+                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+    assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo"
+    assert 0.0 <= r["digits_accuracy"] <= 1.0 and (r["run_dir"] / "digits_accuracy.json").is_file()
+
+
+def test_digits_classifier_is_accurate_on_real_digits_and_not_on_noise(tmp_path):
+    from dit3.evaluation import DigitsClassifier, _load_split
+
+    root = prepare_digits(tmp_path / "digits16", 16)
+    clf = DigitsClassifier(root)
+    assert clf.val_accuracy >= 0.95
+    x, y = _load_split(root / "val")
+    assert clf.accuracy(x, torch.as_tensor(y)) == pytest.approx(clf.val_accuracy)
+    noise = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert clf.accuracy(noise, torch.arange(10).repeat(20)) < 0.3
