@@ -42,7 +42,7 @@ from dit3.latents import (
     vae_downsample,
 )
 from dit3.models import DiT3_models, load_official_checkpoint
-from dit3.sampling import sample_ddpm
+from dit3.sampling import sample_ddpm, save_grid
 from vit3 import training as T
 from vit3.data import DataError, default_demo_path, open_image_folder, prepare_digits
 from vit3.training import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
@@ -298,6 +298,8 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
     diffusion = create_diffusion("")
+    # the network's own config (diffusers ConfigMixin), so sample.py rebuilds it without the trainer
+    model_config = {k: v for k, v in raw_model.config.items() if not k.startswith("_")}
 
     lr = T.scaled_lrs(cfg.optim, cfg.data.batch_size)[0]
     info = T.write_run_info(run_dir, config, accelerator, cfg.seed, extra={
@@ -375,7 +377,8 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
             return
         check_finite()  # never write diverged weights
         path = T.save_checkpoint(accelerator, ckpt_root, step, modules=modules, states=states,
-                                 trainer_state={**state, "global_step": step}, config=config,
+                                 trainer_state={**state, "global_step": step, "model_config": model_config},
+                                 config=config,
                                  keep_last=cfg.checkpoint.keep_last)
         last_saved, last_good = step, path
         log.info(f"saved checkpoint {path}")
@@ -506,21 +509,6 @@ def digits_accuracy(cfg: TrainConfig, model: nn.Module, shape, accelerator, log)
             {"accuracy": acc, "samples": len(labels), "cfg_scale": cfg.sample.cfg_scale, "steps": cfg.sample.steps,
              "classifier_val_accuracy": clf.val_accuracy}, indent=2))
     return acc
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
-    """[B, 3, H, W] in [-1, 1] -> PNG grid, written atomically; images under 64 pixels are enlarged
-    (nearest neighbour) so a grid of small images is viewable as it is."""
-    from torchvision.utils import save_image
-
-    zoom = max(1, 64 // images.shape[-1])
-    if zoom > 1:
-        images = torch.nn.functional.interpolate(images.float(), scale_factor=zoom, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(images.float(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
-    tmp.replace(path)
-    return path
 
 
 if __name__ == "__main__":

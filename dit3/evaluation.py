@@ -51,3 +51,117 @@ class DigitsClassifier:
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """Fraction of `images` [B, C, H, W] in [-1, 1] classified as `labels` [B]."""
         return float((self.predict(images) == labels.cpu().numpy()).mean())
+
+
+# ----------------------------------------------------------------------------------------
+# FID, IS, KID, precision / recall with torch-fidelity
+# ----------------------------------------------------------------------------------------
+FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's InceptionV3 layers (as ADM's evaluator)
+
+
+def inception(cuda: bool, weights: str | Path | None = None):
+    """torch-fidelity's InceptionV3 ('inception-v3-compat'), from its default download or a local weights
+    file (clusters without internet: copy the file torch-fidelity downloads, pt_inception-2015-12-05-*.pth)."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"Inception weights file {weights} does not exist")
+    return create_feature_extractor("inception-v3-compat", [FID_LAYER, ISC_LAYER], cuda=cuda, verbose=False,
+                                    feature_extractor_weights_path=str(weights) if weights else None)
+
+
+def image_features(folder: str | Path, extractor, cuda: bool, batch_size: int = 64) -> dict:
+    """torch-fidelity features dict ({layer: [N, D]}) of the PNG / JPEG images under `folder` (recursive)."""
+    from torch_fidelity.datasets import ImagesPathDataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset, glob_samples_paths
+
+    files = glob_samples_paths(str(folder), samples_find_deep=True, samples_find_ext="png,jpg,jpeg", verbose=False)
+    if not files:
+        raise FileNotFoundError(f"no images (png, jpg, jpeg) under {folder}")
+    return get_featuresdict_from_dataset(ImagesPathDataset(sorted(files)), extractor, batch_size, cuda,
+                                         save_cpu_ram=False, verbose=False)
+
+
+class _ArrayImages(torch.utils.data.Dataset):
+    """uint8 images [N, H, W, 3] served as torch-fidelity expects them: uint8 [3, H, W]."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+
+
+def load_image_batch(path: str | Path) -> np.ndarray:
+    """arr_0 of an ADM-style sample / reference batch, checked: uint8 [N, H, W, 3]."""
+    with np.load(path) as f:
+        if "arr_0" not in f:
+            raise ValueError(f"{path} has no arr_0 (images) and no mu / sigma (statistics): keys {list(f.keys())}")
+        arr = f["arr_0"]
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 must be uint8 images of shape [N, H, W, 3] (ADM's format), got "
+                         f"{arr.dtype} {list(arr.shape)}")
+    return arr
+
+
+def save_reference_statistics(path: str | Path, features: dict):
+    """mu and sigma of the FID layer, as an .npz that `fidelity_metrics` takes as its reference."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
+
+    stats = fid_featuresdict_to_statistics(features, FID_LAYER)
+    np.savez(path, mu=stats["mu"], sigma=stats["sigma"], num_images=len(features[FID_LAYER]))
+
+
+def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, inception_weights=None,
+                     batch_size: int = 64, save_ref_stats: str | Path | None = None) -> dict:
+    """FID, IS, KID, precision and recall of the images under `samples` against `reference`.
+
+    reference: an image folder or an ADM-style .npz of images (arr_0, uint8 [N, H, W, 3]): all five
+    metrics; or an .npz of statistics (mu, sigma, e.g. from --save-ref-stats): FID and IS only, as
+    KID and precision / recall need the reference's features. The metric code is torch-fidelity's;
+    KID's subset size is capped at the number of images.
+    """
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    reference = Path(reference)
+    if not reference.exists():
+        raise FileNotFoundError(f"FID reference {reference} does not exist: pass an image folder or an .npz of "
+                                "statistics written with --save-ref-stats")
+    extractor = inception(cuda, inception_weights)
+    feats = image_features(samples, extractor, cuda, batch_size)
+    metrics = dict(isc_featuresdict_to_metric(feats, ISC_LAYER, verbose=False))
+    stats = fid_featuresdict_to_statistics(feats, FID_LAYER)
+    with_images = reference.is_dir()
+    if not with_images:
+        with np.load(reference) as f:
+            with_images = not ("mu" in f and "sigma" in f)
+    if with_images:
+        if reference.is_dir():
+            ref_feats = image_features(reference, extractor, cuda, batch_size)
+        else:
+            from torch_fidelity.utils import get_featuresdict_from_dataset
+
+            ref_feats = get_featuresdict_from_dataset(_ArrayImages(load_image_batch(reference)), extractor,
+                                                      batch_size, cuda, save_cpu_ram=False, verbose=False)
+        if save_ref_stats:
+            save_reference_statistics(save_ref_stats, ref_feats)
+        ref_stats = fid_featuresdict_to_statistics(ref_feats, FID_LAYER)
+        n = min(len(feats[FID_LAYER]), len(ref_feats[FID_LAYER]))
+        metrics.update(kid_featuresdict_to_metric(feats, ref_feats, FID_LAYER, kid_subset_size=min(1000, n),
+                                                  verbose=False))
+        metrics.update(prc_featuresdict_to_metric(feats, ref_feats, FID_LAYER, verbose=False))
+    else:
+        with np.load(reference) as f:
+            ref_stats = {"mu": f["mu"], "sigma": f["sigma"]}
+        if ref_stats["mu"].shape != stats["mu"].shape:
+            raise ValueError(f"{reference}: mu of shape {ref_stats['mu'].shape} does not fit the "
+                             f"{stats['mu'].shape[0]}-dim Inception features")
+    metrics.update(fid_statistics_to_metric(stats, ref_stats, verbose=False))
+    metrics["num_samples"] = len(feats[FID_LAYER])
+    return {k: float(v) for k, v in metrics.items()}

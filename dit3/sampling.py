@@ -1,51 +1,125 @@
-"""Sampling DiT³: ancestral DDPM with the learned variance and classifier-free guidance.
+"""Sampling DiT³: DiT's DDPM with the learned variance, and diffusers' DDIM and DPM-Solver++.
 
-This is DiT's sampler (ADM's p_sample on a respaced chain, e.g. 250 of the 1000 training
-steps), driven by `dit3.diffusion.GaussianDiffusion`. All noise comes from a caller's generator
-on the CPU, so a sample depends only on that generator's seed, never on the device, the batch it
-was drawn in, or the training RNG streams (training draws its grids mid-run).
+* "ddpm": ADM's ancestral p_sample on a respaced chain (DiT samples 250 of the 1000 training
+  steps), with the variance the network predicts; `dit3.diffusion.GaussianDiffusion` does the math.
+* "ddim", "dpm": diffusers' DDIMScheduler (eta 0) and DPMSolverMultistepScheduler (DPM-Solver++,
+  order 2) on the same betas; they use the predicted epsilon only.
+
+Classifier-free guidance: eps = uncond + s * (cond - uncond) on all latent channels by default
+(`cfg_channels=3` is DiT's choice, for exact reproduction), optionally only for timesteps inside
+`cfg_interval` (fractions of the 1000-step chain, "guidance interval").
+
+Noise: `generator` is one CPU torch.Generator for the whole batch, or a list with one per sample;
+with a list, sample i depends only on its own generator, never on the batch it is drawn in, the
+device, or the training RNG streams (training draws its grids mid-run).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from .diffusion import create_diffusion
 
+SAMPLERS = ("ddpm", "ddim", "dpm")
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """[n, *shape[1:]] standard normal on the CPU: one draw per sample if `generator` is a list."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} samples")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator])
+    return torch.randn(tuple(shape), generator=generator)
+
+
+def make_scheduler(sampler: str, num_train_timesteps: int = 1000):
+    """The diffusers scheduler for `sampler` with DiT's linear betas (1e-4 .. 0.02) and epsilon prediction."""
+    common = dict(num_train_timesteps=num_train_timesteps, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                  prediction_type="epsilon")
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, variance_type="learned_range", clip_sample=False)
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+
+
+def guided_output(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
+                  cfg_channels: int | None = None, cfg_interval: tuple[float, float] | None = None,
+                  num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The network's output [B, out_channels, H, W] at x [B, C, H, W], original timesteps t [B], guided.
+
+    Guidance runs when cfg_scale > 1 and t / num_train_timesteps lies in cfg_interval (if given);
+    it batches the conditional and the null-class pass together (DiT's forward_with_cfg).
+    """
+    frac = float(t[0]) / num_train_timesteps
+    if cfg_scale <= 1.0 or (cfg_interval is not None and not cfg_interval[0] <= frac <= cfg_interval[1]):
+        return model(x, t, labels)
+    null = torch.full_like(labels, model.num_classes)
+    out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), cfg_scale,
+                                 channels=cfg_channels)
+    return out[: len(x)]
+
 
 @torch.no_grad()
-def sample_ddpm(model, labels: torch.Tensor, shape: tuple[int, int, int], *, num_steps: int = 250,
-                cfg_scale: float = 1.0, cfg_channels: int | None = None, generator: torch.Generator | None = None,
-                noise: torch.Tensor | None = None, autocast=None, progress: bool = False) -> torch.Tensor:
-    """Draw len(labels) samples [B, *shape] (latents or pixels, unscaled model space).
+def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler: str = "ddpm",
+           num_steps: int = 250, cfg_scale: float = 1.0, cfg_channels: int | None = None,
+           cfg_interval: tuple[float, float] | None = None,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None, autocast=None,
+           progress: bool = False) -> torch.Tensor:
+    """Draw len(labels) samples [B, *shape] in the model's space (scaled latents or pixels).
 
-    model: a DiT3 (not a DDP wrapper), put in eval mode here and restored after.
-    labels: [B] class ids on the model's device. cfg_scale > 1 guides with the null class
-    (model.num_classes); cfg_channels: guide only the leading channels (DiT's 3), default all.
-    noise: the starting x_T [B, *shape] (default: drawn from `generator`).
-    autocast: a context manager factory for the model calls (e.g. accelerator.autocast).
+    model: a DiT3 (not a DDP wrapper); put in eval mode here, its mode restored after.
+    labels: [B] class ids on the model's device; the null class is model.num_classes.
+    autocast: a context-manager factory for the network calls (e.g. accelerator.autocast).
     """
     device = labels.device
-    diffusion = create_diffusion(str(num_steps))
     n = len(labels)
-    x = noise if noise is not None else torch.randn((n, *shape), generator=generator)
-    x = x.to(device, torch.float32)
-    guided = cfg_scale > 1.0
-    if guided:
-        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # [2B]: cond, then null
+    x = randn((n, *shape), generator).to(device)
     was_training = model.training
     model.eval()
-    steps = list(range(diffusion.num_timesteps))[::-1]
-    for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
-        t = torch.full((n,), i, device=device, dtype=torch.long)
-        t_model = diffusion.timestep_map.to(device)[t]  # the original timestep the network knows
+
+    def net(x, t_model):
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-            if guided:
-                out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t_model, t_model]), labels,
-                                             cfg_scale, channels=cfg_channels)[:n]
-            else:
-                out = model(x, t_model, labels)
-        step_noise = torch.randn(x.shape, generator=generator).to(device)
-        x = diffusion.p_sample(out.float(), x, t, noise=step_noise)
+            out = guided_output(model, x, t_model, labels, cfg_scale, cfg_channels, cfg_interval)
+        return out.float()
+
+    if sampler == "ddpm":
+        diffusion = create_diffusion(str(num_steps))
+        for i in tqdm(range(diffusion.num_timesteps)[::-1], desc="sampling", disable=not progress, leave=False):
+            t = torch.full((n,), i, device=device, dtype=torch.long)
+            out = net(x, diffusion.timestep_map.to(device)[t])  # the network knows the original timesteps
+            x = diffusion.p_sample(out, x, t, noise=randn(x.shape, generator).to(device))
+    else:
+        scheduler = make_scheduler(sampler)
+        scheduler.set_timesteps(num_steps)
+        for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+            eps = net(x, t.to(device).expand(n))[:, : x.shape[1]]
+            x = scheduler.step(eps, t, x).prev_sample
     model.train(was_training)
     return x
+
+
+def sample_ddpm(model, labels: torch.Tensor, shape: tuple[int, int, int], **kwargs) -> torch.Tensor:
+    """`sample` with DiT's sampler: respaced ancestral DDPM with the learned variance."""
+    return sample(model, labels, shape, sampler="ddpm", **kwargs)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+    """[B, 3, H, W] in [-1, 1] -> PNG grid, written atomically; images under 64 pixels are enlarged
+    (nearest neighbour) so a grid of small images is viewable as it is."""
+    from torchvision.utils import save_image
+
+    zoom = max(1, 64 // images.shape[-1])
+    if zoom > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=zoom, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    save_image(images.float(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+    tmp.replace(path)
+    return path

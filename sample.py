@@ -1,0 +1,283 @@
+"""Sample a trained DiT³ run: a PNG grid, or many samples (PNG files + an ADM-style .npz) and their FID.
+
+    python sample.py --ckpt results/000-dit3_b2_in256 --classes 207 360 387 974 --cfg-scale 4.0 --seed 0
+    accelerate launch sample.py --ckpt RUN --num-samples 50000 --cfg-scale 1.0 --out samples/dit3-b2
+    python sample.py --ckpt RUN --num-samples 50000 --out DIR --fid-ref /data/imagenet256-val
+    python sample.py --ckpt results/000-dit3_demo --num-samples 1000 --out DIR --digits-accuracy
+
+The model (its diffusers config), the VAE and its scale come from the checkpoint, so no model
+flag is repeated; the EMA weights are used unless --no-ema. A run folder means its newest
+checkpoint.
+
+Bulk mode is distributed and resumable. Sample i is drawn from its own noise (seeded by
+(seed, i)) with its class (i mod classes when balanced, else drawn from (seed, i)), in the fixed
+batch i // batch_size; process r draws batches r, r + R, ... So the images, and the .npz, are the
+same whatever the number of processes, and a restarted job skips the batches already on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from tqdm.auto import tqdm
+
+from dit3.latents import decode, load_vae
+from dit3.models import DiT3
+from dit3.sampling import SAMPLERS, sample, save_grid
+from vit3 import training as T
+from vit3.training import ConfigError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoints/step-N folder")
+    p.add_argument("--no-ema", action="store_true", help="use the model weights, not the EMA")
+    p.add_argument("--vae", default=None, help="VAE folder or hub name, instead of the one the run trained with")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=250, help="sampling steps (DDPM: respaced as DiT)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg-channels", type=int, default=None, help="guide only these leading channels (DiT: 3)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at timesteps t / 1000 in [LO, HI]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per network call (fixed batches; see above)")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    # grid mode
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="grid mode: one column per class")
+    p.add_argument("--per-class", type=int, default=1, help="grid mode: rows")
+    # bulk mode
+    p.add_argument("--num-samples", type=int, default=0, help="bulk mode: how many samples")
+    p.add_argument("--labels", default="balanced", choices=("balanced", "random"))
+    p.add_argument("--out", default=None, help="grid: the PNG (default in the run's samples/); bulk: a folder")
+    p.add_argument("--fid-ref", default=None,
+                   help="bulk mode: FID/IS/KID/precision/recall against an image folder, an ADM .npz or a stats .npz")
+    p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for torch-fidelity")
+    p.add_argument("--save-ref-stats", default=None, help="write the reference's mu / sigma to this .npz")
+    p.add_argument("--digits-accuracy", action="store_true",
+                   help="digits demo: the share of samples an SVC trained on the real digits labels as asked")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading a checkpoint
+# ----------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--ckpt {path} does not exist: pass a run folder or a checkpoints/step-N folder")
+    if (p / "checkpoints").is_dir():
+        latest = T.find_latest_checkpoint(p / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"--ckpt {path}: the run folder has no complete checkpoint")
+        return latest
+    if not (p / "trainer_state.json").is_file():
+        raise ConfigError(f"--ckpt {path} is not a checkpoint (no trainer_state.json): pass a run folder or "
+                          "a checkpoints/step-N folder written by train_dit.py")
+    return p
+
+
+def load_run(ckpt: Path, ema: bool = True, device="cpu", vae_name: str | None = None):
+    """(model in eval mode, VAE or None, latent scale, training config) from a train_dit.py checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    state = T.read_trainer_state(ckpt)
+    if "model_config" not in state:
+        raise ConfigError(f"checkpoint {ckpt} has no model_config: it was not written by train_dit.py")
+    model = DiT3.from_config(state["model_config"])
+    weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
+    if not weights.is_file():
+        hint = " (trained without EMA: use --no-ema)" if ema else ""
+        raise ConfigError(f"checkpoint {ckpt} has no {weights.name}{hint}")
+    try:
+        load_model(model, str(weights), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ConfigError(f"cannot read the weights {weights}: {e}. The file is damaged; use another "
+                          "checkpoint") from None
+    config = state["config"]
+    name = vae_name if vae_name is not None else config["vae"]["name"]
+    vae = load_vae(name, device) if name else None
+    return model.to(device).eval(), vae, config["vae"]["scale"], config
+
+
+# ----------------------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------------------
+def sample_seed(seed: int, i: int, stream: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, i, stream]).generate_state(1)[0])
+
+
+def labels_for(indices: list[int], num_classes: int, mode: str, seed: int) -> list[int]:
+    if mode == "balanced":
+        return [i % num_classes for i in indices]
+    return [int(torch.randint(0, num_classes, (), generator=torch.Generator().manual_seed(sample_seed(seed, i, 1))))
+            for i in indices]
+
+
+def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device) -> torch.Tensor:
+    """uint8 images [B, H, W, 3] for these labels and per-sample seeds."""
+    cfg = model.config
+    size = (cfg.input_size, cfg.input_size) if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
+    autocast = None
+    if args.mixed_precision != "no":
+        dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16
+        autocast = lambda: torch.autocast(torch.device(device).type, dtype=dtype)  # noqa: E731
+    x = sample(model, torch.tensor(labels, device=device), (cfg.in_channels, *size), sampler=args.sampler,
+               num_steps=args.steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
+               cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+               generator=[torch.Generator().manual_seed(s) for s in seeds], autocast=autocast)
+    images = decode(vae, x, scale) if vae is not None else x.clamp(-1, 1)
+    # DiT's conversion to 8 bits
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
+def save_npz(path: Path, arr: np.ndarray):
+    """arr_0 in an .npz (np.load-compatible), byte-reproducible (fixed zip timestamps), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with zf.open(info, "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def read_images(folder: Path, n: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(n)])
+
+
+def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
+    """Draw args.num_samples images into out/images/NNNNNN.png (resumable), then out/samples.npz."""
+    from PIL import Image
+
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    n, b = args.num_samples, args.batch_size
+    batches = [list(range(k * b, min((k + 1) * b, n))) for k in range(math.ceil(n / b))]
+    mine = [idx for k, idx in enumerate(batches) if k % state.num_processes == state.process_index
+            and not all((images_dir / f"{i:06d}.png").is_file() for i in idx)]
+    t0, done = time.time(), 0
+    for idx in tqdm(mine, desc=f"sampling (process {state.process_index})", disable=not state.is_main_process):
+        labels = labels_for(idx, model.num_classes, args.labels, args.seed)
+        images = draw(model, vae, scale, labels, [sample_seed(args.seed, i) for i in idx], args, state.device)
+        for i, img in zip(idx, images.numpy()):
+            path = images_dir / f"{i:06d}.png"
+            tmp = path.with_name(f".{path.stem}.tmp.png")
+            Image.fromarray(img).save(tmp)
+            os.replace(tmp, path)
+        done += len(idx)
+    state.wait_for_everyone()
+    npz = out / "samples.npz"
+    if state.is_main_process:
+        save_npz(npz, read_images(images_dir, n))
+        labels = labels_for(list(range(n)), model.num_classes, args.labels, args.seed)
+        info = {"num_samples": n, "labels": labels, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
+                "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "cfg_interval": args.cfg_interval,
+                "ckpt": str(args.ckpt), "ema": not args.no_ema, "processes": state.num_processes,
+                "seconds_per_image_this_process": (time.time() - t0) / done if done else None}
+        (out / "info.json").write_text(json.dumps(info, indent=2))
+    state.wait_for_everyone()
+    return npz
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    ckpt = resolve_checkpoint(args.ckpt)
+    model, vae, scale, config = load_run(ckpt, ema=not args.no_ema, device=state.device, vae_name=args.vae)
+    run_dir = ckpt.parent.parent
+    for c in args.classes or []:
+        if not 0 <= c < model.num_classes:
+            raise ConfigError(f"class {c} is out of range: this model has classes 0 .. {model.num_classes - 1}")
+    if args.fid_ref and not Path(args.fid_ref).exists():
+        raise ConfigError(f"--fid-ref {args.fid_ref} does not exist: pass an image folder, an ADM-style .npz "
+                          "(arr_0) or a statistics .npz (mu, sigma)")
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        raise ConfigError(f"--inception-weights {args.inception_weights} does not exist")
+    if args.classes is None and not args.num_samples:
+        raise ConfigError("say what to draw: --classes C ... (a grid) or --num-samples N --out DIR")
+
+    result: dict = {"ckpt": ckpt}
+    if args.classes:
+        labels = [c for _ in range(args.per_class) for c in args.classes]
+        seeds = [sample_seed(args.seed, i) for i in range(len(labels))]
+        t0 = time.time()
+        images = draw(model, vae, scale, labels, seeds, args, state.device) if state.is_main_process else None
+        if state.is_main_process:
+            out = Path(args.out) if args.out else run_dir / "samples" / (
+                f"{ckpt.name}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}-seed{args.seed}.png")
+            grid = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+            result["grid"] = save_grid(grid, out, nrow=len(args.classes))
+            print(f"wrote {out} ({len(labels)} samples in {time.time() - t0:.1f} s)")
+        state.wait_for_everyone()
+    if args.num_samples:
+        if not args.out:
+            raise ConfigError("--num-samples needs --out DIR")
+        result["npz"] = bulk(model, vae, scale, args, state, Path(args.out))
+        if state.is_main_process:
+            print(f"wrote {result['npz']}")
+            if args.fid_ref:
+                result["metrics"] = fidelity(Path(args.out), args, state)
+            if args.digits_accuracy:
+                result["digits_accuracy"] = digits_accuracy(config, Path(args.out), args)
+    return result
+
+
+def _update_metrics(out: Path, new: dict) -> dict:
+    path = out / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics.update(new)
+    tmp = path.with_name(".metrics.json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, path)
+    return metrics
+
+
+def fidelity(out: Path, args, state: PartialState) -> dict:
+    """torch-fidelity metrics of out/images against --fid-ref, into out/metrics.json."""
+    from dit3.evaluation import fidelity_metrics
+
+    t0 = time.time()
+    try:
+        metrics = fidelity_metrics(out / "images", args.fid_ref, cuda=state.device.type == "cuda",
+                                   inception_weights=args.inception_weights, save_ref_stats=args.save_ref_stats)
+    except ValueError as e:  # a reference file of the wrong kind
+        raise ConfigError(str(e)) from None
+    _update_metrics(out, {**metrics, "fid_ref": str(args.fid_ref)})
+    print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"  ({time.time() - t0:.0f} s)")
+    return metrics
+
+
+def digits_accuracy(config: dict, out: Path, args) -> float:
+    from dit3.evaluation import DigitsClassifier
+
+    root = Path(config["data"]["path"]).parent
+    if not (root / "val").is_dir():
+        raise ConfigError(f"--digits-accuracy needs the run's digits data at {root} (train/ and val/)")
+    clf = DigitsClassifier(root)
+    images = torch.from_numpy(np.load(out / "samples.npz")["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    labels = torch.tensor(json.loads((out / "info.json").read_text())["labels"])
+    acc = clf.accuracy(images, labels)
+    _update_metrics(out, {"digits_accuracy": acc, "digits_classifier_val_accuracy": clf.val_accuracy})
+    print(f"digits accuracy {100 * acc:.1f}% of {len(labels)} samples (the SVC scores "
+          f"{100 * clf.val_accuracy:.1f}% on real val digits)")
+    return acc
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,206 @@
+"""sample.py (grid, bulk, distributed, resumable, bad input) and the torch-fidelity metrics (offline,
+with a local randomly initialised Inception), on a tiny pixel-space DiT³ trained for two steps."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from vit3.data import prepare_digits
+from vit3.training import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
+
+
+train_dit, sample_py = _load("train_dit"), _load("sample")
+
+
+def _env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A digits run of a tiny DiT³ (pixel space, 16x16, 10 classes), two updates."""
+    tmp = tmp_path_factory.mktemp("run")
+    digits = prepare_digits(tmp / "digits16", 16)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
+                        f"output_dir={tmp}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.per_class=1",
+                        "sample.digits_accuracy=0", "run_name=run"])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return r["run_dir"]
+
+
+def _sample(*argv):
+    return sample_py.main([str(a) for a in argv])
+
+
+def test_grid_reads_the_model_from_the_run(run):
+    r = _sample("--ckpt", run, "--classes", 1, 3, 7, "--per-class", 2, "--steps", 3, "--seed", 0)
+    assert r["ckpt"].name == "step-00000002"
+    img = Image.open(r["grid"])
+    assert img.size == (3 * 65 + 1, 2 * 65 + 1)  # 3 classes x 2 rows of 16x16 enlarged to 64
+
+
+def test_bulk_npz_resume_and_digits_accuracy(run, tmp_path):
+    out = tmp_path / "bulk"
+    r = _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out,
+                "--digits-accuracy")
+    arr = np.load(r["npz"])["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (7, 16, 16, 3)
+    info = json.loads((out / "info.json").read_text())
+    assert info["labels"] == [i % 10 for i in range(7)]  # balanced
+    assert 0 <= r["digits_accuracy"] <= 1 and "digits_accuracy" in json.loads((out / "metrics.json").read_text())
+    # resumable: a lost image is redrawn (its whole batch), the rest is kept, the result is the same
+    (out / "images" / "000004.png").unlink()
+    kept = (out / "images" / "000000.png").stat().st_mtime_ns
+    r2 = _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out)
+    assert (out / "images" / "000000.png").stat().st_mtime_ns == kept
+    assert Path(r2["npz"]).read_bytes() == Path(r["npz"]).read_bytes()
+
+
+def test_two_processes_give_the_same_npz_bytes(run, tmp_path):
+    common = ["--ckpt", str(run), "--num-samples", "5", "--batch-size", "2", "--steps", "2", "--labels", "random"]
+    one = _sample(*common, "--out", tmp_path / "one")["npz"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "sample.py"), *common, "--out", str(tmp_path / "two")]
+    p = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "info.json").read_text())["processes"] == 2
+    assert (tmp_path / "two" / "samples.npz").read_bytes() == Path(one).read_bytes()
+
+
+def test_bad_input(run, tmp_path):
+    with pytest.raises(ConfigError, match=r"--ckpt .*nowhere does not exist"):
+        _sample("--ckpt", tmp_path / "nowhere", "--classes", 1)
+    with pytest.raises(ConfigError, match=r"is not a checkpoint \(no trainer_state.json\)"):
+        _sample("--ckpt", tmp_path, "--classes", 1)
+    with pytest.raises(ConfigError, match=r"class 10 is out of range: this model has classes 0 .. 9"):
+        _sample("--ckpt", run, "--classes", 1, 10)
+    with pytest.raises(ConfigError, match=r"--fid-ref .*missing does not exist"):
+        _sample("--ckpt", run, "--num-samples", 2, "--out", tmp_path / "o", "--fid-ref", tmp_path / "missing")
+    # a damaged checkpoint: truncated weights
+    bad = tmp_path / "bad"
+    shutil.copytree(run / "checkpoints" / "step-00000002", bad)
+    w = bad / "ema.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"cannot read the weights .*ema.safetensors.*damaged"):
+        _sample("--ckpt", bad, "--classes", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# FID and friends
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3, randomly initialised (He init: with PyTorch's default the features
+    collapse and every FID is 0), saved as a local weights file: no download."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    orig_url, orig_load = inc.load_state_dict_from_url, inc.FeatureExtractorInceptionV3.load_state_dict
+    inc.load_state_dict_from_url = lambda *a, **k: {}
+    inc.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
+    try:
+        net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        inc.load_state_dict_from_url, inc.FeatureExtractorInceptionV3.load_state_dict = orig_url, orig_load
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.01)
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _images(folder, n, seed, shift=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.clip(rng.normal(120 + shift, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_equals_an_independent_frechet(inception_weights, tmp_path):
+    from dit3.evaluation import FID_LAYER, fidelity_metrics, image_features, inception
+
+    a = _images(tmp_path / "a", 24, 0)
+    b = _images(tmp_path / "b", 24, 1, shift=40)
+    same = fidelity_metrics(a, a, cuda=False, inception_weights=inception_weights, batch_size=8)
+    assert abs(same["frechet_inception_distance"]) < 1e-3
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    diff = fidelity_metrics(a, b, cuda=False, inception_weights=inception_weights, batch_size=8,
+                            save_ref_stats=tmp_path / "b_stats.npz")
+    assert diff["frechet_inception_distance"] > 1.0
+    assert {"inception_score_mean", "kernel_inception_distance_mean", "precision", "recall"} <= set(diff)
+
+    # independent Frechet distance on the same features (scipy's matrix square root)
+    ext = inception(False, inception_weights)
+    fa = image_features(a, ext, False, 8)[FID_LAYER].double().numpy()
+    fb = image_features(b, ext, False, 8)[FID_LAYER].double().numpy()
+    mu_a, mu_b = fa.mean(0), fb.mean(0)
+    s_a, s_b = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b).real
+    expect = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)
+    assert diff["frechet_inception_distance"] == pytest.approx(expect, rel=1e-3)
+
+    # the cached reference statistics give the same FID
+    stats = fidelity_metrics(a, tmp_path / "b_stats.npz", cuda=False, inception_weights=inception_weights,
+                             batch_size=8)
+    assert stats["frechet_inception_distance"] == pytest.approx(diff["frechet_inception_distance"], rel=1e-4)
+    assert "precision" not in stats  # needs the reference's features
+
+
+def test_fid_reference_npz_is_checked(inception_weights, tmp_path):
+    from dit3.evaluation import fidelity_metrics
+
+    a = _images(tmp_path / "a", 8, 0)
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match=r"arr_0 must be uint8 images of shape \[N, H, W, 3\].*float32"):
+        fidelity_metrics(a, tmp_path / "float.npz", cuda=False, inception_weights=inception_weights)
+    np.savez(tmp_path / "chw.npz", arr_0=np.zeros((4, 3, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"got uint8 \[4, 3, 32, 32\]"):
+        fidelity_metrics(a, tmp_path / "chw.npz", cuda=False, inception_weights=inception_weights)
+    imgs = np.stack([np.asarray(Image.open(p)) for p in sorted(a.glob("*.png"))])
+    np.savez(tmp_path / "adm.npz", arr_0=imgs)  # an ADM-style reference batch of the same images
+    assert abs(fidelity_metrics(a, tmp_path / "adm.npz", cuda=False, inception_weights=inception_weights)
+               ["frechet_inception_distance"]) < 1e-3
+
+
+def test_sample_py_writes_metrics_offline(run, inception_weights, tmp_path):
+    ref = _images(tmp_path / "ref", 6, 3)
+    out = tmp_path / "bulk"
+    r = _sample("--ckpt", run, "--num-samples", 6, "--batch-size", 6, "--steps", 2, "--out", out,
+                "--fid-ref", ref, "--inception-weights", inception_weights)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["frechet_inception_distance"] == r["metrics"]["frechet_inception_distance"] > 0
+    assert metrics["num_samples"] == 6
