@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from dit3.latents import decode, load_vae
 from dit3.models import DiT3
-from dit3.sampling import SAMPLERS, sample, save_grid
+from dit3.sampling import SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
 from vit3 import training as T
 from vit3.training import ConfigError
 
@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--fid-ref", default=None,
                    help="bulk mode: FID/IS/KID/precision/recall against an image folder, an ADM .npz or a stats .npz")
     p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for torch-fidelity")
+    p.add_argument("--feature-extractor", default=None,
+                   help="a train_vit.py run or checkpoint whose features replace Inception's (domain FID)")
     p.add_argument("--save-ref-stats", default=None, help="write the reference's mu / sigma to this .npz")
     p.add_argument("--digits-accuracy", action="store_true",
                    help="digits demo: the share of samples an SVC trained on the real digits labels as asked")
@@ -113,10 +115,6 @@ def load_run(ckpt: Path, ema: bool = True, device="cpu", vae_name: str | None = 
 # ----------------------------------------------------------------------------------------
 # Drawing
 # ----------------------------------------------------------------------------------------
-def sample_seed(seed: int, i: int, stream: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, i, stream]).generate_state(1)[0])
-
-
 def labels_for(indices: list[int], num_classes: int, mode: str, seed: int) -> list[int]:
     if mode == "balanced":
         return [i % num_classes for i in indices]
@@ -136,9 +134,7 @@ def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device) -
                num_steps=args.steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
                cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
                generator=[torch.Generator().manual_seed(s) for s in seeds], autocast=autocast)
-    images = decode(vae, x, scale) if vae is not None else x.clamp(-1, 1)
-    # DiT's conversion to 8 bits
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+    return to_uint8(decode(vae, x, scale) if vae is not None else x.clamp(-1, 1))
 
 
 def save_npz(path: Path, arr: np.ndarray):
@@ -159,8 +155,6 @@ def read_images(folder: Path, n: int) -> np.ndarray:
 
 def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     """Draw args.num_samples images into out/images/NNNNNN.png (resumable), then out/samples.npz."""
-    from PIL import Image
-
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     n, b = args.num_samples, args.batch_size
@@ -171,11 +165,7 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     for idx in tqdm(mine, desc=f"sampling (process {state.process_index})", disable=not state.is_main_process):
         labels = labels_for(idx, model.num_classes, args.labels, args.seed)
         images = draw(model, vae, scale, labels, [sample_seed(args.seed, i) for i in idx], args, state.device)
-        for i, img in zip(idx, images.numpy()):
-            path = images_dir / f"{i:06d}.png"
-            tmp = path.with_name(f".{path.stem}.tmp.png")
-            Image.fromarray(img).save(tmp)
-            os.replace(tmp, path)
+        save_pngs(images.numpy(), [images_dir / f"{i:06d}.png" for i in idx])
         done += len(idx)
     state.wait_for_everyone()
     npz = out / "samples.npz"
@@ -205,6 +195,9 @@ def main(argv=None) -> dict:
                           "(arr_0) or a statistics .npz (mu, sigma)")
     if args.inception_weights and not Path(args.inception_weights).is_file():
         raise ConfigError(f"--inception-weights {args.inception_weights} does not exist")
+    if args.feature_extractor and not Path(args.feature_extractor).exists():
+        raise ConfigError(f"--feature-extractor {args.feature_extractor} does not exist: pass a train_vit.py run "
+                          "folder or checkpoint")
     if args.classes is None and not args.num_samples:
         raise ConfigError("say what to draw: --classes C ... (a grid) or --num-samples N --out DIR")
 
@@ -251,11 +244,13 @@ def fidelity(out: Path, args, state: PartialState) -> dict:
     t0 = time.time()
     try:
         metrics = fidelity_metrics(out / "images", args.fid_ref, cuda=state.device.type == "cuda",
-                                   inception_weights=args.inception_weights, save_ref_stats=args.save_ref_stats)
+                                   inception_weights=args.inception_weights, classifier=args.feature_extractor,
+                                   save_ref_stats=args.save_ref_stats)
     except ValueError as e:  # a reference file of the wrong kind
         raise ConfigError(str(e)) from None
     _update_metrics(out, {**metrics, "fid_ref": str(args.fid_ref)})
-    print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"  ({time.time() - t0:.0f} s)")
+    print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not isinstance(v, str))
+          + f"  ({metrics['feature_extractor']}, {time.time() - t0:.0f} s)")
     return metrics
 
 

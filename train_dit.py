@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dit3.diffusion import create_diffusion
+from dit3.evaluation import fidelity_metrics
 from dit3.latents import (
     LatentShards,
     VAEConfig,
@@ -42,7 +44,7 @@ from dit3.latents import (
     vae_downsample,
 )
 from dit3.models import DiT3_models, load_official_checkpoint
-from dit3.sampling import sample_ddpm, save_grid
+from dit3.sampling import sample_ddpm, sample_seed, save_grid, save_pngs, to_uint8
 from vit3 import training as T
 from vit3.data import DataError, default_demo_path, open_image_folder, prepare_digits
 from vit3.training import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
@@ -82,6 +84,13 @@ class SampleConfig:
     cfg_scale: float = 4.0  # classifier-free guidance (1 = none)
     seed: int = 0  # the grid's noise: the same images at every step of a run
     digits_accuracy: int = 0  # digits demo: classify N guided samples per class with an SVC on the real digits
+    # periodic FID of the EMA model (main process): fid_samples balanced samples against fid_ref
+    fid_every: int = 0  # updates between evaluations (0 = off)
+    fid_samples: int = 1000
+    fid_ref: str = ""  # an image folder, an ADM-style .npz (arr_0) or a statistics .npz (mu, sigma)
+    fid_cfg_scale: float = 1.0  # papers report FID-50K without guidance
+    fid_inception_weights: str = ""  # local InceptionV3 weights for torch-fidelity ("" = its download)
+    fid_classifier: str = ""  # a train_vit.py run whose features replace Inception's (domain FID)
 
 
 @dataclasses.dataclass
@@ -185,6 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"max_steps must be positive (the number of updates to train), got {cfg.max_steps}")
     if cfg.extract_only and not cfg.data.latents:
         raise ConfigError("--extract-latents needs data.latents=FOLDER (where to write them)")
+    sc = cfg.sample
+    if sc.fid_every and not (sc.fid_ref and Path(sc.fid_ref).exists()):
+        raise ConfigError(f"sample.fid_every={sc.fid_every} needs sample.fid_ref: an existing image folder or .npz, "
+                          f"got {sc.fid_ref!r}")
+    for key in ("fid_inception_weights", "fid_classifier"):
+        if getattr(sc, key) and not Path(getattr(sc, key)).exists():
+            raise ConfigError(f"sample.{key}={getattr(sc, key)} does not exist")
     if cfg.data.latents and not cfg.vae.name:
         raise ConfigError("data.latents needs a VAE (vae.name); pixel-space training (vae.name='') reads images")
     if cfg.tf32 and torch.cuda.is_available():
@@ -351,6 +367,27 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
         images = decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1)
         return save_grid(images, run_dir / "samples" / f"{tag}.png", nrow=sc.per_class * max(1, 8 // sc.per_class))
 
+    def periodic_fid(step: int) -> dict:
+        """FID and friends of sample.fid_samples EMA samples (balanced classes, seeded per sample)."""
+        if not accelerator.is_main_process:
+            return {}
+        sc = cfg.sample
+        folder = run_dir / "fid" / f"step-{step:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for lo in range(0, sc.fid_samples, micro):
+            idx = list(range(lo, min(lo + micro, sc.fid_samples)))
+            x = sample_ddpm(sample_model, torch.tensor([i % num_classes for i in idx], device=dev),
+                            (in_channels, input_size, input_size), num_steps=sc.steps, cfg_scale=sc.fid_cfg_scale,
+                            generator=[torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx],
+                            autocast=accelerator.autocast)
+            images = to_uint8(decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1))
+            save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
+        metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
+                                   inception_weights=sc.fid_inception_weights or None,
+                                   classifier=sc.fid_classifier or None)
+        shutil.rmtree(folder)  # the numbers are what is kept
+        return {f"fid/{k}": v for k, v in metrics.items() if not isinstance(v, str)}
+
     # ---- train --------------------------------------------------------------------------------
     meters = T.RunningMeans(dev)
     step = state["global_step"]
@@ -447,6 +484,16 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
                 if path:
                     log.info(f"sample grid {path} ({time.time() - t0:.1f} s)")
                 t_log += time.time() - t0  # throughput counts training time only
+                accelerator.wait_for_everyone()
+            if cfg.sample.fid_every and step % cfg.sample.fid_every == 0:
+                t0 = time.time()
+                fid = periodic_fid(step)
+                if fid:
+                    accelerator.log(fid, step=step)
+                    metrics_file.write(step, fid)
+                    log.info(f"(step {step:07d}) FID {fid['fid/frechet_inception_distance']:.3f} of "
+                             f"{cfg.sample.fid_samples} EMA samples ({time.time() - t0:.1f} s)")
+                t_log += time.time() - t0
                 accelerator.wait_for_everyone()
             if step >= cfg.max_steps:
                 stopped = "done"

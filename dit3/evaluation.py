@@ -1,4 +1,4 @@
-"""Judging samples.
+"""Judging samples: the digits demo's classifier, and FID / IS / KID / precision / recall.
 
 Digits demo: the samples of a model trained on scikit-learn's digits are scored by a classifier
 that has never seen the model: an RBF support-vector machine fitted on the real training digits.
@@ -57,6 +57,7 @@ class DigitsClassifier:
 # FID, IS, KID, precision / recall with torch-fidelity
 # ----------------------------------------------------------------------------------------
 FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's InceptionV3 layers (as ADM's evaluator)
+CLASSIFIER_EXTRACTOR = "vit3-classifier"
 
 
 def inception(cuda: bool, weights: str | Path | None = None):
@@ -68,6 +69,82 @@ def inception(cuda: bool, weights: str | Path | None = None):
         raise FileNotFoundError(f"Inception weights file {weights} does not exist")
     return create_feature_extractor("inception-v3-compat", [FID_LAYER, ISC_LAYER], cuda=cuda, verbose=False,
                                     feature_extractor_weights_path=str(weights) if weights else None)
+
+
+def _classifier_extractor_class():
+    """torch-fidelity feature extractor over a classifier trained by train_vit.py (domain FID).
+
+    Features: "prelogits" (the pooled, normed features before the head; FID, KID, precision /
+    recall) and "logits" (Inception Score). Images arrive as uint8 [B, 3, H, W]; they are resized
+    to the classifier's training size and normalised as in its training.
+    """
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class ClassifierFeatures(FeatureExtractorBase):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            self.model, self.img_size = load_classifier(feature_extractor_weights_path)
+            from timm.data import resolve_data_config
+
+            data_cfg = resolve_data_config({}, model=self.model)
+            self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1))
+
+        @staticmethod
+        def get_provided_features_list():
+            return "prelogits", "logits"
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits"}.get(metric, "prelogits")
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        def forward(self, x):
+            x = F.interpolate(x.float() / 255.0, size=(self.img_size, self.img_size), mode="bicubic",
+                              align_corners=False)
+            x = (x - self.mean) / self.std
+            pre = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # [B, D]
+            found = {"prelogits": pre, "logits": self.model.get_classifier()(pre)}
+            return tuple(found[name].float() for name in self.features_list)
+
+    return ClassifierFeatures
+
+
+def load_classifier(path: str | Path):
+    """(timm model, its image size) from a train_vit.py run folder or checkpoint (EMA weights if present)."""
+    import timm
+    import yaml
+    from safetensors.torch import load_model
+
+    import vit3  # noqa: F401  registers the ViT³ models with timm
+    from vit3.training import find_latest_checkpoint
+
+    path = Path(path)
+    ckpt = find_latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
+    if ckpt is None or not (ckpt / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path} is not a train_vit.py run folder or checkpoint (no config.yaml)")
+    mc = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
+    model = timm.create_model(mc["name"], num_classes=mc["num_classes"], img_size=mc["img_size"], **mc["kwargs"])
+    weights = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").is_file() else ckpt / "model.safetensors"
+    load_model(model, str(weights), strict=True)
+    return model.eval(), mc["img_size"]
+
+
+def feature_extractor(cuda: bool, inception_weights=None, classifier=None):
+    """(extractor, FID layer, IS layer): torch-fidelity's Inception, or a train_vit.py classifier."""
+    if classifier is None:
+        return inception(cuda, inception_weights), FID_LAYER, ISC_LAYER
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+    from torch_fidelity.utils import create_feature_extractor
+
+    if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(CLASSIFIER_EXTRACTOR, _classifier_extractor_class())
+    ext = create_feature_extractor(CLASSIFIER_EXTRACTOR, ["prelogits", "logits"], cuda=cuda, verbose=False,
+                                   feature_extractor_weights_path=str(classifier))
+    return ext, "prelogits", "logits"
 
 
 def image_features(folder: str | Path, extractor, cuda: bool, batch_size: int = 64) -> dict:
@@ -107,22 +184,23 @@ def load_image_batch(path: str | Path) -> np.ndarray:
     return arr
 
 
-def save_reference_statistics(path: str | Path, features: dict):
+def save_reference_statistics(path: str | Path, features: dict, layer: str = FID_LAYER):
     """mu and sigma of the FID layer, as an .npz that `fidelity_metrics` takes as its reference."""
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
 
-    stats = fid_featuresdict_to_statistics(features, FID_LAYER)
-    np.savez(path, mu=stats["mu"], sigma=stats["sigma"], num_images=len(features[FID_LAYER]))
+    stats = fid_featuresdict_to_statistics(features, layer)
+    np.savez(path, mu=stats["mu"], sigma=stats["sigma"], num_images=len(features[layer]))
 
 
 def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, inception_weights=None,
-                     batch_size: int = 64, save_ref_stats: str | Path | None = None) -> dict:
+                     classifier=None, batch_size: int = 64, save_ref_stats: str | Path | None = None) -> dict:
     """FID, IS, KID, precision and recall of the images under `samples` against `reference`.
 
     reference: an image folder or an ADM-style .npz of images (arr_0, uint8 [N, H, W, 3]): all five
     metrics; or an .npz of statistics (mu, sigma, e.g. from --save-ref-stats): FID and IS only, as
     KID and precision / recall need the reference's features. The metric code is torch-fidelity's;
-    KID's subset size is capped at the number of images.
+    KID's subset size is capped at the number of images. classifier: a train_vit.py run or checkpoint
+    whose features replace Inception's (domain FID, e.g. for the digits demo).
     """
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
@@ -133,10 +211,10 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
     if not reference.exists():
         raise FileNotFoundError(f"FID reference {reference} does not exist: pass an image folder or an .npz of "
                                 "statistics written with --save-ref-stats")
-    extractor = inception(cuda, inception_weights)
+    extractor, fid_layer, isc_layer = feature_extractor(cuda, inception_weights, classifier)
     feats = image_features(samples, extractor, cuda, batch_size)
-    metrics = dict(isc_featuresdict_to_metric(feats, ISC_LAYER, verbose=False))
-    stats = fid_featuresdict_to_statistics(feats, FID_LAYER)
+    metrics = dict(isc_featuresdict_to_metric(feats, isc_layer, verbose=False))
+    stats = fid_featuresdict_to_statistics(feats, fid_layer)
     with_images = reference.is_dir()
     if not with_images:
         with np.load(reference) as f:
@@ -150,18 +228,19 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
             ref_feats = get_featuresdict_from_dataset(_ArrayImages(load_image_batch(reference)), extractor,
                                                       batch_size, cuda, save_cpu_ram=False, verbose=False)
         if save_ref_stats:
-            save_reference_statistics(save_ref_stats, ref_feats)
-        ref_stats = fid_featuresdict_to_statistics(ref_feats, FID_LAYER)
-        n = min(len(feats[FID_LAYER]), len(ref_feats[FID_LAYER]))
-        metrics.update(kid_featuresdict_to_metric(feats, ref_feats, FID_LAYER, kid_subset_size=min(1000, n),
+            save_reference_statistics(save_ref_stats, ref_feats, fid_layer)
+        ref_stats = fid_featuresdict_to_statistics(ref_feats, fid_layer)
+        n = min(len(feats[fid_layer]), len(ref_feats[fid_layer]))
+        metrics.update(kid_featuresdict_to_metric(feats, ref_feats, fid_layer, kid_subset_size=min(1000, n),
                                                   verbose=False))
-        metrics.update(prc_featuresdict_to_metric(feats, ref_feats, FID_LAYER, verbose=False))
+        metrics.update(prc_featuresdict_to_metric(feats, ref_feats, fid_layer, verbose=False))
     else:
         with np.load(reference) as f:
             ref_stats = {"mu": f["mu"], "sigma": f["sigma"]}
         if ref_stats["mu"].shape != stats["mu"].shape:
             raise ValueError(f"{reference}: mu of shape {ref_stats['mu'].shape} does not fit the "
-                             f"{stats['mu'].shape[0]}-dim Inception features")
+                             f"{stats['mu'].shape[0]}-dim features of this extractor")
     metrics.update(fid_statistics_to_metric(stats, ref_stats, verbose=False))
-    metrics["num_samples"] = len(feats[FID_LAYER])
-    return {k: float(v) for k, v in metrics.items()}
+    metrics["num_samples"] = len(feats[fid_layer])
+    metrics["feature_extractor"] = "inception-v3-compat" if classifier is None else f"classifier {classifier}"
+    return {k: v if isinstance(v, str) else float(v) for k, v in metrics.items()}

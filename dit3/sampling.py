@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
@@ -108,6 +109,26 @@ def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler:
 def sample_ddpm(model, labels: torch.Tensor, shape: tuple[int, int, int], **kwargs) -> torch.Tensor:
     """`sample` with DiT's sampler: respaced ancestral DDPM with the learned variance."""
     return sample(model, labels, shape, sampler="ddpm", **kwargs)
+
+
+def sample_seed(seed: int, i: int, stream: int = 0) -> int:
+    """The seed of sample i of a run seeded `seed` (stream 0: its noise, 1: its random class)."""
+    return int(np.random.SeedSequence([seed, i, stream]).generate_state(1)[0])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] on the CPU, DiT's conversion (so its samples are reproduced)."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
+def save_pngs(images: np.ndarray, paths: Sequence[Path]):
+    """uint8 [B, H, W, 3] images to these PNG paths, each written atomically."""
+    from PIL import Image
+
+    for img, path in zip(images, paths):
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        Image.fromarray(img).save(tmp)
+        tmp.replace(path)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:

@@ -204,3 +204,47 @@ def test_sample_py_writes_metrics_offline(run, inception_weights, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["frechet_inception_distance"] == r["metrics"]["frechet_inception_distance"] > 0
     assert metrics["num_samples"] == 6
+
+
+def test_domain_fid_with_a_vit3_classifier(run, tmp_path):
+    """The digits demo's evaluation: a ViT³ from train_vit.py as torch-fidelity's feature extractor."""
+    from dit3.evaluation import fidelity_metrics
+
+    train_vit = _load("train_vit")
+    root = prepare_digits(tmp_path / "digits16", 16)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    vit = train_vit.main(["--config", str(ROOT / "configs" / "vit3_demo.yaml"), f"data.path={root}",
+                          f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                          "data.num_workers=0"])["run_dir"]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    same = fidelity_metrics(root / "val", root / "val", cuda=False, classifier=vit)
+    assert abs(same["frechet_inception_distance"]) < 1e-3 and same["feature_extractor"].startswith("classifier")
+    other = fidelity_metrics(root / "val" / "3", root / "val" / "7", cuda=False, classifier=vit)
+    assert other["frechet_inception_distance"] > 0.01  # two different digits differ
+    out = tmp_path / "bulk"
+    r = _sample("--ckpt", run, "--num-samples", 10, "--batch-size", 10, "--steps", 2, "--out", out,
+                "--fid-ref", root / "val", "--feature-extractor", vit, "--digits-accuracy")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["frechet_inception_distance"] == r["metrics"]["frechet_inception_distance"]
+    assert "digits_accuracy" in metrics
+
+
+def test_training_runs_a_periodic_fid(inception_weights, tmp_path):
+    root = prepare_digits(tmp_path / "digits16", 16)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={root}",
+                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.digits_accuracy=0",
+                        "sample.fid_every=1", "sample.fid_samples=5", f"sample.fid_ref={root / 'val' / '0'}",
+                        f"sample.fid_inception_weights={inception_weights}"])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    rows = [json.loads(x) for x in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    fids = [m for m in rows if "fid/frechet_inception_distance" in m]
+    assert [m["step"] for m in fids] == [1, 2] and all(m["fid/frechet_inception_distance"] > 0 for m in fids)
+    assert not any((r["run_dir"] / "fid").iterdir())  # sample images are removed, numbers kept
+    with pytest.raises(ConfigError, match=r"sample.fid_every=1 needs sample.fid_ref"):
+        train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), "sample.fid_every=1"])
