@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
 from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -182,31 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.eval_only and not (cfg.resume or cfg.weights):
         raise ConfigError("eval_only needs weights: pass resume=<checkpoint folder>|latest or weights=<file>")
 
-    threads_before = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
-        run_dir, resume_ckpt = T.resolve_run(cfg.output_dir, name, cfg.run_name, cfg.resume, new_run=cfg.eval_only)
-        if resume_ckpt:  # fail before building anything if the checkpoint is of another model
-            ckpt_state = T.read_trainer_state(resume_ckpt)
-            model_now = T.model_section_for_check(dataclasses.asdict(cfg.model), ckpt_state)
-            T.check_same_model(ckpt_state, model_now, ARCH_KEYS, resume_ckpt)
-        log_with = [t.strip() for t in cfg.log.log_with.split(",") if t.strip() not in ("", "none")]
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                                  gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-                                  log_with=log_with or None, project_dir=str(run_dir),
-                                  step_scheduler_with_optimizer=False)
-        log = T.setup_logging(run_dir, accelerator.is_main_process)
-        try:
-            with T.StopSignal() as stop:
-                return train(cfg, name, run_dir, resume_ckpt, accelerator, log, stop)
-        except (ConfigError, DataError):
-            T.close_logging()
-            T.remove_unused_run(run_dir, accelerator)  # bad input: no empty run folder left behind
-            raise
-    finally:
-        T.close_logging()
-        torch.set_num_threads(threads_before)
+    return T.run_training(cfg, name, train, ARCH_KEYS, new_run=cfg.eval_only)
 
 
 

@@ -7,8 +7,15 @@ import torch
 from diffusers import DDPMScheduler
 from scipy import integrate, stats
 
-from dit3.diffusion import (GaussianDiffusion, create_diffusion, ddpm_scheduler, discretized_gaussian_log_likelihood,
-                            linear_betas, normal_kl, space_timesteps)
+from dit3.diffusion import (
+    GaussianDiffusion,
+    create_diffusion,
+    ddpm_scheduler,
+    discretized_gaussian_log_likelihood,
+    linear_betas,
+    normal_kl,
+    space_timesteps,
+)
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)  # DDPM's schedule, written out

@@ -420,6 +420,43 @@ def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = ""
     return Path(run), (Path(ckpt) if ckpt else None)
 
 
+def run_training(cfg, name: str, train_fn, arch_keys: tuple[str, ...], new_run: bool = False):
+    """The start-up both trainers share, around `train_fn(cfg, name, run_dir, resume_ckpt, accelerator, log, stop)`.
+
+    Sets the thread count (cfg.threads), picks the run folder and the checkpoint to resume, refuses a
+    checkpoint of another model (cfg.model against arch_keys) before anything is built, creates the
+    Accelerator (precision, accumulation, trackers), the log and the SIGTERM / SIGUSR1 handler. Bad
+    input (ConfigError, DataError: both ValueErrors) leaves no empty run folder behind.
+    """
+    from accelerate import Accelerator
+
+    threads_before = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        run_dir, resume_ckpt = resolve_run(cfg.output_dir, name, cfg.run_name, cfg.resume, new_run=new_run)
+        if resume_ckpt:
+            ckpt_state = read_trainer_state(resume_ckpt)
+            model_now = model_section_for_check(dataclasses.asdict(cfg.model), ckpt_state)
+            check_same_model(ckpt_state, model_now, arch_keys, resume_ckpt)
+        log_with = [t.strip() for t in cfg.log.log_with.split(",") if t.strip() not in ("", "none")]
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                                  gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+                                  log_with=log_with or None, project_dir=str(run_dir),
+                                  step_scheduler_with_optimizer=False)
+        log = setup_logging(run_dir, accelerator.is_main_process)
+        try:
+            with StopSignal() as stop:
+                return train_fn(cfg, name, run_dir, resume_ckpt, accelerator, log, stop)
+        except ValueError:
+            close_logging()
+            remove_unused_run(run_dir, accelerator)
+            raise
+    finally:
+        close_logging()
+        torch.set_num_threads(threads_before)
+
+
 def remove_unused_run(run_dir: Path, accelerator=None):
     """Delete a run folder that holds nothing but start-up files (log, config, run.json): a run that
     failed on bad input before training leaves no clutter. Anything else in it keeps it."""
