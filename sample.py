@@ -157,6 +157,19 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     """Draw args.num_samples images into out/images/NNNNNN.png (resumable), then out/samples.npz."""
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    # a restart may only continue the same drawing: other settings would mix two sample sets
+    spec = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()), "ema": not args.no_ema, "sampler": args.sampler,
+            "steps": args.steps, "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels,
+            "cfg_interval": args.cfg_interval, "seed": args.seed, "labels": args.labels,
+            "batch_size": args.batch_size, "vae": args.vae}
+    spec_path = out / "spec.json"
+    if spec_path.is_file() and json.loads(spec_path.read_text()) != spec:
+        old = json.loads(spec_path.read_text())
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items() if old.get(k) != v)
+        raise ConfigError(f"{out} holds samples drawn with other settings ({diff}); use another --out")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        spec_path.write_text(json.dumps(spec, indent=2))
     n, b = args.num_samples, args.batch_size
     batches = [list(range(k * b, min((k + 1) * b, n))) for k in range(math.ceil(n / b))]
     mine = [idx for k, idx in enumerate(batches) if k % state.num_processes == state.process_index

@@ -78,6 +78,8 @@ def test_bulk_npz_resume_and_digits_accuracy(run, tmp_path):
     r2 = _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out)
     assert (out / "images" / "000000.png").stat().st_mtime_ns == kept
     assert Path(r2["npz"]).read_bytes() == Path(r["npz"]).read_bytes()
+    with pytest.raises(ConfigError, match=r"holds samples drawn with other settings \(cfg_scale: 4.0 -> 2.0\)"):
+        _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out, "--cfg-scale", 2)
 
 
 def test_two_processes_give_the_same_npz_bytes(run, tmp_path):
