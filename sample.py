@@ -4,10 +4,12 @@
     accelerate launch sample.py --ckpt RUN --num-samples 50000 --cfg-scale 1.0 --out samples/dit3-b2
     python sample.py --ckpt RUN --num-samples 50000 --out DIR --fid-ref /data/imagenet256-val
     python sample.py --ckpt results/000-dit3_demo --num-samples 1000 --out DIR --digits-accuracy
+    python sample.py --ckpt DiTTT-B-2.pt --classes 207 360 --vae /models/sd-vae-ft-ema   # official release file
 
 The model (its diffusers config), the VAE and its scale come from the checkpoint, so no model
 flag is repeated; the EMA weights are used unless --no-ema. A run folder means its newest
-checkpoint.
+checkpoint. Official DiT³ / DiT .pt files work too: their `args` name the model (DiT's bare
+weight files need --model and --image-size).
 
 Bulk mode is distributed and resumable. Sample i is drawn from its own noise (seeded by
 (seed, i)) with its class (i mod classes when balanced, else drawn from (seed, i)), in the fixed
@@ -31,7 +33,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
-from dit3.latents import decode, load_vae
+from dit3.latents import decode, load_vae, vae_downsample
 from dit3.models import DiT3
 from dit3.sampling import SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
 from vit3 import training as T
@@ -42,6 +44,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoints/step-N folder")
     p.add_argument("--no-ema", action="store_true", help="use the model weights, not the EMA")
+    # only for official DiT³ / DiT .pt files, and only where the file does not say (DiT's bare EMA weights)
+    p.add_argument("--model", default=None, help="official file: model name (DiT3-B/2 or the official DiTTT-B/2)")
+    p.add_argument("--image-size", type=int, default=None, help="official file: image size (256)")
+    p.add_argument("--num-classes", type=int, default=None, help="official file: classes (1000)")
     p.add_argument("--vae", default=None, help="VAE folder or hub name, instead of the one the run trained with")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=250, help="sampling steps (DDPM: respaced as DiT)")
@@ -77,22 +83,59 @@ def resolve_checkpoint(path: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"--ckpt {path} does not exist: pass a run folder or a checkpoints/step-N folder")
+    if p.is_file() and p.suffix in (".pt", ".pth"):  # an official DiT³ / DiT release file
+        return p
     if (p / "checkpoints").is_dir():
         latest = T.find_latest_checkpoint(p / "checkpoints")
         if latest is None:
             raise ConfigError(f"--ckpt {path}: the run folder has no complete checkpoint")
         return latest
     if not (p / "trainer_state.json").is_file():
-        raise ConfigError(f"--ckpt {path} is not a checkpoint (no trainer_state.json): pass a run folder or "
-                          "a checkpoints/step-N folder written by train_dit.py")
+        raise ConfigError(f"--ckpt {path} is not a checkpoint (no trainer_state.json): pass a run folder, "
+                          "a checkpoints/step-N folder written by train_dit.py, or an official .pt file")
     return p
 
 
-def load_run(ckpt: Path, ema: bool = True, device="cpu", vae_name: str | None = None):
-    """(model in eval mode, VAE or None, latent scale, training config) from a train_dit.py checkpoint."""
+def load_official(path: Path, ema: bool = True, device="cpu", vae_name: str | None = None, model_name=None,
+                  image_size=None, num_classes=None):
+    """(model, VAE, scale, config) from an official DiT³ / DiT file: the train.py dict, whose `args` name the
+    model, image size, classes and VAE, or DiT's bare EMA weights (then --model and --image-size are needed)."""
+    import argparse
+
+    from dit3.models import DiT3_models, load_official_checkpoint
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of a damaged or foreign file
+        first = (str(e).splitlines() or [""])[0]
+        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {first}): the file is damaged or not a "
+                          "checkpoint") from None
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    name = (model_name or getattr(args, "model", None) or "").replace("DiTTT-", "DiT3-")
+    image_size = image_size or getattr(args, "image_size", None)
+    if name not in DiT3_models or not image_size:
+        raise ConfigError(f"{path} does not say its model and image size (found model {name or None!r}, image size "
+                          f"{image_size}): pass --model (e.g. DiT3-B/2) and --image-size (e.g. 256)")
+    vae_name = vae_name or f"stabilityai/sd-vae-ft-{getattr(args, 'vae', 'ema')}"
+    vae = load_vae(vae_name, device)
+    model = DiT3_models[name](input_size=image_size // vae_downsample(vae), in_channels=vae.config.latent_channels,
+                              num_classes=num_classes or getattr(args, "num_classes", 1000))
+    try:
+        load_official_checkpoint(model, ckpt, ema=ema)
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"{path} does not fit {name} at {image_size}px: {e}") from None
+    return model.to(device).eval(), vae, 0.18215, {"vae": {"name": vae_name, "scale": 0.18215}}
+
+
+def load_run(ckpt: Path, ema: bool = True, device="cpu", vae_name: str | None = None, **official):
+    """(model in eval mode, VAE or None, latent scale, training config) from a train_dit.py checkpoint
+    (or an official file, see load_official)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    if ckpt.is_file():
+        return load_official(ckpt, ema, device, vae_name, **official)
     state = T.read_trainer_state(ckpt)
     if "model_config" not in state:
         raise ConfigError(f"checkpoint {ckpt} has no model_config: it was not written by train_dit.py")
@@ -198,8 +241,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     ckpt = resolve_checkpoint(args.ckpt)
-    model, vae, scale, config = load_run(ckpt, ema=not args.no_ema, device=state.device, vae_name=args.vae)
-    run_dir = ckpt.parent.parent
+    model, vae, scale, config = load_run(ckpt, ema=not args.no_ema, device=state.device, vae_name=args.vae,
+                                         model_name=args.model, image_size=args.image_size,
+                                         num_classes=args.num_classes)
+    run_dir = ckpt.parent if ckpt.is_file() else ckpt.parent.parent
     for c in args.classes or []:
         if not 0 <= c < model.num_classes:
             raise ConfigError(f"class {c} is out of range: this model has classes 0 .. {model.num_classes - 1}")
@@ -270,6 +315,8 @@ def fidelity(out: Path, args, state: PartialState) -> dict:
 def digits_accuracy(config: dict, out: Path, args) -> float:
     from dit3.evaluation import DigitsClassifier
 
+    if "data" not in config:
+        raise ConfigError("--digits-accuracy needs a run trained by train_dit.py on the digits demo")
     root = Path(config["data"]["path"]).parent
     if not (root / "val").is_dir():
         raise ConfigError(f"--digits-accuracy needs the run's digits data at {root} (train/ and val/)")

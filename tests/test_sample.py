@@ -250,3 +250,34 @@ def test_training_runs_a_periodic_fid(inception_weights, tmp_path):
     assert not any((r["run_dir"] / "fid").iterdir())  # sample images are removed, numbers kept
     with pytest.raises(ConfigError, match=r"sample.fid_every=1 needs sample.fid_ref"):
         train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), "sample.fid_every=1"])
+
+
+def test_official_release_files(tmp_path):
+    """An official train.py file ({'model', 'ema', 'opt', 'args'}) samples with no model flags; DiT's bare
+    EMA weights need --model and --image-size."""
+    import argparse
+
+    from diffusers import AutoencoderKL
+
+    from dit3.models import DiT3_models
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1)
+    vae.save_pretrained(tmp_path / "vae")
+    model = DiT3_models["DiT3-S/8"](input_size=16, num_classes=10)  # 32 px images through a 2x VAE
+    sd = model.state_dict()
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(
+        model="DiTTT-S/8", image_size=32, num_classes=10, vae="ema")}, tmp_path / "official.pt")
+    r = _sample("--ckpt", tmp_path / "official.pt", "--vae", tmp_path / "vae", "--classes", 3, 4, "--steps", 2)
+    assert Image.open(r["grid"]).size == (2 * 65 + 1, 65 + 1)  # two 32 px images, enlarged to 64
+    torch.save(sd, tmp_path / "bare.pt")
+    with pytest.raises(ConfigError, match=r"does not say its model and image size.*pass --model"):
+        _sample("--ckpt", tmp_path / "bare.pt", "--vae", tmp_path / "vae", "--classes", 3)
+    r = _sample("--ckpt", tmp_path / "bare.pt", "--vae", tmp_path / "vae", "--classes", 3, "--steps", 2,
+                "--model", "DiT3-S/8", "--image-size", 32, "--num-classes", 10)
+    assert r["grid"].is_file()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"cannot read .*junk.pt.*damaged or not a checkpoint"):
+        _sample("--ckpt", tmp_path / "junk.pt", "--classes", 3)
