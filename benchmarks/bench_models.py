@@ -1,0 +1,507 @@
+"""Whole-model speed and memory: ViT³ / H-ViT³ inference and a DiT³ training step against attention.
+
+    python benchmarks/bench_models.py                     # CPU, and CUDA (bf16) when present
+    python benchmarks/bench_models.py --device cpu --sizes 224 512 --latents 32 --skip-train
+
+Inference (batch 1, eval mode, torch.inference_mode): ViT³-T and H-ViT³-T against the
+same architectures with softmax attention (`mixer="attention"`, the DeiT-T-style
+baseline), attention both as SDPA and materialised ("math", the N x N matrix), at
+each resolution. Training (batch 8, 4 latent channels, DiT's hybrid diffusion loss,
+backward, AdamW step): DiT3-S/2 against DiT-S/2 with SDPA, at each latent size.
+
+Times are medians over rounds that run one step of every variant of a point in turn
+in one process (bench_ttt.py's scheme), so noise and allocator state fall on all
+alike; slow points (seconds per step) get fewer warm-ups and rounds, down to one
+warm-up and one timed round. Throughput is images per second (batch / step time).
+Peak memory: on CPU each variant runs in a fresh subprocess and "step" is the peak
+resident size above what the process held just before the step (activations,
+gradients, temporaries), "total" the peak above the process before the model was
+built (adds weights and AdamW state); on CUDA the allocator's peaks. AdamW state
+is created before the measured step (a zero-gradient step), so the training step
+is a steady-state one. Materialised attention whose N x N matrices would not fit
+in memory is skipped and reported as such.
+
+Writes benchmarks/results/bench_models_<device>.{md,json,png} and checks the
+targets of the "Linear cost where it counts" issue (ratios within one run).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ttt import RESULTS, ratio, rss_bytes, sync
+
+INFER_MODELS = {"vit3_tiny": "ViT³-T", "hvit3_tiny": "H-ViT³-T"}
+INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
+    "ttt": ("ttt", None),
+    "attn_sdpa": ("attention", {"impl": "sdpa"}),
+    "attn_math": ("attention", {"impl": "math"}),
+}
+TRAIN_VARIANTS = {  # name -> (DiT3_models key, extra kwargs)
+    "dit3_s2": ("DiT3-S/2", {}),
+    "dit_s2_sdpa": ("DiT-S/2", {"mixer_kwargs": {"impl": "sdpa"}}),
+}
+LABELS = {"ttt": "TTT", "attn_sdpa": "attention (SDPA)", "attn_math": "attention (materialised)",
+          "dit3_s2": "DiT3-S/2", "dit_s2_sdpa": "DiT-S/2 (SDPA)"}
+TRAIN_BATCH = 8
+LATENT_CHANNELS = 4
+
+
+#################################################################################
+#                                 Steps                                         #
+#################################################################################
+
+def stage_layout(model: str, size: int) -> list[tuple[int, int]]:
+    """(tokens, heads) of the mixer at each resolution the model runs (one image)."""
+    if model.startswith("vit3"):
+        return [((size // 16) ** 2, 6)]
+    side, out = math.ceil(size / 4), []
+    for heads in (2, 4, 10, 16):  # H-ViT³-T stages; maps halve with rounding up
+        out.append((side * side, heads))
+        side = math.ceil(side / 2)
+    return out
+
+
+def math_attention_bytes(model: str, size: int, elem: int) -> int:
+    """Largest live N x N memory of materialised attention: scores and their softmax, all heads."""
+    return max(2 * heads * n * n * elem for n, heads in stage_layout(model, size))
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[1]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def too_big(task: str, group: str, variant: str, size: int, device: str) -> str | None:
+    """A reason to skip a point whose N x N attention would not fit, else None."""
+    if task == "infer" and variant == "attn_math":
+        need = math_attention_bytes(group, size, 2 if device == "cuda" else 4)
+        have = available_bytes(device)
+        if need > 0.6 * have:
+            return f"skipped: materialised attention needs ~{need / 2 ** 30:.0f} GiB (have {have / 2 ** 30:.0f})"
+    return None
+
+
+def make_infer_step(model_name: str, variant: str, size: int, device: str):
+    """One batch-1 eval-mode forward of a classifier at size x size."""
+    import vit3
+
+    torch.manual_seed(0)
+    mixer, kwargs = INFER_VARIANTS[variant]
+    model = vit3.create_model(model_name, img_size=size, num_classes=1000, mixer=mixer,
+                              mixer_kwargs=kwargs).to(device).eval()
+    x = torch.randn(1, 3, size, size, device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(device == "cuda"))
+
+    def step():
+        with torch.inference_mode(), amp:
+            model(x)
+    return step, model
+
+
+def make_train_step(variant: str, latent: int, device: str):
+    """One DiT training step: hybrid diffusion loss, backward, AdamW step, on a batch of latents."""
+    from dit3.diffusion import create_diffusion
+    from dit3.models import DiT3_models
+
+    torch.manual_seed(0)
+    name, kwargs = TRAIN_VARIANTS[variant]
+    model = DiT3_models[name](input_size=latent, num_classes=1000, **kwargs).to(device).train()
+    diffusion = create_diffusion("")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    # AdamW state exists from here on, so every measured step is a steady-state one
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    x = torch.randn(TRAIN_BATCH, LATENT_CHANNELS, latent, latent, device=device)
+    t = torch.randint(0, diffusion.num_timesteps, (TRAIN_BATCH,), device=device)
+    y = torch.randint(0, 1000, (TRAIN_BATCH,), device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(device == "cuda"))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
+        loss.backward()
+        opt.step()
+    return step, model
+
+
+def make_step(task: str, group: str, variant: str, size: int, device: str):
+    if task == "infer":
+        return make_infer_step(group, variant, size, device)
+    return make_train_step(variant, size, device)
+
+
+def ttt_path(model: torch.nn.Module) -> str | None:
+    """Which TTT implementation the model's TTT layers run ("fast" / "reference"), None without TTT."""
+    from vit3.ttt import TTT
+
+    paths = {("fast" if m.uses_fast_path() else "reference") for m in model.modules() if isinstance(m, TTT)}
+    return "+".join(sorted(paths)) or None
+
+
+#################################################################################
+#                            Measurement                                        #
+#################################################################################
+
+def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
+    """Median step time of each variant over rounds of one step of each, in one process.
+
+    Warm-up: one step each, a second one when a round is short. Rounds: at least 3 (2 when a round
+    takes over 5 s, 1 when over 30 s), more while the time spent is under min_time per variant (at most 30).
+    """
+    def timed(step):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    first = {k: timed(step) for k, step in steps.items()}  # warm-up: kernel choice, allocator steady state
+    round_s = sum(first.values())
+    if round_s < 5:
+        round_s = sum(timed(step) for step in steps.values())
+    min_rounds = 3 if round_s < 5 else 2 if round_s < 30 else 1
+    times = {k: [] for k in steps}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < min_time * len(steps) and rounds < 30):
+        for k, step in steps.items():
+            times[k].append(timed(step))
+        rounds += 1
+    return {k: {"time_ms": 1e3 * statistics.median(v), "rounds": len(v)} for k, v in times.items()}
+
+
+def peak_memory(step, device: str, before_model: int) -> dict:
+    """Peak memory (MB) of one step above what was held just before it ("peak_mb") and above what the
+    process held before the model was built ("total_peak_mb")."""
+    if device == "cuda":
+        step()  # warm-up (kernel selection)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        base = rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_mb": max(peak - base, 0) / 2 ** 20, "total_peak_mb": max(peak - before_model, 0) / 2 ** 20}
+
+
+def worker(kind: str, task: str, group: str, variants: list[str], size: int, device: str, min_time: float) -> dict:
+    """kind "memory": one variant's peaks; kind "time": every variant's median time, interleaved."""
+    import dit3.models  # noqa: F401  (imports before the baseline, so they are not counted)
+    import vit3  # noqa: F401
+
+    if device == "cpu":
+        torch.set_num_threads(2)
+    before = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
+    built = {v: make_step(task, group, v, size, device) for v in variants}
+    if kind == "memory":
+        return peak_memory(built[variants[0]][0], device, before)
+    res = interleaved_times_ms({v: s for v, (s, _) in built.items()}, device, min_time)
+    for v, (_, model) in built.items():
+        res[v]["ttt_path"] = ttt_path(model)
+        res[v]["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return res
+
+
+def run_worker(args, kind: str, task: str, group: str, variants: list[str], size: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, task, group, ",".join(variants), str(size), "cpu",
+           "--min-time", str(args.min_time)]
+    env = dict(os.environ)
+    if kind == "memory":
+        # as in bench_ttt.py: glibc returns every large block on free, so the peak resident size follows
+        # the live tensors rather than the allocator's retained heap (slower, so timing runs without it)
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout:.0f} s"}
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or [f"failed ({out.returncode})"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_point(args, device: str, task: str, group: str, variants: list[str], size: int) -> dict:
+    """{variant: {time_ms, images_per_s, peak_mb, total_peak_mb, ...} or {error}} for one model group and size."""
+    points, ok = {}, []
+    for v in variants:
+        reason = too_big(task, group, v, size, device)
+        if reason:
+            points[v] = {"error": reason}
+        else:
+            ok.append(v)
+    if not ok:
+        return points
+    if device == "cpu":  # time: one process for all variants; memory: a fresh process per variant
+        times = run_worker(args, "time", task, group, ok, size)
+        for v in ok:
+            points[v] = dict(times.get(v, {"error": times.get("error", "failed")}))
+            if "error" not in points[v]:
+                points[v].update(run_worker(args, "memory", task, group, [v], size))
+    else:
+        for v in ok:
+            try:
+                before = torch.cuda.memory_allocated()
+                step, model = make_step(task, group, v, size, device)
+                points[v] = peak_memory(step, device, before)
+                del step, model
+            except torch.OutOfMemoryError:
+                points[v] = {"error": "out of memory"}
+            torch.cuda.empty_cache()
+        ok = [v for v in ok if "error" not in points[v]]
+        built = {v: make_step(task, group, v, size, device) for v in ok}
+        for v, r in interleaved_times_ms({v: s for v, (s, _) in built.items()}, device, args.min_time).items():
+            points[v].update(r, ttt_path=ttt_path(built[v][1]),
+                             params_m=sum(p.numel() for p in built[v][1].parameters()) / 1e6)
+        del built
+        torch.cuda.empty_cache()
+    batch = 1 if task == "infer" else TRAIN_BATCH
+    for r in points.values():
+        if "time_ms" in r:
+            r["images_per_s"] = batch / (r["time_ms"] / 1e3)
+    return points
+
+
+#################################################################################
+#                            Report                                             #
+#################################################################################
+
+def check_targets(res: dict) -> list[tuple[str, float, bool]]:
+    """The issue's targets as (label, measured ratio, met)."""
+    def get(task, group, variant, size, key):
+        return res[task].get(f"{group}/{variant}/{size}", {}).get(key)
+
+    def ips(v, s):
+        return get("infer", "vit3_tiny", v, s, "images_per_s")
+
+    def mem(v, s):
+        return get("infer", "vit3_tiny", v, s, "peak_mb")
+
+    def tips(v, s):
+        return get("train", "dit", v, s, "images_per_s")
+
+    def tmem(v, s):
+        return get("train", "dit", v, s, "peak_mb")
+
+    out = []
+    r = ratio(ips("ttt", 1248), ips("attn_math", 1248))
+    out.append(("ViT³-T / DeiT-T (materialised) throughput at 1248 (>= 10x)", r, r >= 10))
+    r = ratio(mem("ttt", 1248), mem("attn_math", 1248))
+    out.append(("ViT³-T / DeiT-T (materialised) peak memory at 1248 (<= 0.10)", r, r <= 0.10))
+    r = ratio(ips("ttt", 1248), ips("attn_sdpa", 1248))
+    out.append(("ViT³-T / DeiT-T (SDPA) throughput at 1248 (>= 3.5x)", r, r >= 3.5))
+    r = ratio(ips("ttt", 224), ips("attn_sdpa", 224))
+    out.append(("ViT³-T / DeiT-T (SDPA) throughput at 224 (>= 0.8x)", r, r >= 0.8))
+    for latent, want in ((32, 0.9), (64, 1.0), (128, 2.0)):
+        r = ratio(tips("dit3_s2", latent), tips("dit_s2_sdpa", latent))
+        out.append((f"DiT3-S/2 / DiT-S/2 (SDPA) training throughput at latent {latent} (>= {want}x)", r, r >= want))
+        if latent == 64:
+            r = ratio(tmem("dit3_s2", 64), tmem("dit_s2_sdpa", 64))
+            out.append(("DiT3-S/2 / DiT-S/2 (SDPA) training step peak memory at latent 64 (<= 1.0)", r, r <= 1.0))
+    return out
+
+
+def fmt(v, spec=".1f"):
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
+    how = "peak resident size, a fresh process per point." if device == "cpu" else "CUDA allocator peaks."
+    lines = [f"# Whole-model benchmark ({device})", "",
+             (f"Machine: {machine}; torch {torch.__version__}; "
+              f"{'bf16 autocast' if device == 'cuda' else 'float32, 2 threads'}."),
+             "Command: `python benchmarks/bench_models.py " + " ".join(sys.argv[1:]) + "`", "",
+             ("Throughput in images/s (median step time over interleaved rounds; `rounds` = timed steps). "
+              "Peak memory in MB: *step* = above what the process held just before the step, *total* = also "
+              "weights (and AdamW state); " + how), ""]
+    paths = {f"{k.split('/')[0]}": r.get("ttt_path") for task in res for k, r in res[task].items()
+             if r.get("ttt_path")}
+    if paths:
+        lines += [("TTT path that ran (`TTT.uses_fast_path()`): "
+                   + ", ".join(f"{k}: {v}" for k, v in sorted(paths.items()))), ""]
+    if res["infer"]:
+        lines += ["## Inference (batch 1)", "",
+                  ("| model | res | tokens (stage 1) | mixer | images/s | ms | rounds | peak MB step | "
+                   "peak MB total | TTT speed-up | TTT memory ratio |"),
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for group, gname in INFER_MODELS.items():
+            for s in args.sizes:
+                base = res["infer"].get(f"{group}/ttt/{s}", {})
+                for v in INFER_VARIANTS:
+                    r = res["infer"].get(f"{group}/{v}/{s}")
+                    if r is None:
+                        continue
+                    tokens = stage_layout(group, s)[0][0]
+                    if "error" in r:
+                        lines.append(f"| {gname} | {s} | {tokens} | {LABELS[v]} | {r['error']} "
+                                     f"| | | | | | |")
+                        continue
+                    sp = "" if v == "ttt" else fmt(ratio(base.get("images_per_s"), r.get("images_per_s")), ".2f") + "x"
+                    mr = "" if v == "ttt" else fmt(ratio(base.get("peak_mb"), r.get("peak_mb")), ".3f")
+                    lines.append(f"| {gname} | {s} | {tokens} | {LABELS[v]} | "
+                                 f"{fmt(r.get('images_per_s'), '.2f')} | {fmt(r.get('time_ms'))} | "
+                                 f"{r.get('rounds', '')} | {fmt(r.get('peak_mb'), '.0f')} | "
+                                 f"{fmt(r.get('total_peak_mb'), '.0f')} | {sp} | {mr} |")
+        lines.append("")
+    if res["train"]:
+        lines += [f"## Training step (batch {TRAIN_BATCH}, hybrid diffusion loss, backward, AdamW)", "",
+                  ("| latent | image | tokens | model | images/s | ms/step | rounds | peak MB step | peak MB total | "
+                   "DiT3 speed-up | DiT3 memory ratio |"),
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for L in args.latents:
+            base = res["train"].get(f"dit/dit3_s2/{L}", {})
+            for v in TRAIN_VARIANTS:
+                r = res["train"].get(f"dit/{v}/{L}")
+                if r is None:
+                    continue
+                head = f"| {L} | {8 * L} | {(L // 2) ** 2} | {LABELS[v]} |"
+                if "error" in r:
+                    lines.append(f"{head} {r['error']} | | | | | | |")
+                    continue
+                sp = "" if v == "dit3_s2" else fmt(ratio(base.get("images_per_s"), r.get("images_per_s")), ".2f") + "x"
+                mr = "" if v == "dit3_s2" else fmt(ratio(base.get("peak_mb"), r.get("peak_mb")), ".3f")
+                lines.append(f"{head} {fmt(r.get('images_per_s'), '.2f')} | {fmt(r.get('time_ms'), '.0f')} | "
+                             f"{r.get('rounds', '')} | {fmt(r.get('peak_mb'), '.0f')} | "
+                             f"{fmt(r.get('total_peak_mb'), '.0f')} | {sp} | {mr} |")
+        lines.append("")
+    lines += ["## Targets", "", "Memory ratios use the step peak.", "",
+              "| target | measured | |", "|---|---:|---|"]
+    lines += [f"| {label} | {fmt(v, '.3f' if 'memory' in label else '.2f')} | "
+              f"{'n/a' if math.isnan(v) else 'met' if ok else 'MISSED'} |" for label, v, ok in targets]
+    return lines
+
+
+def plot(res: dict, args, device: str, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [t for t in ("infer", "train") if res[t]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.2 * len(panels)), squeeze=False)
+    for row, task in zip(axes, panels):
+        groups = INFER_MODELS if task == "infer" else {"dit": ""}
+        variants = INFER_VARIANTS if task == "infer" else TRAIN_VARIANTS
+        xs_all = args.sizes if task == "infer" else args.latents
+        for group, gname in groups.items():
+            for v in variants:
+                xs, ips, mem = [], [], []
+                for s in xs_all:
+                    r = res[task].get(f"{group}/{v}/{s}", {})
+                    if "images_per_s" in r:
+                        xs.append(s if task == "infer" else 8 * s)
+                        ips.append(r["images_per_s"])
+                        mem.append(r.get("peak_mb", float("nan")))
+                if not xs:
+                    continue
+                style = {"marker": "s" if group == "hvit3_tiny" else "o",
+                         "linestyle": "-" if v in ("ttt", "dit3_s2") else "--" if "sdpa" in v else ":"}
+                label = f"{gname} {LABELS[v]}".strip()
+                row[0].plot(xs, ips, label=label, **style)
+                row[1].plot(xs, mem, label=label, **style)
+        what = "inference, batch 1" if task == "infer" else f"training step, batch {TRAIN_BATCH}"
+        for ax, ylabel in zip(row, ("images / s", "peak memory of the step (MB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("resolution (px)" if task == "infer" else "image size (px; latent = size / 8)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{what} ({device})")
+            ax.set_xticks([s if task == "infer" else 8 * s for s in xs_all])
+            ax.set_xticklabels([str(s if task == "infer" else 8 * s) for s in xs_all])
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024, 1248], help="inference resolutions")
+    parser.add_argument("--latents", type=int, nargs="+", default=[32, 64, 128], help="DiT latent sizes")
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per variant and point")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-infer", action="store_true")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process before giving up")
+    parser.add_argument("--worker", nargs=6, metavar=("KIND", "TASK", "GROUP", "VARIANTS", "SIZE", "DEVICE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, task, group, variants, size, device = args.worker
+        print(json.dumps(worker(kind, task, group, variants.split(","), int(size), device, args.min_time)))
+        return
+
+    torch.set_num_threads(2)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            sys.exit("--device cuda: no CUDA device")
+        devices.remove("cuda")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for device in devices:
+        machine = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+        res = {"infer": {}, "train": {}}
+        t_start = time.perf_counter()
+        # the points the targets need first (ViT³-T, DiT), so that a run cut short has them
+        infer = [] if args.skip_infer else [("infer", g, list(INFER_VARIANTS), s) for g in INFER_MODELS
+                                            for s in args.sizes]
+        train = [] if args.skip_train else [("train", "dit", list(TRAIN_VARIANTS), L) for L in args.latents]
+        jobs = [j for j in infer if j[1] == "vit3_tiny"] + train + [j for j in infer if j[1] != "vit3_tiny"]
+        for task, group, variants, size in jobs:
+            for v, r in measure_point(args, device, task, group, variants, size).items():
+                res[task][f"{group}/{v}/{size}"] = r
+                shown = {k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()}
+                print(f"[{time.perf_counter() - t_start:6.0f}s] {device} {task} {group} {v:11s} {size:5d} {shown}",
+                      flush=True)
+            write_outputs(res, args, device, machine, complete=False)  # a cut-off run keeps what it measured
+        print("\n".join(write_outputs(res, args, device, machine, complete=True)))
+
+
+def write_outputs(res: dict, args, device: str, machine: str, complete: bool) -> list[str]:
+    """Markdown, JSON and plot of the results so far; returns the markdown lines."""
+    targets = check_targets(res)
+    lines = markdown(res, args, device, machine, targets)
+    if not complete:
+        lines.insert(1, "\n**Partial: the run is still going (or was cut off).**")
+    stem = RESULTS / f"bench_models_{device}"
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"machine": machine, "torch": torch.__version__, "device": device, "argv": sys.argv[1:],
+         "dtype": "bf16 autocast" if device == "cuda" else "float32", "train_batch": TRAIN_BATCH,
+         "complete": complete, "results": res,
+         "targets": [{"target": lb, "ratio": v, "met": ok} for lb, v, ok in targets]}, indent=1))
+    plot(res, args, device, stem.with_suffix(".png"))
+    return lines
+
+
+if __name__ == "__main__":
+    main()
