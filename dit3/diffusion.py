@@ -108,6 +108,8 @@ class GaussianDiffusion:
         self.timestep_map = (torch.arange(self.num_timesteps) if timestep_map is None
                              else torch.as_tensor(timestep_map, dtype=torch.long))
         self.betas = betas
+        self.log_betas = torch.log(betas)
+        self._on_device: dict = {}  # (table id, device) -> the table on that device
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
@@ -135,11 +137,17 @@ class GaussianDiffusion:
         betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         return GaussianDiffusion(betas, timestep_map=self.timestep_map[keep])
 
-    @staticmethod
-    def _extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def on(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`table` (one of this chain's tables) on `device`, copied once: a training step reads ~10 tables."""
+        key = (id(table), device)
+        if key not in self._on_device:
+            self._on_device[key] = table.to(device)
+        return self._on_device[key]
+
+    def _extract(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table[t] shaped [B, 1, ..., 1] to broadcast against `like` [B, ...]."""
         dtype = torch.promote_types(like.dtype, torch.float32)
-        return table.to(t.device)[t].to(dtype).view(-1, *([1] * (like.ndim - 1)))
+        return self.on(table, t.device)[t].to(dtype).view(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform training timesteps [B] in 0 .. num_timesteps - 1."""
@@ -176,7 +184,7 @@ class GaussianDiffusion:
             raise ValueError(f"expected 2 x {channels} output channels, got {model_output.shape[1]}")
         eps, var_values = model_output.split(channels, dim=1)
         min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
-        max_log = self._extract(torch.log(self.betas), t, x_t)
+        max_log = self._extract(self.log_betas, t, x_t)
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
@@ -212,7 +220,7 @@ class GaussianDiffusion:
         """
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
-        model_output = _upcast(model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {})))
+        model_output = _upcast(model(x_t, self.on(self.timestep_map, t.device)[t], **(model_kwargs or {})))
         if model_output.shape[1] != 2 * x_start.shape[1]:
             raise ValueError("the hybrid loss needs a learned-sigma model (out channels = 2 x in channels)")
         eps, var_values = model_output.split(x_start.shape[1], dim=1)

@@ -94,7 +94,7 @@ def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler:
         diffusion = create_diffusion(str(num_steps))
         for i in tqdm(range(diffusion.num_timesteps)[::-1], desc="sampling", disable=not progress, leave=False):
             t = torch.full((n,), i, device=device, dtype=torch.long)
-            out = net(x, diffusion.timestep_map.to(device)[t])  # the network knows the original timesteps
+            out = net(x, diffusion.on(diffusion.timestep_map, device)[t])  # the network knows the original timesteps
             x = diffusion.p_sample(out, x, t, noise=randn(x.shape, generator).to(device))
     else:
         scheduler = make_scheduler(sampler)
