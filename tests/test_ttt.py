@@ -45,6 +45,30 @@ def test_fast_matches_reference_float64(use_rope):
         assert rel(fast[name], ref[name]) < 1e-6, name
 
 
+@pytest.mark.parametrize("budget", [64, 1200])  # ragged 4-token blocks of one head; head groups of 2 and 1
+def test_fast_matches_reference_in_blocks(monkeypatch, budget):
+    """The fast path works a block of heads and tokens at a time (sums over tokens accumulate across
+    blocks); small block budgets split a CPU-sized problem the way large N splits a real one."""
+    import vit3.ttt.fast as fast_mod
+    torch.manual_seed(0)
+    b, heads, h, w, dim = 2, 3, 5, 7, 24
+    layer = TTT(dim, heads).double()
+    with torch.no_grad():
+        for p in layer.inner_params():
+            p.normal_(0, 0.5)
+    rope = RoPE2d(dim)
+    x = torch.randn(b, h * w, dim, dtype=torch.float64)
+    layer.impl = "reference"
+    ref = run_layer(layer, x, h, w, rope)
+    layer.impl = "fast"
+    monkeypatch.setitem(fast_mod.BLOCK_ELEMENTS, "cpu", budget)
+    blocks = fast_mod._chunks(b, heads, h * w, dim // heads, x.device)
+    assert len(blocks) == (27 if budget == 64 else 2)
+    fast = run_layer(layer, x, h, w, rope)
+    for name in ref:
+        assert rel(fast[name], ref[name]) < 1e-6, name
+
+
 def test_fast_gradient_in_place_or_not():
     """inplace_grad writes qkv's gradient over qkv; without it qkv is left alone. A second backward
     through a graph whose qkv was overwritten must fail, not compute with gradients as inputs."""
@@ -54,11 +78,12 @@ def test_fast_gradient_in_place_or_not():
     qkv0 = torch.randn(2, h * w, 3 * heads * d + 3 * d, dtype=torch.float64)
     w1, w2 = (torch.randn(1, heads, d, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
     w3 = torch.randn(d, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    pw = torch.randn(heads * d, heads * d + d, dtype=torch.float64, requires_grad=True)
     grads = []
     for inplace in (False, True):
         x = qkv0.clone().requires_grad_()
         qkv = x * 1.0  # a non-leaf, as the layer's projection output is
-        out = ttt_fast(qkv, w1, w2, w3, heads=heads, h=h, w=w, scale=1 / 3, lr=1.0, inplace_grad=inplace)
+        out = ttt_fast(qkv, w1, w2, w3, pw, heads=heads, h=h, w=w, scale=1 / 3, lr=1.0, inplace_grad=inplace)
         out.sum().backward(retain_graph=True)
         grads.append(x.grad.clone())
         assert torch.equal(qkv.detach(), qkv0) != inplace

@@ -401,16 +401,17 @@ def complexity(model: nn.Module, img_size: int | tuple[int, int] | None = None, 
     x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
     inner_macs = []
 
-    def counted_inner(module: TTT, qkv: torch.Tensor, h: int, w: int, rope=None) -> torch.Tensor:
+    def counted_forward(module: TTT, x: torch.Tensor, h: int, w: int, rope=None) -> torch.Tensor:
+        qkv = module.qkv(x)
         inner_macs.append(qkv.shape[0] * module.inner_macs(qkv.shape[1]))
-        return qkv.new_zeros(*qkv.shape[:2], module.proj.in_features)
+        return module.proj(qkv.new_zeros(*qkv.shape[:2], module.proj.in_features))
 
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
     was_training = model.training
     model.eval()  # BatchNorm statistics untouched, no stochastic depth
     try:
-        with patch.object(TTT, "inner", counted_inner), counter:
+        with patch.object(TTT, "forward", counted_forward), counter:
             model(x)
     finally:
         model.train(was_training)

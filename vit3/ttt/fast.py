@@ -10,17 +10,20 @@ With e = dL/df(k) = -scale / N * v, the inner gradients are
   g2 = K^T (e * (K W1) * silu'(K W2))
   g3[o] = sum_p e[p] k[p + o]               [B, c, 3, 3], o one of the 9 offsets
 
-and the trained models are applied to the queries. The forward keeps only its
-inputs and the d x d / 3 x 3 weight tensors; every N-sized intermediate is
-recomputed in the backward, which is derived by hand below (the outer loop
-differentiates through the inner step, so second derivatives of silu appear).
-Memory is therefore that of the inputs, linear in N.
+and the trained models are applied to the queries; the layer's output
+projection follows in the same function. The forward keeps only its inputs and
+the d x d / 3 x 3 inner gradients; every N-sized intermediate, the projection's
+input included, is recomputed in the backward, which is derived by hand below
+(the outer loop differentiates through the inner step, so second derivatives of
+silu appear). Activation memory is therefore the qkv projection alone, linear
+in N, less than attention keeps (q, k, v, its output and the projection input).
 
 The function takes the qkv projection whole ([B, N, 3C + 3c], any float dtype)
 and returns its gradient whole: nothing is split, concatenated or upcast
 outside, so under autocast the saved tensor is the bf16 projection itself. The
-inner math runs in float32 (float64 for float64 inputs), a group of heads at a
-time, with RoPE applied (and inverted in the backward) per group. The conv
+output projection runs in that dtype too, as autocast would run it. The inner
+math runs in float32 (float64 for float64 inputs), a block of heads and tokens
+at a time, with RoPE applied (and inverted in the backward) per block. The conv
 branch's per-sample kernels make one depthwise convolution over B*c channels,
 and its gradients are that convolution's own weight and input gradients
 (oneDNN / cuDNN depthwise kernels).
@@ -56,18 +59,27 @@ def _to_maps(x: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tenso
     return x.transpose(1, 2).reshape(1, b * c, h, w).to(dtype)
 
 
+def _conv_maps(qkv: torch.Tensor, dim: int, c: int, h: int, w: int, dtype: torch.dtype):
+    """q2, k2, v2 of a qkv tensor [B, N, 3C + 3c] as depthwise-conv inputs [1, B*c, h, w] (copies)."""
+    return [_to_maps(qkv[..., 3 * dim + i * c:3 * dim + (i + 1) * c], h, w, dtype) for i in range(3)]
+
+
 def _to_tokens(x: torch.Tensor, b: int) -> torch.Tensor:
     """[1, B*c, h, w] -> tokens [B, N, c] (a view)."""
     return x.view(b, -1, x.shape[-2] * x.shape[-1]).transpose(1, 2)
 
 
+# elements of one [B, heads, tokens, d] block: cache-resident on CPU (no fresh pages), large on GPUs
+# (fewer, larger kernels)
+BLOCK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 24}
+
+
 def _chunks(b: int, heads: int, n: int, d: int, device: torch.device) -> list[tuple[slice, slice]]:
     """(head group, token range) blocks processed one at a time, so that every N-sized temporary stays
-    small: about 256K elements on CPU (cache-resident, no fresh pages), 16M on GPUs (fewer, larger
-    kernels). Per-head sums over tokens (inner gradients, weight gradients) accumulate across blocks."""
+    small. Per-head sums over tokens (inner gradients, weight gradients) accumulate across blocks."""
     if torch.compiler.is_compiling():  # the compiler fuses the elementwise work; sizes may be symbolic
         return [(slice(0, heads), slice(0, n))]
-    budget = 1 << (18 if device.type == "cpu" else 24)
+    budget = BLOCK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
     hstep = max(1, min(heads, budget // (b * n * d)))
     tstep = n if hstep > 1 or b * n * d <= budget else max(1, budget // (b * d))
     return [(slice(h0, min(h0 + hstep, heads)), slice(t0, min(t0 + tstep, n)))
@@ -104,11 +116,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
 
 
+def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of x in dtype (always a copy, even when x is contiguous already)."""
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
+
+
 def _load(x: torch.Tensor, hs: slice, ts: slice, dtype: torch.dtype, rope=None) -> torch.Tensor:
     """A block of q, k, v or dout ([B, H, N, d] views) as a contiguous [B, h, n, d] tensor in the compute
     dtype, rotated if rope is given. Contiguous matters: elementwise results follow their inputs'
     layout, and mixing the qkv layout with the GEMM outputs' makes every later op a strided one."""
-    x = torch.empty(x[:, hs, ts].shape, dtype=dtype, device=x.device).copy_(x[:, hs, ts])  # always a copy
+    x = _contiguous(x[:, hs, ts], dtype)
     return x if rope is None else _rotate(x, rope[0][hs, ts], rope[1][hs, ts])
 
 
@@ -129,7 +146,7 @@ def _head_tables(cos: torch.Tensor, sin: torch.Tensor, n: int, heads: int, d: in
 
 class _TTTFast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, w1, w2, w3, cos, sin, heads, h, w, scale, lr, inplace_grad):
+    def forward(ctx, qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr, inplace_grad):
         b, n, width = qkv.shape
         c = w3.shape[0]
         dim = (width - 3 * c) // 3
@@ -137,72 +154,92 @@ class _TTTFast(torch.autograd.Function):
         cdt = torch.promote_types(qkv.dtype, torch.float32)  # compute dtype
         coef = -scale / n  # dL/df(k) = coef * v
         rope = None if cos is None else _head_tables(cos, sin, n, heads, d)
-        w1f, w2f, w3f = w1.to(cdt), w2.to(cdt), w3.to(cdt)
-        out = qkv.new_empty(b, n, dim + c)
+        out = qkv.new_empty(b, n, dim + c)  # the output projection's input
         out1 = out[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d] view
         q, k, v = _head_views(qkv, dim, heads)
         chunks = _chunks(b, heads, n, d, qkv.device)
 
         # ---- branch 1: SwiGLU per head ----
-        w12 = torch.cat([w1f, w2f], dim=-1)  # [1, H, d, 2d]
+        w12 = torch.cat([w1, w2], dim=-1).to(cdt)  # [1, H, d, 2d]
         g12 = qkv.new_zeros(b, heads, d, 2 * d, dtype=cdt)
         for hs, ts in chunks:
             g12[:, hs] += _swiglu_inner_grads(_load(k, hs, ts, cdt, rope), _load(v, hs, ts, cdt), w12[:, hs], coef)
-        n12 = torch.cat([g12[..., :d].norm(dim=-2, keepdim=True),  # per output column of each weight
-                         g12[..., d:].norm(dim=-2, keepdim=True)], dim=-1)
+        n12 = g12.norm(dim=-2, keepdim=True)  # per output column of W1 and of W2
         w12n = _step(w12, g12, n12, lr)  # [B, H, d, 2d]
         for hs, ts in chunks:
             y = _load(q, hs, ts, cdt, rope) @ w12n[:, hs]  # [B, h, n, 2d]
             out1[:, hs, ts] = y[..., :d] * F.silu(y[..., d:], inplace=True)
 
         # ---- branch 2: 3x3 depthwise conv, one group per sample and channel ----
-        q2, k2, v2 = (_to_maps(qkv[..., 3 * dim + i * c:3 * dim + (i + 1) * c], h, w, cdt) for i in range(3))
+        q2, k2, v2 = _conv_maps(qkv, dim, c, h, w, cdt)
         g3 = _conv_weight_grad(k2, v2).mul_(coef)  # [B*c, 1, 3, 3]
         n3 = g3.norm(dim=(-2, -1), keepdim=True)  # per 3x3 kernel
-        w3n = _step(w3f.repeat(b, 1, 1, 1), g3, n3, lr)
-        out[..., dim:] = _to_tokens(_conv(q2, w3n), b)
+        out[..., dim:] = _to_tokens(_conv(q2, _step(w3.to(cdt).repeat(b, 1, 1, 1), g3, n3, lr)), b)
 
-        ctx.save_for_backward(qkv, w1, w2, w3, cos, sin, w12, g12, n12, w12n, g3, n3, w3n)
-        ctx.args = (heads, h, w, scale, lr, inplace_grad)
-        return out
+        ctx.save_for_backward(qkv, w1, w2, w3, pw, cos, sin, g12, n12, g3, n3)
+        ctx.args = (heads, h, w, scale, lr, inplace_grad, pb is not None)
+        return F.linear(out, pw.to(out.dtype), None if pb is None else pb.to(out.dtype))  # [B, N, C]
 
     @staticmethod
-    def backward(ctx, dout):
-        qkv, w1, w2, w3, cos, sin, w12, g12, n12, w12n, g3, n3, w3n = ctx.saved_tensors
-        heads, h, w, scale, lr, inplace_grad = ctx.args
+    def backward(ctx, dy):
+        qkv, w1, w2, w3, pw, cos, sin, g12, n12, g3, n3 = ctx.saved_tensors
+        heads, h, w, scale, lr, inplace_grad, has_bias = ctx.args
         b, n, width = qkv.shape
         c = w3.shape[0]
         dim = (width - 3 * c) // 3
         d = dim // heads
-        cdt = w12n.dtype
+        cdt = g12.dtype
         coef = -scale / n
         rope = None if cos is None else _head_tables(cos, sin, n, heads, d)
+        w12 = torch.cat([w1, w2], dim=-1).to(cdt)
+        w12n = _step(w12, g12, n12, lr)
+        w3n = _step(w3.to(cdt).repeat(b, 1, 1, 1), g3, n3, lr)
+        dy = dy.contiguous()  # [B, N, C]
+        pwi = pw.to(qkv.dtype)  # [C, C + c]; d(projection input) = dy @ pwi, a block of columns at a time
+        out = torch.empty(b, n, dim + c, dtype=qkv.dtype, device=qkv.device)  # projection input, recomputed
+        out1 = out[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)
         # the gradient of a block of qkv (head group and tokens, or the conv branch's columns) is written once
         # that block has been read for the last time, so with inplace_grad it overwrites qkv: no second
         # N x (3C + 3c) buffer. qkv's version counter moves, so a second backward through this graph fails
         # loudly instead of reading gradients as inputs.
         dqkv = qkv if inplace_grad else torch.empty_like(qkv)
+
+        # ---- branch 2 (its columns of qkv are read into map copies, so its gradient can go first) ----
+        q2, k2, v2 = _conv_maps(qkv, dim, c, h, w, cdt)
+        do2 = _to_maps(dy @ pwi[:, dim:], h, w, cdt)
+        out[..., dim:] = _to_tokens(_conv(q2, w3n), b)
+        dw3n = _conv_weight_grad(q2, do2)  # [B*c, 1, 3, 3]
+        dgc3 = (-lr * coef) * _norm_backward(g3, n3, dw3n, dims=(-2, -1))
+        dqkv[..., 3 * dim:3 * dim + c] = _to_tokens(_conv_input_grad(w3n, do2), b)
+        dqkv[..., 3 * dim + c:3 * dim + 2 * c] = _to_tokens(_conv_input_grad(dgc3, v2), b)
+        dqkv[..., 3 * dim + 2 * c:] = _to_tokens(_conv(k2, dgc3), b)  # coef sum_o dg3[o] k[p + o]
+        dw3 = dw3n.view(b, c, 1, 3, 3).sum(0)  # [c, 1, 3, 3]
+        del q2, k2, v2, do2
+
+        # ---- branch 1 ----
         q, k, v = _head_views(qkv, dim, heads)
         dq, dk, dv = _head_views(dqkv, dim, heads)
-        do1 = dout[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d]
         chunks = _chunks(b, heads, n, d, qkv.device)
         # pass 1, through the application out = (q W1') * silu(q W2'): dq and dW' (a sum over all tokens)
         dw12n = torch.zeros_like(w12n)  # [dW1' | dW2'], [B, H, d, 2d]
         for hs, ts in chunks:
-            qc, doc = _load(q, hs, ts, cdt, rope), _load(do1, hs, ts, cdt)
+            do_ = (dy[:, ts] @ pwi[:, hs.start * d:hs.stop * d]).unflatten(-1, (-1, d)).transpose(1, 2)
+            qc, doc = _load(q, hs, ts, cdt, rope), _contiguous(do_, cdt)
             y = qc @ w12n[:, hs]  # [y1 | y2]
             y1, y2 = y[..., :d], y[..., d:]
             s = torch.sigmoid(y2)
             sy = y2 * s  # silu(y2)
+            torch.mul(y1, sy, out=out1[:, hs, ts])
             y2.sub_(sy).add_(1).mul_(s).mul_(y1)  # y1 silu'(y2)
             y1.copy_(sy)
-            dy = y.unflatten(-1, (2, d)).mul_(doc.unsqueeze(-2)).flatten(-2)  # [dy1 | dy2], in y's memory
-            dw12n[:, hs] += qc.transpose(-2, -1) @ dy
-            _store(dq, hs, ts, dy @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
-            del qc, doc, y, s, sy, dy
+            dy12 = y.unflatten(-1, (2, d)).mul_(doc.unsqueeze(-2)).flatten(-2)  # [dy1 | dy2], in y's memory
+            dw12n[:, hs] += qc.transpose(-2, -1) @ dy12
+            _store(dq, hs, ts, dy12 @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
+            del qc, doc, do_, y, s, sy, dy12
+        dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
+        del out, out1
         # through w' = w - lr * g / (||g|| + 1), per weight; coef folded in: P = K (coef dg)
-        dgc = (-lr * coef) * torch.cat([_norm_backward(g12[..., :d], n12[..., :d], dw12n[..., :d], dims=-2),
-                                        _norm_backward(g12[..., d:], n12[..., d:], dw12n[..., d:], dims=-2)], -1)
+        dgc = (-lr * coef) * _norm_backward(g12, n12, dw12n, dims=-2)  # the norms are per column
         w1e, w2e = (t.expand(b, -1, -1, -1) for t in (w12[..., :d], w12[..., d:]))
         mats = torch.cat([dgc[..., :d], dgc[..., d:], w1e, w2e], dim=-1).transpose(-2, -1)  # [B, H, 4d, d]
         dw12 = dw12n.sum(0, keepdim=True)  # [1, H, d, 2d]
@@ -228,30 +265,23 @@ class _TTTFast(torch.autograd.Function):
             dw12[:, hs] += (kc.transpose(-2, -1) @ u[..., 2 * d:]).sum(0, keepdim=True)
             _store(dk, hs, ts, u @ mats[:, hs], rope)  # k is read
             del kc, vc, u
-
-        # ---- branch 2 ----
-        q2, k2, v2 = (_to_maps(qkv[..., 3 * dim + i * c:3 * dim + (i + 1) * c], h, w, cdt) for i in range(3))
-        do2 = _to_maps(dout[..., dim:], h, w, cdt)
-        dw3n = _conv_weight_grad(q2, do2)  # [B*c, 1, 3, 3]
-        dgc3 = (-lr * coef) * _norm_backward(g3, n3, dw3n, dims=(-2, -1))
-        dqkv[..., 3 * dim:3 * dim + c] = _to_tokens(_conv_input_grad(w3n, do2), b)
-        dqkv[..., 3 * dim + c:3 * dim + 2 * c] = _to_tokens(_conv_input_grad(dgc3, v2), b)
-        dqkv[..., 3 * dim + 2 * c:] = _to_tokens(_conv(k2, dgc3), b)  # coef sum_o dg3[o] k[p + o]
-        dw3 = dw3n.view(b, c, 1, 3, 3).sum(0)  # [c, 1, 3, 3]
-        return (dqkv, dw12[..., :d].to(w1.dtype), dw12[..., d:].to(w2.dtype), dw3.to(w3.dtype),
-                None, None, None, None, None, None, None, None)
+        dpb = dy.sum(dim=(0, 1), dtype=cdt) if has_bias else None
+        return (dqkv, dw12[..., :d].to(w1.dtype), dw12[..., d:].to(w2.dtype), dw3.to(w3.dtype), dpw.to(pw.dtype),
+                None if dpb is None else dpb.to(pw.dtype), None, None, None, None, None, None, None, None)
 
 
-def ttt_fast(qkv, w1, w2, w3, *, heads, h, w, scale, lr, rope_tables=None, inplace_grad=False):
-    """The paper's TTT inner step on a whole qkv projection.
+def ttt_fast(qkv, w1, w2, w3, proj_weight, proj_bias=None, *, heads, h, w, scale, lr, rope_tables=None,
+             inplace_grad=False):
+    """The paper's TTT inner step on a whole qkv projection, and the layer's output projection.
 
     qkv: [B, N, 3C + 3c] laid out as q1 k1 v1 (C each) q2 k2 v2 (c each), tokens in
     raster order of an h x w map; w1/w2: [1, H, d, d]; w3: [c, 1, 3, 3];
+    proj_weight: [C_out, C + c], proj_bias: [C_out] or None;
     rope_tables: None or (cos, sin), each [h, w, C/2], rotating q1 and k1.
     inplace_grad: the backward writes qkv's gradient into qkv's own memory; only for a qkv that
     nothing else reads afterwards (the TTT layer's own projection output).
-    Returns [B, N, C + c] in qkv's dtype: the SwiGLU outputs then the conv outputs.
+    Returns proj(concat(SwiGLU outputs, conv outputs)): [B, N, C_out] in qkv's dtype.
     """
     cos, sin = rope_tables if rope_tables is not None else (None, None)
     inplace_grad = inplace_grad and qkv.is_contiguous()
-    return _TTTFast.apply(qkv, w1, w2, w3, cos, sin, heads, h, w, scale, lr, inplace_grad)
+    return _TTTFast.apply(qkv, w1, w2, w3, proj_weight, proj_bias, cos, sin, heads, h, w, scale, lr, inplace_grad)

@@ -113,22 +113,28 @@ class TTT(nn.Module):
         if n != h * w:
             raise ValueError(f"TTT got {n} tokens for an h x w = {h} x {w} map")
         qkv = self.qkv(x)  # [B, N, 3C + 3c]; read by nothing but the inner step below
+        if self.uses_fast_path():  # the inner step and the output projection are one autograd function
+            return self._fast(qkv, h, w, rope)
         return self.proj(self.inner(qkv, h, w, rope))  # [B, N, C]
 
-    def inner(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
-        """Inner training on the keys and values, then the trained models on the queries: [B, N, C + c]."""
-        # the inner gradient, its norm and the token reductions run in float32 under autocast
+    def _fast(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None) -> torch.Tensor:
+        # autocast off: the inner math picks float32 itself and the projection runs in qkv's (autocast) dtype
         with torch.autocast(device_type=qkv.device.type, enabled=False):
-            if not self.uses_fast_path():
-                return self._reference(qkv, h, w, rope)
             tables = None
             if rope is not None:
                 tables = rope.rotations(h, w, qkv.device, torch.promote_types(qkv.dtype, torch.float32))
-            return ttt_fast(qkv, self.w1, self.w2, self.w3, heads=self.num_heads, h=h, w=w, scale=self.scale,
-                            lr=self.inner_lr, rope_tables=tables, inplace_grad=True)
+            return ttt_fast(qkv, self.w1, self.w2, self.w3, self.proj.weight, self.proj.bias, heads=self.num_heads,
+                            h=h, w=w, scale=self.scale, lr=self.inner_lr, rope_tables=tables, inplace_grad=True)
+
+    def inner(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
+        """Reference path: inner training on the keys and values, then the trained models on the queries:
+        [B, N, C + c], the output projection's input."""
+        # the inner gradient, its norm and the token reductions run in float32 under autocast
+        with torch.autocast(device_type=qkv.device.type, enabled=False):
+            return self._reference(qkv, h, w, rope)
 
     def inner_macs(self, tokens: int) -> int:
-        """Multiply-accumulates of `inner` for one image of `tokens` tokens.
+        """Multiply-accumulates of the inner step for one image of `tokens` tokens.
 
         Exact for the paper's design (what the fast path computes): per head K [W1|W2], K^T [.],
         Q [W1'|W2'] (6 N d^2), and for the conv branch the 3x3 gradient correlation and the
