@@ -26,6 +26,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp
+from torch.utils.checkpoint import checkpoint
 
 from vit3.layers import TokenDWConv
 from vit3.mixers import MIXERS, build_mixer
@@ -147,12 +148,22 @@ class DiT3Block(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, h: int, w: int) -> torch.Tensor:
         # x: [B, h*w, D], c: [B, D]
-        if self.cpe is not None:
-            x = x + self.cpe(x, h, w)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), h, w)
+        if self.cpe is None:
+            xn = self.norm1(x)
+        elif torch.is_grad_enabled():
+            # x + cpe(x) and its norm are recomputed in the backward (a depthwise conv and a norm, cheap), so the
+            # block keeps one [B, N, D] copy of its input (the CPE's) instead of two (the CPE's and the norm's)
+            x, xn = checkpoint(self._cpe_norm, x, h, w, use_reentrant=False)
+        else:
+            x, xn = self._cpe_norm(x, h, w)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(xn, shift_msa, scale_msa), h, w)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # [B, h*w, D]
+
+    def _cpe_norm(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.cpe(x, h, w)
+        return x, self.norm1(x)
 
 
 class FinalLayer(nn.Module):

@@ -238,3 +238,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(out1, out0, rtol=1e-6, atol=1e-6)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_cpe_and_norm_are_recomputed_with_the_same_gradients(monkeypatch):
+    """A DiT³ block keeps x + cpe(x) and its norm for the backward by recomputing them (one saved copy of
+    the block input instead of two); gradients equal those of the plain, stored computation."""
+    import dit3.models as models
+    x, t, y = inputs()
+    grads, recomputed = [], []
+    for recompute in (True, False):
+        model = fill_deterministic(DiT3(**TINY, class_dropout_prob=0.0)).train()
+        if not recompute:
+            monkeypatch.setattr(models, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+        calls, cpe_norm = [], model.blocks[0]._cpe_norm
+        model.blocks[0]._cpe_norm = lambda *a: calls.append(1) or cpe_norm(*a)
+        model(x, t, y).square().mean().backward()
+        recomputed.append(len(calls) == 2)
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    assert recomputed == [True, False]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-6, atol=1e-8, msg=k)
