@@ -25,15 +25,20 @@ def run_layer(layer, x, h, w, rope=None, seed=1):
     return {"out": y.detach(), "x": x.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()}}
 
 
-@pytest.mark.parametrize("use_rope", [False, True])
-def test_fast_matches_reference_float64(use_rope):
+def float64_layer(dim, heads):
+    """A float64 TTT layer with larger inner weights than the init, so the inner gradient's nonlinearity matters."""
     torch.manual_seed(0)
-    b, heads, h, w, dim = 3, 3, 5, 7, 24
     layer = TTT(dim, heads).double()
-    # larger inner weights than the init so the inner gradient's nonlinearity matters
     with torch.no_grad():
         for p in layer.inner_params():
             p.normal_(0, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_fast_matches_reference_float64(use_rope):
+    b, heads, h, w, dim = 3, 3, 5, 7, 24
+    layer = float64_layer(dim, heads)
     rope = RoPE2d(dim) if use_rope else None
     x = torch.randn(b, h * w, dim, dtype=torch.float64)
     layer.impl = "reference"
@@ -50,12 +55,8 @@ def test_fast_matches_reference_in_blocks(monkeypatch, budget):
     """The fast path works a block of heads and tokens at a time (sums over tokens accumulate across
     blocks); small block budgets split a CPU-sized problem the way large N splits a real one."""
     import vit3.ttt.fast as fast_mod
-    torch.manual_seed(0)
     b, heads, h, w, dim = 2, 3, 5, 7, 24
-    layer = TTT(dim, heads).double()
-    with torch.no_grad():
-        for p in layer.inner_params():
-            p.normal_(0, 0.5)
+    layer = float64_layer(dim, heads)
     rope = RoPE2d(dim)
     x = torch.randn(b, h * w, dim, dtype=torch.float64)
     layer.impl = "reference"
