@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ttt import RESULTS, ratio, rss_bytes, sync
+from bench_ttt import RESULTS, ratio, rss_bytes, step_peak_bytes, sync
 
 INFER_MODELS = {"vit3_tiny": "ViT³-T", "hvit3_tiny": "H-ViT³-T"}
 INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
@@ -190,18 +189,7 @@ def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
 def peak_memory(step, device: str, before_model: int) -> dict:
     """Peak memory (MB) of one step above what was held just before it ("peak_mb") and above what the
     process held before the model was built ("total_peak_mb")."""
-    if device == "cuda":
-        step()  # warm-up (kernel selection)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        base = rss_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base, peak = step_peak_bytes(step, device)
     return {"peak_mb": max(peak - base, 0) / 2 ** 20, "total_peak_mb": max(peak - before_model, 0) / 2 ** 20}
 
 

@@ -97,8 +97,9 @@ def make_step(mixer: str, n: int, mode: str, device: str, c: int, heads: int):
     return step
 
 
-def peak_memory_mb(step, device: str) -> float:
-    """Peak memory of one step above what was held before it (run after a warm-up step on CUDA)."""
+def step_peak_bytes(step, device: str) -> tuple[int, int]:
+    """(held just before, peak during) one step, in bytes: on CUDA the allocator's counts (after a
+    warm-up step), on CPU the resident size and the process's peak resident size."""
     if device == "cuda":
         step()  # warm-up (kernel selection)
         torch.cuda.synchronize()
@@ -106,12 +107,16 @@ def peak_memory_mb(step, device: str) -> float:
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = rss_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return max(peak, 0) / 2 ** 20
+        return base, torch.cuda.max_memory_allocated()
+    base = rss_bytes()
+    step()
+    return base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_mb(step, device: str) -> float:
+    """Peak memory of one step above what was held before it."""
+    base, peak = step_peak_bytes(step, device)
+    return max(peak - base, 0) / 2 ** 20
 
 
 def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
