@@ -24,9 +24,10 @@ outside, so under autocast the saved tensor is the bf16 projection itself. The
 output projection runs in that dtype too, as autocast would run it. The inner
 math runs in float32 (float64 for float64 inputs), a block of heads and tokens
 at a time, with RoPE applied (and inverted in the backward) per block. The conv
-branch's per-sample kernels make one depthwise convolution over B*c channels,
-and its gradients are that convolution's own weight and input gradients
-(oneDNN / cuDNN depthwise kernels).
+branch's per-sample kernels make one depthwise convolution over B*c channels in
+channels-last memory (the tokens' own layout, and oneDNN's faster depthwise
+kernels), and every gradient of it is that convolution again or its weight
+gradient.
 """
 import torch
 import torch.nn.functional as F
@@ -49,24 +50,29 @@ def _conv_weight_grad(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_input_grad(wt: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
-    """sum_o wt[o] gy[p - o], i.e. the conv's input gradient: -> [1, B*c, h, w]."""
-    return torch.nn.grad.conv2d_input(gy.shape, wt, gy, padding=1, groups=gy.shape[1])
+    """sum_o wt[o] gy[p - o], i.e. the conv's input gradient, as a conv with the flipped kernel (the forward
+    kernel is the fast one in channels-last memory): -> [1, B*c, h, w]."""
+    return _conv(gy, wt.flip(-2, -1))
 
 
 def _to_maps(x: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
-    """Tokens [B, N, c] -> one depthwise-conv input [1, B*c, h, w] (a copy, in the compute dtype)."""
+    """Tokens [B, N, c] -> one depthwise-conv input [1, B*c, h, w] in channels-last memory, i.e. a copy laid out
+    [h, w, B, c], in the compute dtype."""
     b, _, c = x.shape
-    return x.transpose(1, 2).reshape(1, b * c, h, w).to(dtype)
+    return _contiguous(x.unflatten(1, (h, w)).permute(1, 2, 0, 3), dtype).view(1, h, w, b * c).permute(0, 3, 1, 2)
 
 
 def _conv_maps(qkv: torch.Tensor, dim: int, c: int, h: int, w: int, dtype: torch.dtype):
-    """q2, k2, v2 of a qkv tensor [B, N, 3C + 3c] as depthwise-conv inputs [1, B*c, h, w] (copies)."""
-    return [_to_maps(qkv[..., 3 * dim + i * c:3 * dim + (i + 1) * c], h, w, dtype) for i in range(3)]
+    """q2, k2, v2 of a qkv tensor [B, N, 3C + 3c] as depthwise-conv inputs [1, B*c, h, w], channels-last; one
+    copy for all three."""
+    b = qkv.shape[0]
+    maps = _contiguous(qkv[..., 3 * dim:].unflatten(1, (h, w)).unflatten(-1, (3, c)).permute(3, 1, 2, 0, 4), dtype)
+    return [m.view(1, h, w, b * c).permute(0, 3, 1, 2) for m in maps.unbind(0)]  # maps: [3, h, w, B, c]
 
 
 def _to_tokens(x: torch.Tensor, b: int) -> torch.Tensor:
-    """[1, B*c, h, w] -> tokens [B, N, c] (a view)."""
-    return x.view(b, -1, x.shape[-2] * x.shape[-1]).transpose(1, 2)
+    """[1, B*c, h, w] -> tokens [B, N, c] (a view of a channels-last x, a copy otherwise)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, b, x.shape[1] // b).transpose(0, 1)
 
 
 # elements of one [B, heads, tokens, d] block: cache-resident on CPU (no fresh pages), large on GPUs
@@ -96,16 +102,20 @@ def _swiglu_inner_grads(k, v, w12, coef):
     z1, z2 = z[..., :d], z[..., d:]
     s = torch.sigmoid(z2)
     a = z2 * s  # silu(z2)
-    ds = z2.sub_(a).add_(1).mul_(s)  # silu'(z2) = s (1 + z2 - silu(z2)), in z2's memory
-    z1.mul_(ds)
-    z2.copy_(a)
-    z.unflatten(-1, (2, d)).mul_(v.unsqueeze(-2))  # z = [v z1 silu'(z2) | v silu(z2)]
-    g = k.transpose(-2, -1) @ z  # [g2 | g1] / coef
-    return torch.cat([g[..., d:], g[..., :d]], dim=-1).mul_(coef)
+    z2.sub_(a).add_(1).mul_(s).mul_(z1)  # z1 silu'(z2), silu' = s (1 + z2 - silu(z2))
+    z1.copy_(a)
+    z.unflatten(-1, (2, d)).mul_(v.unsqueeze(-2))  # z = [v silu(z2) | v z1 silu'(z2)]
+    return (k.transpose(-2, -1) @ z).mul_(coef)  # [g1 | g2]
 
 
 def _step(w, g, n, lr):
-    return w - lr * g / (n + 1)
+    """One inner step with the normalised gradient: w - lr g / (||g|| + 1)."""
+    return torch.addcdiv(w, g, n + 1, value=-lr)
+
+
+def _conv_step(w3, g3, n3, lr, b):
+    """The conv kernel after its step, per sample: w3 [c, 1, 3, 3], g3 / n3 [B*c, 1, 3, 3 / 1] -> [B*c, 1, 3, 3]."""
+    return _step(w3, g3.unflatten(0, (b, -1)), n3.unflatten(0, (b, -1)), lr).flatten(0, 1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -161,19 +171,19 @@ def _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr):
     # ---- branch 1: SwiGLU per head ----
     w12 = torch.cat([w1, w2], dim=-1).to(cdt)  # [1, H, d, 2d]
     g12 = qkv.new_zeros(b, heads, d, 2 * d, dtype=cdt)
-    for hs, ts in chunks:
-        g12[:, hs] += _swiglu_inner_grads(_load(k, hs, ts, cdt, rope), _load(v, hs, ts, cdt), w12[:, hs], coef)
+    for hs, ts in chunks:  # add_ on the view: `g12[:, hs] +=` would copy the result back once more
+        g12[:, hs].add_(_swiglu_inner_grads(_load(k, hs, ts, cdt, rope), _load(v, hs, ts, cdt), w12[:, hs], coef))
     n12 = g12.square().sum(-2, keepdim=True).sqrt_()  # per output column of W1 and W2 (a norm op is 10x slower)
     w12n = _step(w12, g12, n12, lr)  # [B, H, d, 2d]
     for hs, ts in chunks:
         y = _load(q, hs, ts, cdt, rope) @ w12n[:, hs]  # [B, h, n, 2d]
-        out1[:, hs, ts] = y[..., :d] * F.silu(y[..., d:], inplace=True)
+        torch.mul(y[..., :d], F.silu(y[..., d:], inplace=True), out=out1[:, hs, ts])
 
     # ---- branch 2: 3x3 depthwise conv, one group per sample and channel ----
     q2, k2, v2 = _conv_maps(qkv, dim, c, h, w, cdt)
     g3 = _conv_weight_grad(k2, v2).mul_(coef)  # [B*c, 1, 3, 3]
     n3 = g3.norm(dim=(-2, -1), keepdim=True)  # per 3x3 kernel
-    out[..., dim:] = _to_tokens(_conv(q2, _step(w3.to(cdt).repeat(b, 1, 1, 1), g3, n3, lr)), b)
+    out[..., dim:] = _to_tokens(_conv(q2, _conv_step(w3.to(cdt), g3, n3, lr, b)), b)
 
     projected = F.linear(out, pw.to(out.dtype), None if pb is None else pb.to(out.dtype))  # [B, N, C_out]
     return projected, (g12, n12, g3, n3)
@@ -200,7 +210,7 @@ class _TTTFast(torch.autograd.Function):
         rope = None if cos is None else _head_tables(cos, sin, n, heads, d)
         w12 = torch.cat([w1, w2], dim=-1).to(cdt)
         w12n = _step(w12, g12, n12, lr)
-        w3n = _step(w3.to(cdt).repeat(b, 1, 1, 1), g3, n3, lr)
+        w3n = _conv_step(w3.to(cdt), g3, n3, lr, b)
         dy = dy.contiguous()  # [B, N, C]
         pwi = pw.to(qkv.dtype)  # [C, C + c]; d(projection input) = dy @ pwi, a block of columns at a time
         out = torch.empty(b, n, dim + c, dtype=qkv.dtype, device=qkv.device)  # projection input, recomputed
