@@ -250,7 +250,7 @@ class _TTTFast(torch.autograd.Function):
             y2.sub_(sy).add_(1).mul_(s).mul_(y1)  # y1 silu'(y2)
             y1.copy_(sy)
             dy12 = y.unflatten(-1, (2, d)).mul_(doc.unsqueeze(-2)).flatten(-2)  # [dy1 | dy2], in y's memory
-            dw12n[:, hs] += qc.transpose(-2, -1) @ dy12
+            dw12n[:, hs].add_(qc.transpose(-2, -1) @ dy12)
             _store(dq, hs, ts, dy12 @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
             del qc, doc, do_, y, s, sy, dy12
         dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
@@ -279,7 +279,7 @@ class _TTTFast(torch.autograd.Function):
             # u = [v a | v z1 ds | dz1 | dz2], so that dk = u @ [dg1^T; dg2^T; W1^T; W2^T] is one GEMM
             u = torch.cat([a.mul_(vc), vds.mul_(z1), dz1, dz2], dim=-1)
             del z, s, a, ds, dds, p, vds, zds, dz1, dz2
-            dw12[:, hs] += (kc.transpose(-2, -1) @ u[..., 2 * d:]).sum(0, keepdim=True)
+            dw12[:, hs].add_((kc.transpose(-2, -1) @ u[..., 2 * d:]).sum(0, keepdim=True))
             _store(dk, hs, ts, u @ mats[:, hs], rope)  # k is read
             del kc, vc, u
         dpb = dy.sum(dim=(0, 1), dtype=cdt) if has_bias else None
