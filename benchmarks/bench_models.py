@@ -13,6 +13,9 @@ Times are medians over rounds that run one step of every variant of a point in t
 in one process (bench_ttt.py's scheme), so noise and allocator state fall on all
 alike; slow points (seconds per step) get fewer warm-ups and rounds, down to one
 warm-up and one timed round. Throughput is images per second (batch / step time).
+On CPU the timing processes run with glibc malloc keeping freed memory for reuse,
+as a caching allocator does (bench_ttt.CACHING_MALLOC; --system-malloc for glibc's
+default, under which allocation costs both models the same seconds per step).
 Peak memory: on CPU each variant runs in a fresh subprocess and "step" is the peak
 resident size above what the process held just before the step (activations,
 gradients, temporaries), "total" the peak above the process before the model was
@@ -38,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ttt import RESULTS, ratio, rss_bytes, step_peak_bytes, sync
+from bench_ttt import CACHING_MALLOC, RESULTS, malloc_note, ratio, rss_bytes, step_peak_bytes, sync, worker_env
 
 INFER_MODELS = {"vit3_tiny": "ViT³-T", "hvit3_tiny": "H-ViT³-T"}
 INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
@@ -161,8 +164,8 @@ def ttt_path(model: torch.nn.Module) -> str | None:
 def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
     """Median step time of each variant over rounds of one step of each, in one process.
 
-    Warm-up: one step each, a second one when a round is short. Rounds: at least 3 (2 when a round
-    takes over 5 s, 1 when over 30 s), more while the time spent is under min_time per variant (at most 30).
+    Warm-up: one step each, a second one when a round is short. Rounds: at least 5 (2 when a round
+    takes over 10 s, 1 when over 60 s), more while the time spent is under min_time per variant (at most 30).
     """
     def timed(step):
         sync(device)
@@ -173,9 +176,9 @@ def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
 
     first = {k: timed(step) for k, step in steps.items()}  # warm-up: kernel choice, allocator steady state
     round_s = sum(first.values())
-    if round_s < 5:
+    if round_s < 10:
         round_s = sum(timed(step) for step in steps.values())
-    min_rounds = 3 if round_s < 5 else 2 if round_s < 30 else 1
+    min_rounds = 5 if round_s < 10 else 2 if round_s < 60 else 1
     times = {k: [] for k in steps}
     start = time.perf_counter()
     rounds = 0
@@ -214,13 +217,9 @@ def worker(kind: str, task: str, group: str, variants: list[str], size: int, dev
 def run_worker(args, kind: str, task: str, group: str, variants: list[str], size: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, task, group, ",".join(variants), str(size), "cpu",
            "--min-time", str(args.min_time)]
-    env = dict(os.environ)
-    if kind == "memory":
-        # as in bench_ttt.py: glibc returns every large block on free, so the peak resident size follows
-        # the live tensors rather than the allocator's retained heap (slower, so timing runs without it)
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, check=False)
+    try:  # malloc set up as in bench_ttt.py: caching for timing, returning for memory
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                             env=worker_env(kind, args.system_malloc), check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout:.0f} s"}
     if out.returncode != 0:
@@ -317,7 +316,8 @@ def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
     lines = [f"# Whole-model benchmark ({device})", "",
              (f"Machine: {machine}; torch {torch.__version__}; "
               f"{'bf16 autocast' if device == 'cuda' else 'float32, 2 threads'}."),
-             "Command: `python benchmarks/bench_models.py " + " ".join(sys.argv[1:]) + "`", "",
+             "Command: `python benchmarks/bench_models.py " + " ".join(sys.argv[1:]) + "`",
+             *([malloc_note(args.system_malloc)] if device == "cpu" else []), "",
              ("Throughput in images/s (median step time over interleaved rounds; `rounds` = timed steps). "
               "Peak memory in MB: *step* = above what the process held just before the step, *total* = also "
               "weights (and AdamW state); " + how), ""]
@@ -440,6 +440,7 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-infer", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process before giving up")
+    parser.add_argument("--system-malloc", action="store_true", help="CPU: time with glibc's default malloc")
     parser.add_argument("--worker", nargs=6, metavar=("KIND", "TASK", "GROUP", "VARIANTS", "SIZE", "DEVICE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -486,6 +487,7 @@ def write_outputs(res: dict, args, device: str, machine: str, complete: bool) ->
         {"machine": machine, "torch": torch.__version__, "device": device, "argv": sys.argv[1:],
          "dtype": "bf16 autocast" if device == "cuda" else "float32", "train_batch": TRAIN_BATCH,
          "complete": complete, "results": res,
+         "malloc": None if device != "cpu" else "system" if args.system_malloc else CACHING_MALLOC,
          "targets": [{"target": lb, "ratio": v, "met": ok} for lb, v, ok in targets]}, indent=1))
     plot(res, args, device, stem.with_suffix(".png"))
     return lines

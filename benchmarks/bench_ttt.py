@@ -12,6 +12,8 @@ mixer in turn in one process, so noise and allocator state fall on all alike.
 Peak memory: on CPU each point runs in a fresh subprocess and it is the peak
 resident size above what the process held before the step; on CUDA it is the
 allocator's peak above what was allocated before the step.
+On CPU the timing processes run with glibc malloc keeping freed memory for reuse
+(see CACHING_MALLOC; --system-malloc times with glibc's default instead).
 Writes benchmarks/results/bench_ttt_<device>.{md,json} and checks the targets
 of the TTT-core issue (ratios in one run).
 """
@@ -146,16 +148,38 @@ def worker(kind: str, mixers: list[str], n: int, mode: str, device: str, c: int,
     return {m: {"time_ms": t} for m, t in interleaved_times_ms(steps, device, min_time).items()}
 
 
+# Timing: glibc malloc serves every block from its heap and keeps what is freed (no mmap, no trim), so a
+# step reuses the memory of the previous one, as PyTorch's CUDA caching allocator does on a GPU (and
+# jemalloc / tcmalloc on CPU). With glibc's default every large tensor is mmap-ed, faulted in page by
+# page and unmapped on free, each step again: measured, about 30 s of a 66 s DiT3-S/2 training step at
+# latent 128, and as much for DiT-S/2, a cost of the allocator, not of the models.
+CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+# Memory: a fixed mmap threshold makes glibc return every large block on free, so the peak resident size
+# follows the live tensors instead of the allocator's retained heap.
+RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def worker_env(kind: str, system_malloc: bool) -> dict:
+    """Environment of a CPU worker process of kind "time" or "memory"."""
+    env = dict(os.environ)
+    if kind == "memory":
+        env.update(RETURNING_MALLOC)
+    elif not system_malloc:
+        env.update(CACHING_MALLOC)
+    return env
+
+
+def malloc_note(system_malloc: bool) -> str:
+    return ("CPU times with glibc's default malloc (--system-malloc)." if system_malloc else
+            "CPU times with glibc malloc keeping freed memory for reuse (" +
+            " ".join(f"{k}={v}" for k, v in CACHING_MALLOC.items()) + "), as a caching allocator does.")
+
+
 def run_worker(args, kind: str, mixers: list[str], n: int, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, ",".join(mixers), str(n), mode, "cpu",
            "--dim", str(args.dim), "--heads", str(args.heads), "--min-time", str(args.min_time)]
-    env = dict(os.environ)
-    if kind == "memory":
-        # a fixed mmap threshold makes glibc return every large block on free, so the peak resident size
-        # follows the live tensors instead of the allocator's retained heap (it slows allocation, so
-        # timing runs in processes of their own, without it)
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                         env=worker_env(kind, args.system_malloc))
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -201,6 +225,7 @@ def main():
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per mixer and point")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per point before giving up")
+    parser.add_argument("--system-malloc", action="store_true", help="CPU: time with glibc's default malloc")
     parser.add_argument("--worker", nargs=5, metavar=("KIND", "MIXERS", "N", "MODE", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -251,7 +276,8 @@ def main():
                  f"Machine: {machine}; torch {torch.__version__}; "
                  f"{'bf16 autocast' if device == 'cuda' else 'float32'}; C={args.dim}, {args.heads} heads, "
                  f"batch 1; plain {('bf16' if device == 'cuda' else 'fp32')} matmul: {peak_tflops:.3f} TFLOP/s.",
-                 "Command: `python benchmarks/bench_ttt.py " + " ".join(sys.argv[1:]) + "`", "",
+                 "Command: `python benchmarks/bench_ttt.py " + " ".join(sys.argv[1:]) + "`",
+                 *([malloc_note(args.system_malloc)] if device == "cpu" else []), "",
                  "FLOPs are analytic (matmuls and convolutions, 2 per multiply-add; training = 3 x forward); "
                  "'of matmul' is achieved FLOP/s over the plain matmul's.", "",
                  "| mixer | N | fwd+bwd ms | fwd+bwd peak MB | inference ms | inference peak MB | GFLOPs (fwd) "
@@ -269,6 +295,7 @@ def main():
         (RESULTS / f"bench_ttt_{device}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"bench_ttt_{device}.json").write_text(json.dumps(
             {"machine": machine, "torch": torch.__version__, "dim": args.dim, "heads": args.heads,
+             "malloc": None if device != "cpu" else "system" if args.system_malloc else CACHING_MALLOC,
              "matmul_tflops": peak_tflops, "results": res}, indent=1))
         print("\n".join(lines))
 
