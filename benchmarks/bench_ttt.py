@@ -9,7 +9,8 @@ times forward+backward and inference, measures peak memory, and reports the
 layer's analytic FLOPs and the fraction of this machine's plain matmul
 throughput it reaches. Times are medians over rounds that run one step of every
 mixer in turn in one process, so noise and allocator state fall on all alike
-(on CPU materialised attention runs in a process of its own).
+(on CPU materialised attention runs in a process of its own, with glibc's default
+malloc).
 Peak memory: on CPU each point runs in a fresh subprocess and it is the peak
 resident size above what the process held before the step; on CUDA it is the
 allocator's peak above what was allocated before the step.
@@ -176,11 +177,11 @@ def malloc_note(system_malloc: bool) -> str:
             " ".join(f"{k}={v}" for k, v in CACHING_MALLOC.items()) + "), as a caching allocator does.")
 
 
-def run_worker(args, kind: str, mixers: list[str], n: int, mode: str) -> dict:
+def run_worker(args, kind: str, mixers: list[str], n: int, mode: str, system_malloc: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, ",".join(mixers), str(n), mode, "cpu",
            "--dim", str(args.dim), "--heads", str(args.heads), "--min-time", str(args.min_time)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                         env=worker_env(kind, args.system_malloc))
+                         env=worker_env(kind, args.system_malloc or system_malloc))
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -246,12 +247,13 @@ def main():
         for n in args.tokens:
             for mode in ("train", "infer"):
                 if device == "cpu":  # memory: a fresh process per point; time: one process for all mixers but
-                    # materialised attention, whose N x N blocks (18 GB at 16384) would fragment the others' heap
+                    # materialised attention, in one of its own with glibc's default malloc: a heap that keeps
+                    # its N x N blocks (18 GB at 16384) fragments past this machine's memory
                     points = {}
                     groups = [[m for m in args.mixers if m != "attn_math"],
                               [m for m in args.mixers if m == "attn_math"]]
                     for group in filter(None, groups):
-                        times = run_worker(args, "time", group, n, mode)
+                        times = run_worker(args, "time", group, n, mode, system_malloc=group == ["attn_math"])
                         points.update({m: {**times.get(m, {"error": times.get("error", "failed")}),
                                            **run_worker(args, "memory", [m], n, mode)} for m in group})
                 else:
@@ -283,7 +285,8 @@ def main():
                  f"{'bf16 autocast' if device == 'cuda' else 'float32'}; C={args.dim}, {args.heads} heads, "
                  f"batch 1; plain {('bf16' if device == 'cuda' else 'fp32')} matmul: {peak_tflops:.3f} TFLOP/s.",
                  "Command: `python benchmarks/bench_ttt.py " + " ".join(sys.argv[1:]) + "`",
-                 *([malloc_note(args.system_malloc)] if device == "cpu" else []), "",
+                 *([malloc_note(args.system_malloc) + " attn_math: glibc's default, a process of its own."]
+                   if device == "cpu" else []), "",
                  "FLOPs are analytic (matmuls and convolutions, 2 per multiply-add; training = 3 x forward); "
                  "'of matmul' is achieved FLOP/s over the plain matmul's.", "",
                  "| mixer | N | fwd+bwd ms | fwd+bwd peak MB | inference ms | inference peak MB | GFLOPs (fwd) "
