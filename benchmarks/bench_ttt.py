@@ -10,7 +10,7 @@ layer's analytic FLOPs and the fraction of this machine's plain matmul
 throughput it reaches. Times are medians over rounds that run one step of every
 mixer in turn in one process, so noise and allocator state fall on all alike
 (on CPU materialised attention runs in a process of its own, with glibc's default
-malloc).
+malloc where its N x N blocks are large).
 Peak memory: on CPU each point runs in a fresh subprocess and it is the peak
 resident size above what the process held before the step; on CUDA it is the
 allocator's peak above what was allocated before the step.
@@ -177,6 +177,12 @@ def malloc_note(system_malloc: bool) -> str:
             " ".join(f"{k}={v}" for k, v in CACHING_MALLOC.items()) + "), as a caching allocator does.")
 
 
+def heap_keeps(n: int, heads: int) -> bool:
+    """Whether materialised attention's N x N blocks (scores, probabilities, their gradient) stay under a
+    quarter of this machine's memory, so that a heap keeping them cannot fragment past it."""
+    return 3 * heads * n * n * 4 < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+
+
 def run_worker(args, kind: str, mixers: list[str], n: int, mode: str, system_malloc: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, ",".join(mixers), str(n), mode, "cpu",
            "--dim", str(args.dim), "--heads", str(args.heads), "--min-time", str(args.min_time)]
@@ -247,13 +253,14 @@ def main():
         for n in args.tokens:
             for mode in ("train", "infer"):
                 if device == "cpu":  # memory: a fresh process per point; time: one process for all mixers but
-                    # materialised attention, in one of its own with glibc's default malloc: a heap that keeps
-                    # its N x N blocks (18 GB at 16384) fragments past this machine's memory
+                    # materialised attention, in one of its own, with glibc's default malloc where its N x N
+                    # blocks are large: a heap that keeps them (18 GB at 16384) fragments past the machine's memory
                     points = {}
                     groups = [[m for m in args.mixers if m != "attn_math"],
                               [m for m in args.mixers if m == "attn_math"]]
                     for group in filter(None, groups):
-                        times = run_worker(args, "time", group, n, mode, system_malloc=group == ["attn_math"])
+                        times = run_worker(args, "time", group, n, mode,
+                                           system_malloc=group == ["attn_math"] and not heap_keeps(n, args.heads))
                         points.update({m: {**times.get(m, {"error": times.get("error", "failed")}),
                                            **run_worker(args, "memory", [m], n, mode)} for m in group})
                 else:
@@ -280,13 +287,15 @@ def main():
                     res[f"{mixer}/{n}/{mode}"] = r
                     print(f"{device} {mixer:14s} N={n:6d} {mode:5s} {r}", flush=True)
 
+        big = [str(n) for n in args.tokens if not heap_keeps(n, args.heads)]
+        math_note = " attn_math: a process of its own" + (f", glibc's default malloc at N = {', '.join(big)}."
+                                                          if big else ".")
         lines = [f"# TTT layer benchmark ({device})", "",
                  f"Machine: {machine}; torch {torch.__version__}; "
                  f"{'bf16 autocast' if device == 'cuda' else 'float32'}; C={args.dim}, {args.heads} heads, "
                  f"batch 1; plain {('bf16' if device == 'cuda' else 'fp32')} matmul: {peak_tflops:.3f} TFLOP/s.",
                  "Command: `python benchmarks/bench_ttt.py " + " ".join(sys.argv[1:]) + "`",
-                 *([malloc_note(args.system_malloc) + " attn_math: glibc's default, a process of its own."]
-                   if device == "cpu" else []), "",
+                 *([malloc_note(args.system_malloc) + math_note] if device == "cpu" else []), "",
                  "FLOPs are analytic (matmuls and convolutions, 2 per multiply-add; training = 3 x forward); "
                  "'of matmul' is achieved FLOP/s over the plain matmul's.", "",
                  "| mixer | N | fwd+bwd ms | fwd+bwd peak MB | inference ms | inference peak MB | GFLOPs (fwd) "
