@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ttt import CACHING_MALLOC, RESULTS, malloc_note, ratio, rss_bytes, step_peak_bytes, sync, worker_env
+from bench_ttt import RESULTS, malloc_note, malloc_record, ratio, rss_bytes, step_peak_bytes, sync, worker_env
 
 INFER_MODELS = {"vit3_tiny": "ViT³-T", "hvit3_tiny": "H-ViT³-T"}
 INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
@@ -487,7 +487,7 @@ def write_outputs(res: dict, args, device: str, machine: str, complete: bool) ->
         {"machine": machine, "torch": torch.__version__, "device": device, "argv": sys.argv[1:],
          "dtype": "bf16 autocast" if device == "cuda" else "float32", "train_batch": TRAIN_BATCH,
          "complete": complete, "results": res,
-         "malloc": None if device != "cpu" else "system" if args.system_malloc else CACHING_MALLOC,
+         "malloc": malloc_record(device, args.system_malloc),
          "targets": [{"target": lb, "ratio": v, "met": ok} for lb, v, ok in targets]}, indent=1))
     plot(res, args, device, stem.with_suffix(".png"))
     return lines

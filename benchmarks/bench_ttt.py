@@ -177,6 +177,11 @@ def malloc_note(system_malloc: bool) -> str:
             " ".join(f"{k}={v}" for k, v in CACHING_MALLOC.items()) + "), as a caching allocator does.")
 
 
+def malloc_record(device: str, system_malloc: bool):
+    """The timing processes' malloc, for the results JSON: None on CUDA."""
+    return None if device != "cpu" else "system" if system_malloc else CACHING_MALLOC
+
+
 def heap_keeps(n: int, heads: int) -> bool:
     """Whether materialised attention's N x N blocks (scores, probabilities, their gradient) stay under a
     quarter of this machine's memory, so that a heap keeping them cannot fragment past it."""
@@ -252,10 +257,10 @@ def main():
         res = {}
         for n in args.tokens:
             for mode in ("train", "infer"):
+                points = {}
                 if device == "cpu":  # memory: a fresh process per point; time: one process for all mixers but
                     # materialised attention, in one of its own, with glibc's default malloc where its N x N
                     # blocks are large: a heap that keeps them (18 GB at 16384) fragments past the machine's memory
-                    points = {}
                     groups = [[m for m in args.mixers if m != "attn_math"],
                               [m for m in args.mixers if m == "attn_math"]]
                     for group in filter(None, groups):
@@ -264,7 +269,6 @@ def main():
                         points.update({m: {**times.get(m, {"error": times.get("error", "failed")}),
                                            **run_worker(args, "memory", [m], n, mode)} for m in group})
                 else:
-                    points = {}
                     for m in args.mixers:
                         try:
                             points[m] = {"peak_mb": peak_memory_mb(make_step(m, n, mode, device, args.dim,
@@ -313,7 +317,7 @@ def main():
         (RESULTS / f"bench_ttt_{device}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"bench_ttt_{device}.json").write_text(json.dumps(
             {"machine": machine, "torch": torch.__version__, "dim": args.dim, "heads": args.heads,
-             "malloc": None if device != "cpu" else "system" if args.system_malloc else CACHING_MALLOC,
+             "malloc": malloc_record(device, args.system_malloc),
              "matmul_tflops": peak_tflops, "results": res}, indent=1))
         print("\n".join(lines))
 

@@ -131,7 +131,23 @@ class TTT(nn.Module):
         [B, N, C + c], the output projection's input."""
         # the inner gradient, its norm and the token reductions run in float32 under autocast
         with torch.autocast(device_type=qkv.device.type, enabled=False):
-            return self._reference(qkv, h, w, rope)
+            b, n, _ = qkv.shape
+            c, heads = self.dim, self.num_heads
+            cd, hd = self.conv_dim, (c if self.head_kind else 0)
+            q1, k1, v1, q2, k2, v2 = _upcast(qkv).split([hd, hd, hd, cd, cd, cd], dim=-1)
+            if self.head_kind and rope is not None:  # rope acts on [B, h, w, C]
+                q1 = rope(q1.reshape(b, h, w, c)).view(b, n, c)
+                k1 = rope(k1.reshape(b, h, w, c)).view(b, n, c)
+            if self.head_kind:  # per head: [B, N, heads, d] views
+                q1, k1, v1 = (t.unflatten(-1, (heads, c // heads)) for t in (q1, k1, v1))
+            else:
+                q1 = k1 = v1 = None
+            if not cd:
+                q2 = k2 = v2 = None
+            return ttt_reference(q1, k1, v1, q2, k2, v2, [_upcast(p) for p in self.head_params()],
+                                 _upcast(self.w3) if cd else None, h=h, w=w, head_kind=self.head_kind,
+                                 loss=self.inner_loss, scale=self.scale, lr=self.inner_lr, steps=self.inner_steps,
+                                 batch=self.inner_batch, grad_norm=self.grad_norm)
 
     def inner_macs(self, tokens: int) -> int:
         """Multiply-accumulates of the inner step for one image of `tokens` tokens.
@@ -150,25 +166,6 @@ class TTT(nn.Module):
                 self.head_kind, 2 * self.w1.shape[-1])  # mlp: d -> r d -> d
             forward = tokens * per_token * (self.dim if self.head_kind else 0) + 9 * self.conv_dim * tokens
         return (2 * self.inner_steps + 1) * forward
-
-    def _reference(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None) -> torch.Tensor:
-        b, n, _ = qkv.shape
-        c, heads = self.dim, self.num_heads
-        cd, hd = self.conv_dim, (c if self.head_kind else 0)
-        q1, k1, v1, q2, k2, v2 = _upcast(qkv).split([hd, hd, hd, cd, cd, cd], dim=-1)
-        if self.head_kind and rope is not None:  # rope acts on [B, h, w, C]
-            q1 = rope(q1.reshape(b, h, w, c)).view(b, n, c)
-            k1 = rope(k1.reshape(b, h, w, c)).view(b, n, c)
-        if self.head_kind:  # per head: [B, N, heads, d] views
-            q1, k1, v1 = (t.unflatten(-1, (heads, c // heads)) for t in (q1, k1, v1))
-        else:
-            q1 = k1 = v1 = None
-        if not cd:
-            q2 = k2 = v2 = None
-        return ttt_reference(q1, k1, v1, q2, k2, v2, [_upcast(p) for p in self.head_params()],
-                             _upcast(self.w3) if cd else None, h=h, w=w, head_kind=self.head_kind,
-                             loss=self.inner_loss, scale=self.scale, lr=self.inner_lr, steps=self.inner_steps,
-                             batch=self.inner_batch, grad_norm=self.grad_norm)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, inner_model={self.inner_model}, "
