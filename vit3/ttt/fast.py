@@ -92,6 +92,12 @@ def _chunks(b: int, heads: int, n: int, d: int, device: torch.device) -> list[tu
             for h0 in range(0, heads, hstep) for t0 in range(0, n, tstep)]
 
 
+def _silu_grad(g: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """g * silu'(z) written to out (which may be z itself): one fused elementwise pass in place of the
+    five that s (1 + z (1 - s)) g takes, s = sigmoid(z)."""
+    return torch.ops.aten.silu_backward.grad_input(g, z, grad_input=out)
+
+
 def _swiglu_inner_grads(k, v, w12, coef):
     """Inner gradients of the SwiGLU branch.
 
@@ -100,11 +106,9 @@ def _swiglu_inner_grads(k, v, w12, coef):
     d = k.shape[-1]
     z = k @ w12  # [z1 | z2], one GEMM for both weights
     z1, z2 = z[..., :d], z[..., d:]
-    s = torch.sigmoid(z2)
-    a = z2 * s  # silu(z2)
-    z2.sub_(a).add_(1).mul_(s).mul_(z1)  # z1 silu'(z2), silu' = s (1 + z2 - silu(z2))
-    z1.copy_(a)
-    z.unflatten(-1, (2, d)).mul_(v.unsqueeze(-2))  # z = [v silu(z2) | v z1 silu'(z2)]
+    a = F.silu(z2)
+    _silu_grad(v, z2, out=z2).mul_(z1)  # v z1 silu'(z2)
+    torch.mul(a, v, out=z1)  # z = [v silu(z2) | v z1 silu'(z2)]
     return (k.transpose(-2, -1) @ z).mul_(coef)  # [g1 | g2]
 
 
@@ -242,17 +246,15 @@ class _TTTFast(torch.autograd.Function):
         for hs, ts in chunks:
             do_ = (dy[:, ts] @ pwi[:, hs.start * d:hs.stop * d]).unflatten(-1, (-1, d)).transpose(1, 2)
             qc, doc = _load(q, hs, ts, cdt, rope), _contiguous(do_, cdt)
-            y = qc @ w12n[:, hs]  # [y1 | y2]
-            y1, y2 = y[..., :d], y[..., d:]
-            s = torch.sigmoid(y2)
-            sy = y2 * s  # silu(y2)
+            dy12 = qc @ w12n[:, hs]  # [y1 | y2], turned into [dy1 | dy2] in place
+            y1, y2 = dy12[..., :d], dy12[..., d:]
+            sy = F.silu(y2)
             torch.mul(y1, sy, out=out1[:, hs, ts])
-            y2.sub_(sy).add_(1).mul_(s).mul_(y1)  # y1 silu'(y2)
-            y1.copy_(sy)
-            dy12 = y.unflatten(-1, (2, d)).mul_(doc.unsqueeze(-2)).flatten(-2)  # [dy1 | dy2], in y's memory
+            _silu_grad(y1.mul_(doc), y2, out=y2)  # dy2 = do y1 silu'(y2)
+            torch.mul(sy, doc, out=y1)  # dy1 = do silu(y2)
             dw12n[:, hs].add_(qc.transpose(-2, -1) @ dy12)
             _store(dq, hs, ts, dy12 @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
-            del qc, doc, do_, y, s, sy, dy12
+            del qc, doc, do_, sy, dy12
         dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
         del out, out1
         # through w' = w - lr * g / (||g|| + 1), per weight; coef folded in: P = K (coef dg)
