@@ -216,7 +216,7 @@ class _TTTFast(torch.autograd.Function):
         w12n = _step(w12, g12, n12, lr)
         w3n = _conv_step(w3.to(cdt), g3, n3, lr, b)
         dy = dy.contiguous()  # [B, N, C]
-        pwi = pw.to(qkv.dtype)  # [C, C + c]; d(projection input) = dy @ pwi, a block of columns at a time
+        dout = dy @ pw.to(qkv.dtype)  # d(projection input), [B, N, C + c]: one GEMM, sliced by branch and block
         out = torch.empty(b, n, dim + c, dtype=qkv.dtype, device=qkv.device)  # projection input, recomputed
         out1 = out[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)
         # the gradient of a block of qkv (head group and tokens, or the conv branch's columns) is written once
@@ -227,7 +227,7 @@ class _TTTFast(torch.autograd.Function):
 
         # ---- branch 2 (its columns of qkv are read into map copies, so its gradient can go first) ----
         q2, k2, v2 = _conv_maps(qkv, dim, c, h, w, cdt)
-        do2 = _to_maps(dy @ pwi[:, dim:], h, w, cdt)
+        do2 = _to_maps(dout[..., dim:], h, w, cdt)
         out[..., dim:] = _to_tokens(_conv(q2, w3n), b)
         dw3n = _conv_weight_grad(q2, do2)  # [B*c, 1, 3, 3]
         dgc3 = (-lr * coef) * _norm_backward(g3, n3, dw3n, dims=(-2, -1))
@@ -240,12 +240,12 @@ class _TTTFast(torch.autograd.Function):
         # ---- branch 1 ----
         q, k, v = _head_views(qkv, dim, heads)
         dq, dk, dv = _head_views(dqkv, dim, heads)
+        dout1 = dout[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d] view
         chunks = _chunks(b, heads, n, d, qkv.device)
         # pass 1, through the application out = (q W1') * silu(q W2'): dq and dW' (a sum over all tokens)
         dw12n = torch.zeros_like(w12n)  # [dW1' | dW2'], [B, H, d, 2d]
         for hs, ts in chunks:
-            do_ = (dy[:, ts] @ pwi[:, hs.start * d:hs.stop * d]).unflatten(-1, (-1, d)).transpose(1, 2)
-            qc, doc = _load(q, hs, ts, cdt, rope), _contiguous(do_, cdt)
+            qc, doc = _load(q, hs, ts, cdt, rope), _load(dout1, hs, ts, cdt)
             dy12 = qc @ w12n[:, hs]  # [y1 | y2], turned into [dy1 | dy2] in place
             y1, y2 = dy12[..., :d], dy12[..., d:]
             sy = F.silu(y2)
@@ -254,9 +254,9 @@ class _TTTFast(torch.autograd.Function):
             torch.mul(sy, doc, out=y1)  # dy1 = do silu(y2)
             dw12n[:, hs].add_(qc.transpose(-2, -1) @ dy12)
             _store(dq, hs, ts, dy12 @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
-            del qc, doc, do_, sy, dy12
+            del qc, doc, sy, dy12
         dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
-        del out, out1
+        del out, out1, dout, dout1
         # through w' = w - lr * g / (||g|| + 1), per weight; coef folded in: P = K (coef dg)
         dgc = (-lr * coef) * _norm_backward(g12, n12, dw12n, dims=-2)  # the norms are per column
         w1e, w2e = (t.expand(b, -1, -1, -1) for t in (w12[..., :d], w12[..., d:]))
