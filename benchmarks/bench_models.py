@@ -165,7 +165,7 @@ def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
     """Median step time of each variant over rounds of one step of each, in one process.
 
     Warm-up: one step each, a second one when a round is short. Rounds: at least 5 (2 when a round
-    takes over 10 s, 1 when over 60 s), more while the time spent is under min_time per variant (at most 30).
+    takes over 30 s, 1 when over 60 s), more while the time spent is under min_time per variant (at most 30).
     """
     def timed(step):
         sync(device)
@@ -178,7 +178,7 @@ def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
     round_s = sum(first.values())
     if round_s < 10:
         round_s = sum(timed(step) for step in steps.values())
-    min_rounds = 5 if round_s < 10 else 2 if round_s < 60 else 1
+    min_rounds = 5 if round_s < 30 else 2 if round_s < 60 else 1
     times = {k: [] for k in steps}
     start = time.perf_counter()
     rounds = 0

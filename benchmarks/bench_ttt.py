@@ -131,7 +131,7 @@ def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
         step()  # warm-up: kernel choice, allocator steady state
     times = {k: [] for k in steps}
     start = time.perf_counter()
-    while len(times[next(iter(steps))]) < 3 or (time.perf_counter() - start < min_time * len(steps)
+    while len(times[next(iter(steps))]) < 5 or (time.perf_counter() - start < min_time * len(steps)
                                                and len(times[next(iter(steps))]) < 20):
         for k, step in steps.items():
             sync(device)
