@@ -15,3 +15,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps process-wide singletons: a trainer test module marks its tests with this, so
+    each in-process run starts from scratch."""
+    from trainer_helpers import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()

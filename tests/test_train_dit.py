@@ -3,23 +3,25 @@
 Tiny DiT³s (32-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images, in pixel space or
 through a tiny randomly initialised AutoencoderKL saved to a local folder (no hub access).
 """
-import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
+from trainer_helpers import (
+    ROOT,
+    checkpoint_weights,
+    latest_checkpoint_step,
+    launch_two_processes,
+    load_script,
+    run_main,
+    run_script,
+    sigterm_at,
+    write_images,
+)
 
 from dit3 import diffusion as D
 from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
@@ -27,27 +29,17 @@ from vit3 import training as T
 from vit3.data import DataError, prepare_digits
 from vit3.training import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_dit", ROOT / "train_dit.py")
-train_dit = sys.modules.setdefault("train_dit", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(train_dit)
+train_dit = load_script("train_dit")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 TINY = "{depth: 2, hidden_size: 32, num_heads: 2}"
-
-
-def _write_images(folder: Path, classes, n, seed=0, size=16):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """3 classes x 8 images: 3 updates per epoch at global batch 8."""
     root = tmp_path_factory.mktemp("data") / "train"
-    _write_images(root, "abc", 8)
+    write_images(root, "abc", 8)
     return root
 
 
@@ -65,15 +57,6 @@ def vae_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _argv(data, out, *extra):
     return ["model.name=DiT3-S/2", "model.image_size=8", "model.num_classes=0", f"model.kwargs={TINY}",
             "vae.name=", f"data.path={data}", "data.batch_size=8", "data.num_workers=0", "max_steps=4",
@@ -83,18 +66,7 @@ def _argv(data, out, *extra):
 
 
 def _run(data, out, *extra):
-    result = train_dit.main(_argv(data, out, *extra))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return result
-
-
-def _weights(run_dir, step, name="model"):
-    return load_file(str(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
-
-
-def _env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return run_main(train_dit.main, _argv(data, out, *extra))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,13 +92,13 @@ def test_run_folder_metrics_checkpoints_and_grids(data, tmp_path):
     img = Image.open(run / "samples" / "final.png")
     assert img.size == (3 * 65 + 1, 65 + 1)  # 3 classes of 8x8 enlarged to 64x64 in a row, 1-pixel padding
     ckpt = run / "checkpoints" / "step-00000004"
-    assert set(_weights(run, 4)) == set(_weights(run, 4, "ema"))
+    assert set(checkpoint_weights(run, 4)) == set(checkpoint_weights(run, 4, "ema"))
     assert yaml.safe_load((ckpt / "config.yaml").read_text()) == cfg
 
 
 def test_ema_starts_as_the_model_and_follows_with_its_decay(data, tmp_path):
     r = _run(data, tmp_path, "max_steps=1", "ema.decay=0.5", "run_name=ema", "checkpoint.every_steps=1")
-    model, ema = _weights(r["run_dir"], 1), _weights(r["run_dir"], 1, "ema")
+    model, ema = checkpoint_weights(r["run_dir"], 1), checkpoint_weights(r["run_dir"], 1, "ema")
     # after one update with decay 0.5 from a copy of the initial weights: ema = (init + model) / 2
     T.seed_process(0)  # the trainer builds its model right after this seeding
     init = train_dit.create_model(train_dit.TrainConfig(model=train_dit.ModelConfig(
@@ -146,13 +118,13 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     c = _run(data, tmp_path, "run_name=split", "resume=latest", *common)
     assert c["step"] == 4
     for name in ("model", "ema"):
-        wa, wc = _weights(a["run_dir"], 4, name), _weights(c["run_dir"], 4, name)
+        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
         assert all(torch.equal(wa[k], wc[k]) for k in wa), name
 
     # control: the same resume without restoring the RNG states ends elsewhere
     monkeypatch.setattr(T, "restore_rng_state", lambda state: None)
     d = _run(data, tmp_path, f"resume={c['run_dir'] / 'checkpoints' / 'step-00000002'}", *common)
-    wa, wd = _weights(a["run_dir"], 4), _weights(d["run_dir"], 4)
+    wa, wd = checkpoint_weights(a["run_dir"], 4), checkpoint_weights(d["run_dir"], 4)
     assert not all(torch.equal(wa[k], wd[k]) for k in wa)
 
 
@@ -185,22 +157,10 @@ def test_bf16_and_gradient_checkpointing_two_steps(data, tmp_path):
 def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
     argv = _argv(data, tmp_path, "run_name=sig", "max_steps=100000", "checkpoint.every_steps=0",
                  "data.num_workers=1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_dit.py"), *argv], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, deadline = [], time.time() + 120
-    for line in proc.stdout:
-        lines.append(line)
-        if "(step 0000001)" in line:
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(lines)
-    rest, _ = proc.communicate(timeout=120)
-    log = "".join(lines) + rest
-    assert proc.returncode == 0, log
+    code, log = sigterm_at("train_dit.py", argv, "(step 0000001)")
+    assert code == 0, log
     assert "stopping at step" in log and "SIGTERM" in log
-    ckpt = T.find_latest_checkpoint(tmp_path / "sig" / "checkpoints")
-    assert ckpt is not None, log
-    step = T.read_trainer_state(ckpt)["global_step"]
+    step = latest_checkpoint_step(tmp_path / "sig" / "checkpoints", log)
     assert 1 <= step < 1000
     r = _run(data, tmp_path, "run_name=sig", "resume=latest", f"max_steps={step + 1}")
     assert r["step"] == step + 1
@@ -286,19 +246,11 @@ def test_center_crop_matches_adm():
 def test_two_processes_agree(data, vae_dir, tmp_path):
     """Two real gloo processes: world size 2, shards extracted by both, identical weights on both ranks and
     in the checkpoint, the train loss all-reduced, each checkpoint written once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     latents = tmp_path / "latents"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), str(ROOT / "train_dit.py"),
-           *_argv(data, tmp_path, "run_name=ddp", "log.debug_ranks=true", "threads=0", f"vae.name={vae_dir}",
-                  "model.image_size=16", f"data.latents={latents}", "data.latent_shard_size=5",
-                  "data.latent_dtype=float32", "log.every=2")]
-    p = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    launch_two_processes("train_dit.py", _argv(
+        data, tmp_path, "run_name=ddp", "log.debug_ranks=true", "threads=0", f"vae.name={vae_dir}",
+        "model.image_size=16", f"data.latents={latents}", "data.latent_shard_size=5", "data.latent_dtype=float32",
+        "log.every=2"))
     run = tmp_path / "ddp"
     assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
     ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -377,8 +329,7 @@ def test_resume_of_another_model_is_refused(data, tmp_path):
 def test_unknown_model_and_cli_error(data, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model.name 'DiT3-Q/2'; choose one of .*DiT3-B/2"):
         _run(data, tmp_path, "model.name=DiT3-Q/2")
-    p = subprocess.run([sys.executable, str(ROOT / "train_dit.py"), "model.image_sise=3"], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=120)
+    p = run_script("train_dit.py", ["model.image_sise=3"])
     assert p.returncode == 2 and "Did you mean 'image_size'" in p.stderr and "Traceback" not in p.stderr
 
 

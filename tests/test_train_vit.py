@@ -3,61 +3,43 @@
 Tiny models (16-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images: each in-process
 run takes well under a second; the subprocess tests pay for Python / torch start-up.
 """
-import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
+from trainer_helpers import (
+    ROOT,
+    checkpoint_weights,
+    latest_checkpoint_step,
+    launch_two_processes,
+    load_script,
+    run_main,
+    run_script,
+    sigterm_at,
+    write_images,
+)
 
 from vit3 import training as T
 from vit3.data import DataError, prepare_digits
 from vit3.training import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_vit", ROOT / "train_vit.py")
-train_vit = sys.modules.setdefault("train_vit", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(train_vit)
+train_vit = load_script("train_vit")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 TINY = "{patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2}"
-
-
-def _write_images(folder: Path, classes, n, seed=0):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """3 classes x 8 train / 4 val images: 3 updates per epoch at global batch 8."""
     root = tmp_path_factory.mktemp("data")
-    _write_images(root / "train", "abc", 8, seed=0)
-    _write_images(root / "val", "abc", 4, seed=1)
+    write_images(root / "train", "abc", 8, seed=0)
+    write_images(root / "val", "abc", 4, seed=1)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    """Accelerate keeps process-wide singletons; each in-process run starts from scratch."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _argv(data, out, *extra):
@@ -68,18 +50,7 @@ def _argv(data, out, *extra):
 
 
 def _run(data, out, *extra):
-    result = train_vit.main(_argv(data, out, *extra))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return result
-
-
-def _weights(run_dir, step, name="model"):
-    return load_file(str(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
-
-
-def _env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return run_main(train_vit.main, _argv(data, out, *extra))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +84,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     c = _run(data, tmp_path, "run_name=split", "resume=latest", "max_steps=4", *common)
     assert c["step"] == 4
     for name in ("model", "ema"):
-        wa, wc = _weights(a["run_dir"], 4, name), _weights(c["run_dir"], 4, name)
+        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
         assert all(torch.equal(wa[k], wc[k]) for k in wa), name
     opt_a = torch.load(a["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
     opt_c = torch.load(c["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
@@ -122,7 +93,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     # control: the same resume without restoring the RNG states ends elsewhere
     monkeypatch.setattr(T, "restore_rng_state", lambda state: None)
     d = _run(data, tmp_path, f"resume={c['run_dir'] / 'checkpoints' / 'step-00000002'}", "max_steps=4", *common)
-    wa, wd = _weights(a["run_dir"], 4), _weights(d["run_dir"], 4)
+    wa, wd = checkpoint_weights(a["run_dir"], 4), checkpoint_weights(d["run_dir"], 4)
     assert not all(torch.equal(wa[k], wd[k]) for k in wa)
 
 
@@ -156,22 +127,10 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
     after the first update: a checkpoint, exit code 0, and the run resumes from it."""
     argv = _argv(data, tmp_path, "run_name=sig", "optim.epochs=200", "checkpoint.every_epochs=1000",
                  "data.num_workers=1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_vit.py"), *argv], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, deadline = [], time.time() + 120
-    for line in proc.stdout:
-        lines.append(line)
-        if "(step 1)" in line:
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(lines)
-    rest, _ = proc.communicate(timeout=120)
-    log = "".join(lines) + rest
-    assert proc.returncode == 0, log
+    code, log = sigterm_at("train_vit.py", argv, "(step 1)")
+    assert code == 0, log
     assert "stopping at step" in log and "SIGTERM" in log
-    ckpt = T.find_latest_checkpoint(tmp_path / "sig" / "checkpoints")
-    assert ckpt is not None, log
-    step = T.read_trainer_state(ckpt)["global_step"]
+    step = latest_checkpoint_step(tmp_path / "sig" / "checkpoints", log)
     assert 1 <= step < 600
     r = _run(data, tmp_path, "run_name=sig", "optim.epochs=200", "resume=latest", f"max_steps={step + 1}")
     assert r["step"] == step + 1
@@ -180,16 +139,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
 def test_two_processes_agree(data, tmp_path):
     """Two real gloo processes: world size 2 recorded, identical weights on both ranks (and in the
     checkpoint), train loss all-reduced, validation sums over both shards."""
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(ROOT / "train_vit.py"),
-           *_argv(data, tmp_path, "run_name=ddp", "optim.epochs=1", "log.debug_ranks=true", "threads=0")]
-    p = subprocess.run(cmd, cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    launch_two_processes("train_vit.py", _argv(data, tmp_path, "run_name=ddp", "optim.epochs=1",
+                                               "log.debug_ranks=true", "threads=0"))
     run = tmp_path / "ddp"
     assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
     ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -221,15 +172,15 @@ def test_missing_and_empty_data_folder(tmp_path):
 
 
 def test_train_val_class_mismatch(tmp_path):
-    _write_images(tmp_path / "d" / "train", "abc", 2)
-    _write_images(tmp_path / "d" / "val", "abd", 2)
+    write_images(tmp_path / "d" / "train", "abc", 2)
+    write_images(tmp_path / "d" / "val", "abd", 2)
     with pytest.raises(DataError, match=r"only in train \['c'\], only in val \['d'\]"):
         _run(tmp_path / "d", tmp_path / "out")
 
 
 def test_corrupt_image_error_or_skip(tmp_path):
-    _write_images(tmp_path / "d" / "train", "abc", 8)
-    _write_images(tmp_path / "d" / "val", "abc", 2)
+    write_images(tmp_path / "d" / "train", "abc", 8)
+    write_images(tmp_path / "d" / "val", "abc", 2)
     bad = tmp_path / "d" / "train" / "b" / "3.png"
     bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
     with pytest.raises(DataError, match=rf"cannot read image {bad}.*data.bad_images=skip"):
@@ -249,8 +200,7 @@ def test_image_size_not_divisible_by_patch(data, tmp_path):
 def test_unknown_config_key(data, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*Did you mean 'lr'.*Valid keys in 'optim'"):
         _run(data, tmp_path, "optim.lrr=1e-3")
-    p = subprocess.run([sys.executable, str(ROOT / "train_vit.py"), "data.bogus=1"], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=120)
+    p = run_script("train_vit.py", ["data.bogus=1"])
     assert p.returncode == 2 and "error: unknown config key 'data.bogus'" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -1,0 +1,103 @@
+"""What the trainer tests (test_train_vit.py, test_train_dit.py) share: loading a top-level script as a
+module, tiny image folders, in-process runs that leave a fresh Accelerate state behind (conftest's
+`fresh_accelerate` fixture gives each test one), checkpoint weights, and the two subprocess scenarios
+(SIGTERM to the process group, two gloo processes through `accelerate launch`).
+"""
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+from vit3 import training as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """A top-level script (train_vit.py, train_dit.py) as a module, imported once."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # registered first: dataclasses look it up
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def write_images(folder: Path, classes, n: int, seed: int = 0, size: int = 16):
+    """n random size x size RGB PNGs per class, in folder/<class>/."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+
+
+def reset_accelerate():
+    """Accelerate keeps process-wide singletons; each in-process run starts from scratch."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_main(main, argv: list[str]):
+    """One in-process run of a trainer's main(argv); what it returns."""
+    result = main(argv)
+    reset_accelerate()
+    return result
+
+
+def checkpoint_weights(run_dir: Path, step: int, name: str = "model") -> dict:
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_script(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """ROOT/script in a subprocess, output captured."""
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def sigterm_at(script: str, argv: list[str], marker: str) -> tuple[int, str]:
+    """Run ROOT/script in its own process group and send SIGTERM to the whole group (as a cluster's
+    scancel does, loader workers included) once a log line contains marker; (exit code, whole log)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + rest
+
+
+def latest_checkpoint_step(checkpoints: Path, log: str) -> int:
+    ckpt = T.find_latest_checkpoint(checkpoints)
+    assert ckpt is not None, log
+    return T.read_trainer_state(ckpt)["global_step"]
+
+
+def launch_two_processes(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """ROOT/script under `accelerate launch` with two CPU (gloo) processes; fails the test if it fails."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(ROOT / script), *argv]
+    p = subprocess.run(cmd, cwd=ROOT, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
