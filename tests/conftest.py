@@ -7,6 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # the Triton TTT kernels then run under Triton's interpreter; read when
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # vit3.ttt.kernels is first imported, so set here
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

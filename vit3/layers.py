@@ -25,18 +25,30 @@ class RoPE2d(nn.Module):
         self.dim = dim
         self.base = base
         self._cache: dict = {}
+        self._theta: dict = {}
 
     def rotations(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables, each [h, w, C/2]."""
         key = (h, w, device, dtype)
         if key not in self._cache:
             k_max = self.dim // 4
-            theta = 1.0 / (self.base ** (torch.arange(k_max, dtype=torch.float64, device=device) / k_max))
+            theta = self._theta64(device)
             rows = torch.arange(h, dtype=torch.float64, device=device)[:, None, None] * theta  # [h, 1, k]
             cols = torch.arange(w, dtype=torch.float64, device=device)[None, :, None] * theta  # [1, w, k]
             angles = torch.cat([rows.expand(h, w, k_max), cols.expand(h, w, k_max)], dim=-1)  # [h, w, C/2]
             self._cache = {key: (angles.cos().to(dtype), angles.sin().to(dtype))}  # keep one resolution
         return self._cache[key]
+
+    def frequencies(self, device: torch.device) -> torch.Tensor:
+        """theta [C/4], float32: the angle of pair p is row * theta[p] for p < C/4, column * theta[p - C/4]
+        after (the Triton TTT kernels build their rotations from it)."""
+        if device not in self._theta:
+            self._theta[device] = self._theta64(device).float()
+        return self._theta[device]
+
+    def _theta64(self, device: torch.device) -> torch.Tensor:
+        k_max = self.dim // 4
+        return 1.0 / (self.base ** (torch.arange(k_max, dtype=torch.float64, device=device) / k_max))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, h, w, C] -> [B, h, w, C], rotated in float32 (or float64), returned in x's dtype

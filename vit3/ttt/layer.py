@@ -10,11 +10,16 @@ to the queries. The paper's final design runs two inner models side by side:
 
 and projects concat(f'(q1), conv'(q2)) back to C. Cost is linear in N.
 
-The other options reproduce the paper's design-space ablations. Two
+The other options reproduce the paper's design-space ablations. Three
 implementations sit behind `impl`: "reference" (reference.py, autograd inner
-gradient, every option) and "fast" (fast.py, closed-form gradient and a custom
-backward, the paper's design); "auto" takes the fast one when it applies.
+gradient, every option), "fast" (fast.py, closed-form gradient and a custom
+backward, the paper's design, CPU and any device) and "triton" (kernels.py and
+triton_ops.py, the same maths as fused GPU kernels); "auto" takes Triton for CUDA
+tensors where Triton imports, the fast path elsewhere, and the reference for
+designs the other two do not cover.
 """
+import importlib.util
+
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -25,7 +30,11 @@ from .reference import HEAD_MODELS, ttt_reference
 
 INNER_MODELS = ("linear", "mlp", "silu_linear", "swiglu", "dwconv3x3", "swiglu+dwconv")
 INNER_LOSSES = ("dot", "mse", "l1")
-IMPLS = ("auto", "fast", "reference")
+IMPLS = ("auto", "fast", "reference", "triton")
+
+# Triton ships with PyTorch's Linux wheels; the Triton path is imported on first use only, so that
+# CPU runs never load it (and TRITON_INTERPRET can still be set before it is)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -47,7 +56,7 @@ class TTT(nn.Module):
         inner_lr, inner_steps: step size and number of passes over the keys and values.
         inner_batch: tokens per inner mini-batch, updated sequentially; None = full batch.
         grad_norm: divide each inner gradient by (its norm + 1).
-        impl: "auto", "fast" or "reference".
+        impl: "auto", "fast", "reference" or "triton".
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *,
@@ -100,22 +109,45 @@ class TTT(nn.Module):
     def inner_params(self) -> list[nn.Parameter]:
         return self.head_params() + ([self.w3] if self.conv_dim else [])
 
-    def uses_fast_path(self) -> bool:
+    def closed_form(self) -> bool:
+        """Whether the layer runs the paper's design with the closed-form inner gradient (fast or triton)."""
         fast_ok = (self.inner_model == "swiglu+dwconv" and self.inner_loss == "dot" and self.inner_steps == 1
                    and self.inner_batch is None and self.grad_norm)
-        if self.impl == "fast" and not fast_ok:
-            raise ValueError("impl='fast' covers the paper's design only (swiglu+dwconv, dot loss, one full-batch "
-                             "step, grad_norm=True); use impl='reference' or 'auto' for other options")
-        return self.impl == "fast" or (self.impl == "auto" and fast_ok)
+        if self.impl in ("fast", "triton") and not fast_ok:
+            raise ValueError(f"impl={self.impl!r} covers the paper's design only (swiglu+dwconv, dot loss, one "
+                             "full-batch step, grad_norm=True); use impl='reference' or 'auto' for other options")
+        return self.impl != "reference" and fast_ok
+
+    def path(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+        """The implementation a call on tensors of this device and dtype takes: "triton", "fast" or
+        "reference"."""
+        if not self.closed_form():
+            return "reference"
+        if self.impl != "auto":
+            return self.impl
+        gpu_ok = device.type == "cuda" and dtype != torch.float64 and HAS_TRITON
+        return "triton" if gpu_ok else "fast"
 
     def forward(self, x: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
         b, n, c = x.shape
         if n != h * w:
             raise ValueError(f"TTT got {n} tokens for an h x w = {h} x {w} map")
         qkv = self.qkv(x)  # [B, N, 3C + 3c]; read by nothing but the inner step below
-        if self.uses_fast_path():  # the inner step and the output projection are one autograd function
-            return self._fast(qkv, h, w, rope)
-        return self.proj(self.inner(qkv, h, w, rope))  # [B, N, C]
+        path = self.path(qkv.device, qkv.dtype)
+        if path == "reference":
+            return self.proj(self.inner(qkv, h, w, rope))  # [B, N, C]
+        # the inner step and the output projection are one autograd function
+        return (self._triton if path == "triton" else self._fast)(qkv, h, w, rope)
+
+    def _triton(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None) -> torch.Tensor:
+        if not HAS_TRITON:
+            raise RuntimeError("impl='triton' needs Triton (pip install triton), or use impl='fast'")
+        from .triton_ops import ttt_triton
+
+        with torch.autocast(device_type=qkv.device.type, enabled=False):  # as in _fast
+            theta = None if rope is None else rope.frequencies(qkv.device)
+            return ttt_triton(qkv, self.w1, self.w2, self.w3, self.proj.weight, self.proj.bias,
+                              heads=self.num_heads, h=h, w=w, scale=self.scale, lr=self.inner_lr, rope_theta=theta)
 
     def _fast(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None) -> torch.Tensor:
         # autocast off: the inner math picks float32 itself and the projection runs in qkv's (autocast) dtype
@@ -159,7 +191,7 @@ class TTT(nn.Module):
         d = self.dim // self.num_heads
         if self.inner_model == "swiglu+dwconv":
             forward = 2 * tokens * d * self.dim + 9 * self.conv_dim * tokens
-            if self.uses_fast_path():
+            if self.closed_form():
                 return 6 * tokens * d * self.dim + 18 * self.conv_dim * tokens
         else:
             per_token = {"linear": d, "silu_linear": d, "swiglu": 2 * d, None: 0}.get(
