@@ -414,7 +414,7 @@ def targets(res: dict, device: str) -> list[tuple[str, float, bool]]:
             r = ratio(get("attn_sdpa", n, "train", "time_ms"), get("ttt_triton", n, "train", "time_ms"))
             out.append((f"speed-up of TTT Triton over SDPA, N={n} (>= {want}x)", r, r >= want))
         for mode in ("train", "infer"):
-            for n in sorted({int(k.split("/")[1]) for k in res if k.endswith(f"/{mode}")}):
+            for n in sorted({1024, 4096, 16384} | {int(k.split("/")[1]) for k in res if k.endswith(f"/{mode}")}):
                 r = ratio(get("ttt_triton", n, mode, "peak_mb"), get("attn_sdpa", n, mode, "peak_mb"))
                 what = "fwd+bwd" if mode == "train" else "inference"
                 out.append((f"{what} peak memory TTT Triton / SDPA, N={n} (<= 1.0)", r, r <= 1.0))
