@@ -477,7 +477,8 @@ def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
                   ("| latent | image | tokens | model | images/s | ms/step | rounds | peak MB step | peak MB total | "
                    "DiT3 speed-up | DiT3 memory ratio |"),
                   "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += dit_rows(res["sample"], sorted({int(k.split("/")[2]) for k in res["sample"]}), [dit_variant(m) for m in SAMPLE_MODELS], ".2f")
+        latents = sorted({int(k.split("/")[2]) for k in res["sample"]})
+        lines += dit_rows(res["sample"], latents, [dit_variant(m) for m in SAMPLE_MODELS], ".2f")
     lines += ["## Targets", "", "Memory ratios use the step peak.", "",
               "| target | measured | |", "|---|---:|---|"]
     lines += [f"| {label} | {fmt(v, '.3f' if 'memory' in label else '.2f')} | "
