@@ -438,7 +438,7 @@ def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
                    + ", ".join(f"{k}: {v}" for k, v in sorted(paths.items()))), ""]
     if res["infer"]:
         batches = sorted({r["batch"] for r in res["infer"].values() if "batch" in r})
-        lines += [f"## Inference (batch {'/'.join(map(str, batches)) or 1}; column *batch*)", "",
+        lines += [f"## Inference (batch {'/'.join(map(str, batches)) or 1})", "",
                   ("| model | res | tokens (stage 1) | mixer | images/s | ms | rounds | peak MB step | "
                    "peak MB total | TTT speed-up | TTT memory ratio |"),
                   "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
