@@ -1,13 +1,21 @@
-"""Whole-model speed and memory: ViT³ / H-ViT³ inference and a DiT³ training step against attention.
+"""Whole-model speed and memory: ViT³ / H-ViT³ inference, a DiT³ training step and DiT³ sampling against attention.
 
     python benchmarks/bench_models.py                     # CPU, and CUDA (bf16) when present
     python benchmarks/bench_models.py --device cpu --sizes 224 512 --latents 32 --skip-train
 
-Inference (batch 1, eval mode, torch.inference_mode): ViT³-T and H-ViT³-T against the
-same architectures with softmax attention (`mixer="attention"`, the DeiT-T-style
-baseline), attention both as SDPA and materialised ("math", the N x N matrix), at
-each resolution. Training (batch 8, 4 latent channels, DiT's hybrid diffusion loss,
-backward, AdamW step): DiT3-S/2 against DiT-S/2 with SDPA, at each latent size.
+Inference (eval mode, torch.inference_mode; batch 1 on CPU, on CUDA 256 at 224 px
+and below and 16 above): ViT³-T and H-ViT³-T against the same architectures with
+softmax attention (`mixer="attention"`, the DeiT-T-style baseline), attention both
+as SDPA and materialised ("math", the N x N matrix), at each resolution.
+Training (4 latent channels, DiT's hybrid diffusion loss, backward, AdamW step):
+DiT3-S/2 against DiT-S/2 with SDPA, batch 8, on CPU; DiT3-B/2 against DiT-B/2,
+batch 32, on CUDA; at each latent size.
+Sampling (CUDA by default; --sample-latents): DiT3-XL/2 against DiT-XL/2 (SDPA),
+DiT's sampler (250-step respaced ancestral DDPM, learned variance, classifier-free
+guidance at scale 4 with the conditional and null-class passes batched together),
+32 images at latent 32 (256 px). Every denoising step costs the same, so one step
+of the guided batch is timed (median over rounds) and images/s is batch / (250 x
+that time); the VAE decode, the same for both, is left out.
 
 Times are medians over rounds that run one step of every variant of a point in turn
 in one process (bench_ttt.py's scheme), so noise and allocator state fall on all
@@ -25,7 +33,8 @@ is a steady-state one. Materialised attention whose N x N matrices would not fit
 in memory is skipped and reported as such.
 
 Writes benchmarks/results/bench_models_<device>.{md,json,png} and checks the
-targets of the "Linear cost where it counts" issue (ratios within one run).
+targets (ratios within one run) of the "Linear cost where it counts" issue on CPU
+and of the GPU issue on CUDA.
 """
 import argparse
 import json
@@ -41,7 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ttt import RESULTS, malloc_note, malloc_record, ratio, rss_bytes, step_peak_bytes, sync, worker_env
+from bench_ttt import (RESULTS, empty_cache, error_line, malloc_note, malloc_record, ratio, rss_bytes,
+                       step_peak_bytes, sync, worker_env)
 
 INFER_MODELS = {"vit3_tiny": "ViT³-T", "hvit3_tiny": "H-ViT³-T"}
 INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
@@ -49,14 +59,37 @@ INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
     "attn_sdpa": ("attention", {"impl": "sdpa"}),
     "attn_math": ("attention", {"impl": "math"}),
 }
-TRAIN_VARIANTS = {  # name -> (DiT3_models key, extra kwargs)
-    "dit3_s2": ("DiT3-S/2", {}),
-    "dit_s2_sdpa": ("DiT-S/2", {"mixer_kwargs": {"impl": "sdpa"}}),
-}
-LABELS = {"ttt": "TTT", "attn_sdpa": "attention (SDPA)", "attn_math": "attention (materialised)",
-          "dit3_s2": "DiT3-S/2", "dit_s2_sdpa": "DiT-S/2 (SDPA)"}
-TRAIN_BATCH = 8
+LABELS = {"ttt": "TTT", "attn_sdpa": "attention (SDPA)", "attn_math": "attention (materialised)"}
+# DiT models per device: DiT³ first, then its attention baseline (run with SDPA)
+TRAIN_MODELS = {"cpu": ("DiT3-S/2", "DiT-S/2"), "cuda": ("DiT3-B/2", "DiT-B/2")}
+TRAIN_BATCH = {"cpu": 8, "cuda": 32}
+SAMPLE_MODELS = ("DiT3-XL/2", "DiT-XL/2")
+SAMPLE_BATCH = {"cpu": 2, "cuda": 32}  # images; the guided network batch is twice that
+SAMPLE_STEPS, SAMPLE_CFG = 250, 4.0  # DiT's sample.py
 LATENT_CHANNELS = 4
+
+
+def dit_variant(model: str) -> str:
+    """Results key of a DiT model: "DiT3-S/2" -> "dit3_s2", "DiT-S/2" (the SDPA baseline) -> "dit_s2_sdpa"."""
+    key = model.lower().replace("-", "_").replace("/", "")
+    return key + "_sdpa" if model.startswith("DiT-") else key
+
+
+DIT_MODELS = {dit_variant(m): m for m in (*TRAIN_MODELS["cpu"], *TRAIN_MODELS["cuda"], *SAMPLE_MODELS)}
+
+
+def label(variant: str) -> str:
+    return LABELS.get(variant) or DIT_MODELS[variant] + (" (SDPA)" if variant.endswith("_sdpa") else "")
+
+
+def train_variants(device: str) -> list[str]:
+    return [dit_variant(m) for m in TRAIN_MODELS[device]]
+
+
+def infer_batch(size: int, device: str) -> int:
+    """Images per inference call: 1 on CPU; on CUDA 256 at 224 px and below, 16 above (at least 1.5M tokens
+    of ViT³-T at 1248, a GPU-filling batch)."""
+    return 1 if device == "cpu" else 256 if size <= 224 else 16
 
 
 #################################################################################
@@ -74,9 +107,9 @@ def stage_layout(model: str, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def math_attention_bytes(model: str, size: int, elem: int) -> int:
-    """Largest live N x N memory of materialised attention: scores and their softmax, all heads."""
-    return max(2 * heads * n * n * elem for n, heads in stage_layout(model, size))
+def math_attention_bytes(model: str, size: int, elem: int, batch: int = 1) -> int:
+    """Largest live N x N memory of materialised attention: scores and their softmax, all heads and images."""
+    return max(2 * batch * heads * n * n * elem for n, heads in stage_layout(model, size))
 
 
 def available_bytes(device: str) -> int:
@@ -87,25 +120,25 @@ def available_bytes(device: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def too_big(task: str, group: str, variant: str, size: int, device: str) -> str | None:
+def too_big(task: str, group: str, variant: str, size: int, device: str, batch: int = 1) -> str | None:
     """A reason to skip a point whose N x N attention would not fit, else None."""
     if task == "infer" and variant == "attn_math":
-        need = math_attention_bytes(group, size, 2 if device == "cuda" else 4)
+        need = math_attention_bytes(group, size, 2 if device == "cuda" else 4, batch)
         have = available_bytes(device)
         if need > 0.6 * have:
             return f"skipped: materialised attention needs ~{need / 2 ** 30:.0f} GiB (have {have / 2 ** 30:.0f})"
     return None
 
 
-def make_infer_step(model_name: str, variant: str, size: int, device: str):
-    """One batch-1 eval-mode forward of a classifier at size x size."""
+def make_infer_step(model_name: str, variant: str, size: int, device: str, batch: int = 1):
+    """One eval-mode forward of a classifier on a batch of size x size images."""
     import vit3
 
     torch.manual_seed(0)
     mixer, kwargs = INFER_VARIANTS[variant]
     model = vit3.create_model(model_name, img_size=size, num_classes=1000, mixer=mixer,
                               mixer_kwargs=kwargs).to(device).eval()
-    x = torch.randn(1, 3, size, size, device=device)
+    x = torch.randn(batch, 3, size, size, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(device == "cuda"))
 
     def step():
@@ -114,14 +147,22 @@ def make_infer_step(model_name: str, variant: str, size: int, device: str):
     return step, model
 
 
-def make_train_step(variant: str, latent: int, device: str):
-    """One DiT training step: hybrid diffusion loss, backward, AdamW step, on a batch of latents."""
-    from dit3.diffusion import create_diffusion
+def build_dit(variant: str, latent: int, device: str, depth: int | None = None):
+    """The DiT model of a variant key at a latent size; the baseline with SDPA; depth overridden if given."""
     from dit3.models import DiT3_models
 
     torch.manual_seed(0)
-    name, kwargs = TRAIN_VARIANTS[variant]
-    model = DiT3_models[name](input_size=latent, num_classes=1000, **kwargs).to(device).train()
+    kwargs = {"mixer_kwargs": {"impl": "sdpa"}} if variant.endswith("_sdpa") else {}
+    if depth:
+        kwargs["depth"] = depth
+    return DiT3_models[DIT_MODELS[variant]](input_size=latent, num_classes=1000, **kwargs).to(device)
+
+
+def make_train_step(variant: str, latent: int, device: str, batch: int, depth: int | None = None):
+    """One DiT training step: hybrid diffusion loss, backward, AdamW step, on a batch of latents."""
+    from dit3.diffusion import create_diffusion
+
+    model = build_dit(variant, latent, device, depth).train()
     diffusion = create_diffusion("")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     # AdamW state exists from here on, so every measured step is a steady-state one
@@ -129,9 +170,9 @@ def make_train_step(variant: str, latent: int, device: str):
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    x = torch.randn(TRAIN_BATCH, LATENT_CHANNELS, latent, latent, device=device)
-    t = torch.randint(0, diffusion.num_timesteps, (TRAIN_BATCH,), device=device)
-    y = torch.randint(0, 1000, (TRAIN_BATCH,), device=device)
+    x = torch.randn(batch, LATENT_CHANNELS, latent, latent, device=device)
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(device == "cuda"))
 
     def step():
@@ -143,17 +184,52 @@ def make_train_step(variant: str, latent: int, device: str):
     return step, model
 
 
-def make_step(task: str, group: str, variant: str, size: int, device: str):
+def make_sample_step(variant: str, latent: int, device: str, batch: int, depth: int | None = None):
+    """One denoising step of DiT's sampler on a batch, as dit3.sampling.sample runs it: the guided network
+    call (conditional and null-class halves in one batch of 2 x batch) and the ancestral DDPM update, at the
+    middle step of the 250-step respaced chain (every step costs the same)."""
+    from dit3.diffusion import create_diffusion
+    from dit3.sampling import guided_output
+
+    model = build_dit(variant, latent, device, depth).eval()
+    diffusion = create_diffusion(str(SAMPLE_STEPS))
+    x = torch.randn(batch, LATENT_CHANNELS, latent, latent, device=device)
+    noise = torch.randn_like(x)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    t = torch.full((batch,), SAMPLE_STEPS // 2, device=device, dtype=torch.long)
+    t_model = diffusion.on(diffusion.timestep_map, device)[t]  # the network sees the original timesteps
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(device == "cuda"))
+
+    def step():
+        with torch.inference_mode():
+            with amp:
+                out = guided_output(model, x, t_model, labels, SAMPLE_CFG)
+            diffusion.p_sample(out.float(), x, t, noise=noise)
+    return step, model
+
+
+def make_step(task: str, group: str, variant: str, size: int, device: str, batch: int, depth: int | None = None):
     if task == "infer":
-        return make_infer_step(group, variant, size, device)
-    return make_train_step(variant, size, device)
+        return make_infer_step(group, variant, size, device, batch)
+    if task == "sample":
+        return make_sample_step(variant, size, device, batch, depth)
+    return make_train_step(variant, size, device, batch, depth)
+
+
+def task_batch(args, task: str, size: int, device: str) -> int:
+    """Images per step of a task: the device's default, or the command line's."""
+    if task == "infer":
+        return args.infer_batch or infer_batch(size, device)
+    return (args.train_batch or TRAIN_BATCH[device]) if task == "train" else (args.sample_batch or SAMPLE_BATCH[device])
 
 
 def ttt_path(model: torch.nn.Module) -> str | None:
-    """Which TTT implementation the model's TTT layers run ("fast" / "reference"), None without TTT."""
+    """Which TTT implementation the model's TTT layers run, None without TTT: the impl asked for, and for
+    "auto" the path it takes by `TTT.uses_fast_path()` ("fast" / "reference")."""
     from vit3.ttt import TTT
 
-    paths = {("fast" if m.uses_fast_path() else "reference") for m in model.modules() if isinstance(m, TTT)}
+    paths = {m.impl if m.impl != "auto" else "fast" if m.uses_fast_path() else "reference"
+             for m in model.modules() if isinstance(m, TTT)}
     return "+".join(sorted(paths)) or None
 
 
@@ -196,7 +272,8 @@ def peak_memory(step, device: str, before_model: int) -> dict:
     return {"peak_mb": max(peak - base, 0) / 2 ** 20, "total_peak_mb": max(peak - before_model, 0) / 2 ** 20}
 
 
-def worker(kind: str, task: str, group: str, variants: list[str], size: int, device: str, min_time: float) -> dict:
+def worker(kind: str, task: str, group: str, variants: list[str], size: int, device: str, min_time: float,
+           batch: int = 1, depth: int | None = None) -> dict:
     """kind "memory": one variant's peaks; kind "time": every variant's median time, interleaved."""
     import dit3.models  # noqa: F401  (imports before the baseline, so they are not counted)
     import vit3  # noqa: F401
@@ -204,7 +281,7 @@ def worker(kind: str, task: str, group: str, variants: list[str], size: int, dev
     if device == "cpu":
         torch.set_num_threads(2)
     before = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
-    built = {v: make_step(task, group, v, size, device) for v in variants}
+    built = {v: make_step(task, group, v, size, device, batch, depth) for v in variants}
     if kind == "memory":
         return peak_memory(built[variants[0]][0], device, before)
     res = interleaved_times_ms({v: s for v, (s, _) in built.items()}, device, min_time)
@@ -214,9 +291,10 @@ def worker(kind: str, task: str, group: str, variants: list[str], size: int, dev
     return res
 
 
-def run_worker(args, kind: str, task: str, group: str, variants: list[str], size: int) -> dict:
+def run_worker(args, kind: str, task: str, group: str, variants: list[str], size: int, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, task, group, ",".join(variants), str(size), "cpu",
-           "--min-time", str(args.min_time)]
+           "--min-time", str(args.min_time), "--batch", str(batch), *(["--dit-depth", str(args.dit_depth)]
+                                                                       if args.dit_depth else [])]
     try:  # malloc set up as in bench_ttt.py: caching for timing, returning for memory
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                              env=worker_env(kind, args.system_malloc), check=False)
@@ -229,42 +307,48 @@ def run_worker(args, kind: str, task: str, group: str, variants: list[str], size
 
 def measure_point(args, device: str, task: str, group: str, variants: list[str], size: int) -> dict:
     """{variant: {time_ms, images_per_s, peak_mb, total_peak_mb, ...} or {error}} for one model group and size."""
+    batch = task_batch(args, task, size, device)
     points, ok = {}, []
     for v in variants:
-        reason = too_big(task, group, v, size, device)
+        reason = too_big(task, group, v, size, device, batch)
         if reason:
             points[v] = {"error": reason}
         else:
             ok.append(v)
     if not ok:
         return points
-    if device == "cpu":  # time: one process for all variants; memory: a fresh process per variant
-        times = run_worker(args, "time", task, group, ok, size)
+    if device == "cpu" and not args.in_process:  # time: one process for all variants; memory: one per variant
+        times = run_worker(args, "time", task, group, ok, size, batch)
         for v in ok:
             points[v] = dict(times.get(v, {"error": times.get("error", "failed")}))
             if "error" not in points[v]:
-                points[v].update(run_worker(args, "memory", task, group, [v], size))
-    else:
+                points[v].update(run_worker(args, "memory", task, group, [v], size, batch))
+    else:  # in this process (CUDA, or --in-process): peaks one variant at a time, then times interleaved
         for v in ok:
             try:
-                before = torch.cuda.memory_allocated()
-                step, model = make_step(task, group, v, size, device)
+                before = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
+                step, model = make_step(task, group, v, size, device, batch, args.dit_depth)
                 points[v] = peak_memory(step, device, before)
                 del step, model
-            except torch.OutOfMemoryError:
-                points[v] = {"error": "out of memory"}
-            torch.cuda.empty_cache()
+            except Exception as e:  # out of memory, or a path this machine refuses
+                points[v] = {"error": error_line(e)}
+            empty_cache(device)
         ok = [v for v in ok if "error" not in points[v]]
-        built = {v: make_step(task, group, v, size, device) for v in ok}
-        for v, r in interleaved_times_ms({v: s for v, (s, _) in built.items()}, device, args.min_time).items():
+        built = {v: make_step(task, group, v, size, device, batch, args.dit_depth) for v in ok}
+        try:
+            times = interleaved_times_ms({v: s for v, (s, _) in built.items()}, device, args.min_time)
+        except Exception as e:
+            times = {v: {"error": error_line(e)} for v in ok}
+        for v, r in times.items():
             points[v].update(r, ttt_path=ttt_path(built[v][1]),
                              params_m=sum(p.numel() for p in built[v][1].parameters()) / 1e6)
         del built
-        torch.cuda.empty_cache()
-    batch = 1 if task == "infer" else TRAIN_BATCH
+        empty_cache(device)
+    steps = SAMPLE_STEPS if task == "sample" else 1  # a sample takes 250 timed steps
     for r in points.values():
+        r["batch"] = batch
         if "time_ms" in r:
-            r["images_per_s"] = batch / (r["time_ms"] / 1e3)
+            r["images_per_s"] = batch / (steps * r["time_ms"] / 1e3)
     return points
 
 
@@ -272,10 +356,11 @@ def measure_point(args, device: str, task: str, group: str, variants: list[str],
 #                            Report                                             #
 #################################################################################
 
-def check_targets(res: dict) -> list[tuple[str, float, bool]]:
-    """The issue's targets as (label, measured ratio, met)."""
+def check_targets(res: dict, device: str) -> list[tuple[str, float, bool]]:
+    """The targets as (label, measured ratio, met): on CPU the "Linear cost where it counts" issue's, on CUDA
+    the GPU issue's (bf16; inference at 224 with 256 images a call, at 1248 with 16)."""
     def get(task, group, variant, size, key):
-        return res[task].get(f"{group}/{variant}/{size}", {}).get(key)
+        return res.get(task, {}).get(f"{group}/{variant}/{size}", {}).get(key)
 
     def ips(v, s):
         return get("infer", "vit3_tiny", v, s, "images_per_s")
@@ -290,6 +375,26 @@ def check_targets(res: dict) -> list[tuple[str, float, bool]]:
         return get("train", "dit", v, s, "peak_mb")
 
     out = []
+    if device == "cuda":
+        r = ratio(ips("ttt", 1248), ips("attn_math", 1248))
+        out.append(("ViT³-T / DeiT-T (materialised) inference throughput at 1248 (>= 4.6x)", r, r >= 4.6))
+        r = ratio(mem("ttt", 1248), mem("attn_math", 1248))
+        out.append(("ViT³-T / DeiT-T (materialised) inference peak memory at 1248 (<= 0.10)", r, r <= 0.10))
+        r = ratio(ips("ttt", 1248), ips("attn_sdpa", 1248))
+        out.append(("ViT³-T / DeiT-T (SDPA) inference throughput at 1248 (>= 3.0x)", r, r >= 3.0))
+        r = ratio(mem("ttt", 1248), mem("attn_sdpa", 1248))
+        out.append(("ViT³-T / DeiT-T (SDPA) inference peak memory at 1248 (<= 1.0)", r, r <= 1.0))
+        r = ratio(ips("ttt", 224), ips("attn_sdpa", 224))
+        out.append(("ViT³-T / DeiT-T (SDPA) inference throughput at 224 (>= 0.9x)", r, r >= 0.9))
+        for latent, want in ((32, 0.9), (64, 1.3)):
+            r = ratio(tips("dit3_b2", latent), tips("dit_b2_sdpa", latent))
+            out.append((f"DiT3-B/2 / DiT-B/2 (SDPA) training throughput at latent {latent} (>= {want}x)", r,
+                        r >= want))
+        r = ratio(get("sample", "dit", "dit3_xl2", 32, "images_per_s"), get("sample", "dit", "dit_xl2_sdpa", 32,
+                                                                            "images_per_s"))
+        out.append(("DiT3-XL/2 / DiT-XL/2 (SDPA) 250-step guided DDPM sampling throughput at 256 px (>= 0.9x)", r,
+                    r >= 0.9))
+        return out
     r = ratio(ips("ttt", 1248), ips("attn_math", 1248))
     out.append(("ViT³-T / DeiT-T (materialised) throughput at 1248 (>= 10x)", r, r >= 10))
     r = ratio(mem("ttt", 1248), mem("attn_math", 1248))
@@ -312,12 +417,17 @@ def fmt(v, spec=".1f"):
 
 
 def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
-    how = "peak resident size, a fresh process per point." if device == "cpu" else "CUDA allocator peaks."
+    how = "peak resident size, a fresh process per point."
+    in_process = device == "cuda" or args.in_process
+    if in_process:
+        how = "CUDA allocator peaks." if device == "cuda" else "peak resident size, all points in one process."
     lines = [f"# Whole-model benchmark ({device})", "",
              (f"Machine: {machine}; torch {torch.__version__}; "
               f"{'bf16 autocast' if device == 'cuda' else 'float32, 2 threads'}."),
              "Command: `python benchmarks/bench_models.py " + " ".join(sys.argv[1:]) + "`",
-             *([malloc_note(args.system_malloc)] if device == "cpu" else []), "",
+             *([malloc_note(args.system_malloc)] if not in_process else []),
+             *([f"DiT depth overridden to {args.dit_depth} (a check of the code path, not a measurement)."]
+               if args.dit_depth else []), "",
              ("Throughput in images/s (median step time over interleaved rounds; `rounds` = timed steps). "
               "Peak memory in MB: *step* = above what the process held just before the step, *total* = also "
               "weights (and AdamW state); " + how), ""]
@@ -327,7 +437,8 @@ def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
         lines += [("TTT path that ran (`TTT.uses_fast_path()`): "
                    + ", ".join(f"{k}: {v}" for k, v in sorted(paths.items()))), ""]
     if res["infer"]:
-        lines += ["## Inference (batch 1)", "",
+        batches = sorted({r["batch"] for r in res["infer"].values() if "batch" in r})
+        lines += [f"## Inference (batch {'/'.join(map(str, batches)) or 1})", "",
                   ("| model | res | tokens (stage 1) | mixer | images/s | ms | rounds | peak MB step | "
                    "peak MB total | TTT speed-up | TTT memory ratio |"),
                   "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -340,42 +451,60 @@ def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
                         continue
                     tokens = stage_layout(group, s)[0][0]
                     if "error" in r:
-                        lines.append(f"| {gname} | {s} | {tokens} | {LABELS[v]} | {r['error']} "
+                        lines.append(f"| {gname} | {s} | {tokens} | {label(v)} | {r['error']} "
                                      f"| | | | | | |")
                         continue
                     sp = "" if v == "ttt" else fmt(ratio(base.get("images_per_s"), r.get("images_per_s")), ".2f") + "x"
                     mr = "" if v == "ttt" else fmt(ratio(base.get("peak_mb"), r.get("peak_mb")), ".3f")
-                    lines.append(f"| {gname} | {s} | {tokens} | {LABELS[v]} | "
+                    lines.append(f"| {gname} | {s} | {tokens} | {label(v)} | "
                                  f"{fmt(r.get('images_per_s'), '.2f')} | {fmt(r.get('time_ms'))} | "
                                  f"{r.get('rounds', '')} | {fmt(r.get('peak_mb'), '.0f')} | "
                                  f"{fmt(r.get('total_peak_mb'), '.0f')} | {sp} | {mr} |")
         lines.append("")
     if res["train"]:
-        lines += [f"## Training step (batch {TRAIN_BATCH}, hybrid diffusion loss, backward, AdamW)", "",
+        batches = sorted({r["batch"] for r in res["train"].values() if "batch" in r})
+        lines += [f"## Training step (batch {'/'.join(map(str, batches))}, hybrid diffusion loss, backward, AdamW)",
+                  "",
                   ("| latent | image | tokens | model | images/s | ms/step | rounds | peak MB step | peak MB total | "
                    "DiT3 speed-up | DiT3 memory ratio |"),
                   "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for L in args.latents:
-            base = res["train"].get(f"dit/dit3_s2/{L}", {})
-            for v in TRAIN_VARIANTS:
-                r = res["train"].get(f"dit/{v}/{L}")
-                if r is None:
-                    continue
-                head = f"| {L} | {8 * L} | {(L // 2) ** 2} | {LABELS[v]} |"
-                if "error" in r:
-                    lines.append(f"{head} {r['error']} | | | | | | |")
-                    continue
-                sp = "" if v == "dit3_s2" else fmt(ratio(base.get("images_per_s"), r.get("images_per_s")), ".2f") + "x"
-                mr = "" if v == "dit3_s2" else fmt(ratio(base.get("peak_mb"), r.get("peak_mb")), ".3f")
-                lines.append(f"{head} {fmt(r.get('images_per_s'), '.2f')} | {fmt(r.get('time_ms'), '.0f')} | "
-                             f"{r.get('rounds', '')} | {fmt(r.get('peak_mb'), '.0f')} | "
-                             f"{fmt(r.get('total_peak_mb'), '.0f')} | {sp} | {mr} |")
-        lines.append("")
+        lines += dit_rows(res["train"], args.latents, train_variants(device), ".0f")
+    if res["sample"]:
+        batches = sorted({r["batch"] for r in res["sample"].values() if "batch" in r})
+        lines += [(f"## Sampling (batch {'/'.join(map(str, batches))}, {SAMPLE_STEPS}-step DDPM, guidance "
+                   f"{SAMPLE_CFG:g}; ms = one denoising step of the guided batch, images/s = batch / "
+                   f"({SAMPLE_STEPS} x that))"), "",
+                  ("| latent | image | tokens | model | images/s | ms/step | rounds | peak MB step | peak MB total | "
+                   "DiT3 speed-up | DiT3 memory ratio |"),
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        latents = sorted({int(k.split("/")[2]) for k in res["sample"]})
+        lines += dit_rows(res["sample"], latents, [dit_variant(m) for m in SAMPLE_MODELS], ".2f")
     lines += ["## Targets", "", "Memory ratios use the step peak.", "",
               "| target | measured | |", "|---|---:|---|"]
     lines += [f"| {label} | {fmt(v, '.3f' if 'memory' in label else '.2f')} | "
               f"{'n/a' if math.isnan(v) else 'met' if ok else 'MISSED'} |" for label, v, ok in targets]
     return lines
+
+
+def dit_rows(points: dict, latents: list[int], variants: list[str], ms_spec: str) -> list[str]:
+    """Table rows of a DiT task: per latent size DiT³ (variants[0]) then its baseline, with DiT³'s ratios."""
+    lines = []
+    for L in latents:
+        base = points.get(f"dit/{variants[0]}/{L}", {})
+        for v in variants:
+            r = points.get(f"dit/{v}/{L}")
+            if r is None:
+                continue
+            head = f"| {L} | {8 * L} | {(L // 2) ** 2} | {label(v)} |"
+            if "error" in r:
+                lines.append(f"{head} {r['error']} | | | | | | |")
+                continue
+            sp = "" if v == variants[0] else fmt(ratio(base.get("images_per_s"), r.get("images_per_s")), ".2f") + "x"
+            mr = "" if v == variants[0] else fmt(ratio(base.get("peak_mb"), r.get("peak_mb")), ".3f")
+            lines.append(f"{head} {fmt(r.get('images_per_s'), '.2f')} | {fmt(r.get('time_ms'), ms_spec)} | "
+                         f"{r.get('rounds', '')} | {fmt(r.get('peak_mb'), '.0f')} | "
+                         f"{fmt(r.get('total_peak_mb'), '.0f')} | {sp} | {mr} |")
+    return lines + [""]
 
 
 def plot(res: dict, args, device: str, path: Path):
@@ -389,7 +518,7 @@ def plot(res: dict, args, device: str, path: Path):
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.2 * len(panels)), squeeze=False)
     for row, task in zip(axes, panels):
         groups = INFER_MODELS if task == "infer" else {"dit": ""}
-        variants = INFER_VARIANTS if task == "infer" else TRAIN_VARIANTS
+        variants = INFER_VARIANTS if task == "infer" else train_variants(device)
         xs_all = args.sizes if task == "infer" else args.latents
         for group, gname in groups.items():
             for v in variants:
@@ -403,11 +532,12 @@ def plot(res: dict, args, device: str, path: Path):
                 if not xs:
                     continue
                 style = {"marker": "s" if group == "hvit3_tiny" else "o",
-                         "linestyle": "-" if v in ("ttt", "dit3_s2") else "--" if "sdpa" in v else ":"}
-                label = f"{gname} {LABELS[v]}".strip()
-                row[0].plot(xs, ips, label=label, **style)
-                row[1].plot(xs, mem, label=label, **style)
-        what = "inference, batch 1" if task == "infer" else f"training step, batch {TRAIN_BATCH}"
+                         "linestyle": "-" if v == "ttt" or v.startswith("dit3") else "--" if "sdpa" in v else ":"}
+                name = f"{gname} {label(v)}".strip()
+                row[0].plot(xs, ips, label=name, **style)
+                row[1].plot(xs, mem, label=name, **style)
+        batches = "/".join(map(str, sorted({r["batch"] for r in res[task].values() if "batch" in r})))
+        what = f"inference, batch {batches}" if task == "infer" else f"training step, batch {batches}"
         for ax, ylabel in zip(row, ("images / s", "peak memory of the step (MB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -436,35 +566,52 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024, 1248], help="inference resolutions")
     parser.add_argument("--latents", type=int, nargs="+", default=[32, 64, 128], help="DiT latent sizes")
+    parser.add_argument("--sample-latents", type=int, nargs="*",
+                        help="DiT latent sizes of the sampling points; default 32 on CUDA, none on CPU")
+    parser.add_argument("--models", nargs="+", default=list(INFER_MODELS), choices=list(INFER_MODELS),
+                        help="classifiers for inference")
+    parser.add_argument("--infer-batch", type=int, help="images per inference call (default: infer_batch)")
+    parser.add_argument("--train-batch", type=int, help=f"default {TRAIN_BATCH}")
+    parser.add_argument("--sample-batch", type=int, help=f"default {SAMPLE_BATCH}")
+    parser.add_argument("--dit-depth", type=int, help="override the DiT models' depth (a quick check of the code "
+                                                      "path, not a measurement)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per variant and point")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-infer", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process before giving up")
     parser.add_argument("--system-malloc", action="store_true", help="CPU: time with glibc's default malloc")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU: measure in this process as on CUDA (a quick check of the CUDA code path; "
+                             "memory is then the process's peak resident size)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for the .md, .json and .png")
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)  # a CPU worker's batch
     parser.add_argument("--worker", nargs=6, metavar=("KIND", "TASK", "GROUP", "VARIANTS", "SIZE", "DEVICE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, task, group, variants, size, device = args.worker
-        print(json.dumps(worker(kind, task, group, variants.split(","), int(size), device, args.min_time)))
+        print(json.dumps(worker(kind, task, group, variants.split(","), int(size), device, args.min_time,
+                                args.batch, args.dit_depth)))
         return
 
-    torch.set_num_threads(2)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
         if args.device == "cuda":
             sys.exit("--device cuda: no CUDA device")
         devices.remove("cuda")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    if "cpu" in devices:
+        torch.set_num_threads(2)
     for device in devices:
         machine = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
-        res = {"infer": {}, "train": {}}
+        res = {"infer": {}, "train": {}, "sample": {}}
         t_start = time.perf_counter()
         # the points the targets need first (ViT³-T, DiT), so that a run cut short has them
-        infer = [] if args.skip_infer else [("infer", g, list(INFER_VARIANTS), s) for g in INFER_MODELS
+        infer = [] if args.skip_infer else [("infer", g, list(INFER_VARIANTS), s) for g in args.models
                                             for s in args.sizes]
-        train = [] if args.skip_train else [("train", "dit", list(TRAIN_VARIANTS), L) for L in args.latents]
-        jobs = [j for j in infer if j[1] == "vit3_tiny"] + train + [j for j in infer if j[1] != "vit3_tiny"]
+        train = [] if args.skip_train else [("train", "dit", train_variants(device), L) for L in args.latents]
+        sample_latents = args.sample_latents if args.sample_latents is not None else [32] if device == "cuda" else []
+        sample = [("sample", "dit", [dit_variant(m) for m in SAMPLE_MODELS], L) for L in sample_latents]
+        jobs = [j for j in infer if j[1] == "vit3_tiny"] + train + sample + [j for j in infer if j[1] != "vit3_tiny"]
         for task, group, variants, size in jobs:
             for v, r in measure_point(args, device, task, group, variants, size).items():
                 res[task][f"{group}/{v}/{size}"] = r
@@ -477,15 +624,16 @@ def main():
 
 def write_outputs(res: dict, args, device: str, machine: str, complete: bool) -> list[str]:
     """Markdown, JSON and plot of the results so far; returns the markdown lines."""
-    targets = check_targets(res)
+    targets = check_targets(res, device)
     lines = markdown(res, args, device, machine, targets)
     if not complete:
         lines.insert(1, "\n**Partial: the run is still going (or was cut off).**")
-    stem = RESULTS / f"bench_models_{device}"
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    stem = Path(args.results) / f"bench_models_{device}"
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(
         {"machine": machine, "torch": torch.__version__, "device": device, "argv": sys.argv[1:],
-         "dtype": "bf16 autocast" if device == "cuda" else "float32", "train_batch": TRAIN_BATCH,
+         "dtype": "bf16 autocast" if device == "cuda" else "float32",
          "complete": complete, "results": res,
          "malloc": malloc_record(device, args.system_malloc),
          "targets": [{"target": lb, "ratio": v, "met": ok} for lb, v, ok in targets]}, indent=1))

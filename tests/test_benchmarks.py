@@ -1,5 +1,8 @@
 """The benchmarks' own logic (not their timings): which malloc each worker gets, how many rounds a point
-is timed for, that a worker returns every mixer's time, and that the target checks mark a miss."""
+is timed for, that a worker returns every mixer's time, that the target checks mark a miss, and how
+gpu_check.py limits its parts and builds its target table."""
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -8,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_models  # noqa: E402
 import bench_ttt  # noqa: E402
+import gpu_check  # noqa: E402
 
 MALLOC_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
@@ -62,3 +66,85 @@ def test_ttt_targets_mark_a_miss():
     assert by_label["speed-up of TTT fast over reference, N=4096 (>= 1.0x)"].endswith("| met |")
     assert by_label["peak memory TTT fast / reference, N=16384 (<= 0.5)"].endswith("| met |")  # 0.33
     assert by_label["speed-up of TTT fast over SDPA, N=16384 (>= 12.0x)"].endswith("| met |")  # 20x
+
+
+def test_inner_step_floor_counts_qkv_and_output_per_pass():
+    # C = 384, 6 heads: q, k, v and the output are 448 wide; forward 4, forward+backward 12 of them a token, bf16
+    assert bench_ttt.inner_bytes(16384, 384, 6, 4, "infer", 2) == 4 * 16384 * 4 * 448 * 2
+    assert bench_ttt.inner_bytes(16384, 384, 6, 4, "train", 2) == 3 * bench_ttt.inner_bytes(16384, 384, 6, 4,
+                                                                                             "infer", 2)
+    assert [bench_ttt.batch_for(n, 65536) for n in (256, 1024, 4096, 16384, 65536, 97344)] == [256, 64, 16, 4, 1, 1]
+
+
+def test_inner_step_time_is_the_layer_minus_its_gemms():
+    points = {"ttt_fast": {"time_ms": 10.0}, "attn_sdpa": {"time_ms": 3.0}}
+    bench_ttt.inner_step_times(points, {"_gemms": 6.0}, 16384, "infer", 384, 6, 4, 2, gbps=1000.0)
+    r = points["ttt_fast"]
+    assert r["inner_ms"] == 4.0 and r["inner_method"] == "layer - qkv/proj GEMMs"
+    assert r["inner_floor_ms"] == pytest.approx(1e3 * 4 * 16384 * 4 * 448 * 2 / 1e12)
+    assert r["inner_floor_fraction"] == pytest.approx(r["inner_floor_ms"] / 4.0)
+    assert "inner_ms" not in points["attn_sdpa"]
+
+
+def cuda_results(triton_ms: float, triton_mb: float, floor_fraction: float) -> tuple[dict, dict]:
+    """Fabricated bench_ttt and bench_models results on CUDA: TTT Triton at triton_ms / triton_mb against SDPA
+    at 10 ms / 100 MB at every N; the whole-model points at fixed ratios."""
+    ttt = {}
+    for n in (1024, 4096, 16384):
+        for mode in ("train", "infer"):
+            ttt[f"ttt_triton/{n}/{mode}"] = {"time_ms": triton_ms, "peak_mb": triton_mb,
+                                             "inner_floor_fraction": floor_fraction}
+            ttt[f"attn_sdpa/{n}/{mode}"] = {"time_ms": 10.0, "peak_mb": 100.0}
+    infer = {"vit3_tiny/ttt/1248": {"images_per_s": 500.0, "peak_mb": 50.0},
+             "vit3_tiny/attn_math/1248": {"images_per_s": 100.0, "peak_mb": 1000.0},  # 5x, 0.05
+             "vit3_tiny/attn_sdpa/1248": {"images_per_s": 200.0, "peak_mb": 40.0},  # 2.5x (missed), 1.25 (missed)
+             "vit3_tiny/ttt/224": {"images_per_s": 950.0}, "vit3_tiny/attn_sdpa/224": {"images_per_s": 1000.0}}
+    train = {"dit/dit3_b2/32": {"images_per_s": 95.0}, "dit/dit_b2_sdpa/32": {"images_per_s": 100.0},
+             "dit/dit3_b2/64": {"images_per_s": 12.0}, "dit/dit_b2_sdpa/64": {"images_per_s": 10.0}}  # 1.2x: missed
+    models = {"infer": infer, "train": train, "sample": {}}  # no sampling point: n/a
+    return ttt, models
+
+
+def test_cuda_targets_mark_met_missed_and_missing():
+    ttt, models = cuda_results(triton_ms=2.0, triton_mb=100.0, floor_fraction=0.6)  # 5x over SDPA, same memory
+    got = {label: (v, ok) for label, v, ok in bench_ttt.targets(ttt, "cuda")}
+    assert got["speed-up of TTT Triton over SDPA, N=4096 (>= 3.0x)"] == (5.0, True)
+    assert got["speed-up of TTT Triton over SDPA, N=16384 (>= 10.0x)"] == (5.0, False)
+    assert got["fwd+bwd peak memory TTT Triton / SDPA, N=1024 (<= 1.0)"] == (1.0, True)
+    assert got["fwd+bwd inner step of TTT Triton, fraction of its floor, N=16384 (>= 0.5)"] == (0.6, True)
+    got = {label: (v, ok) for label, v, ok in bench_models.check_targets(models, "cuda")}
+    assert got["ViT³-T / DeiT-T (materialised) inference throughput at 1248 (>= 4.6x)"] == (5.0, True)
+    assert got["ViT³-T / DeiT-T (materialised) inference peak memory at 1248 (<= 0.10)"] == (0.05, True)
+    assert got["ViT³-T / DeiT-T (SDPA) inference throughput at 1248 (>= 3.0x)"] == (2.5, False)
+    assert got["ViT³-T / DeiT-T (SDPA) inference peak memory at 1248 (<= 1.0)"] == (1.25, False)
+    assert got["ViT³-T / DeiT-T (SDPA) inference throughput at 224 (>= 0.9x)"] == (0.95, True)
+    assert got["DiT3-B/2 / DiT-B/2 (SDPA) training throughput at latent 64 (>= 1.3x)"][1] is False
+    assert math.isnan(got["DiT3-XL/2 / DiT-XL/2 (SDPA) 250-step guided DDPM sampling throughput at 256 px "
+                          "(>= 0.9x)"][0])
+
+
+def test_gpu_check_table_reads_the_results_and_marks_each_target(tmp_path):
+    ttt, models = cuda_results(triton_ms=0.5, triton_mb=120.0, floor_fraction=0.3)  # 20x; 1.2x SDPA's memory
+    (tmp_path / "bench_ttt_cuda.json").write_text(json.dumps({"results": ttt, "complete": False}))
+    rows, notes = gpu_check.target_table(tmp_path, "cuda")
+    lines = gpu_check.report({"tests": {"limit_s": 60, "seconds": 12.0, "error": None, "last_line": "3 passed"}},
+                             rows, notes, "cuda")
+    by_target = {line.split(" | ")[1]: line for line in lines if line.startswith("| bench_")}
+    assert by_target["speed-up of TTT Triton over SDPA, N=16384 (>= 10.0x)"].endswith("| 20.00 | met |")
+    assert by_target["fwd+bwd peak memory TTT Triton / SDPA, N=4096 (<= 1.0)"].endswith("| 1.20 | MISSED |")
+    assert by_target["fwd+bwd inner step of TTT Triton, fraction of its floor, N=16384 (>= 0.5)"].endswith(
+        "| 0.30 | MISSED |")
+    # bench_models wrote nothing: its targets are listed, at n/a, and the notes say why
+    assert by_target["ViT³-T / DeiT-T (SDPA) inference throughput at 224 (>= 0.9x)"].endswith("| n/a | n/a |")
+    assert notes == ["bench_ttt_cuda.json: partial (the part was cut off)",
+                     "bench_models_cuda.json: not read (FileNotFoundError)"]
+    assert "| tests | 60 | 12 | ok | 3 passed |" in lines
+
+
+def test_gpu_check_part_failure_and_time_limit_are_recorded(tmp_path):
+    failed = gpu_check.run_part([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], 30, tmp_path / "a.log")
+    assert failed["error"] == "exit code 3" and failed["last_line"] == "boom"
+    slow = gpu_check.run_part([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                              1, tmp_path / "b.log")
+    assert slow["error"] == "stopped at its time limit (1 s)" and slow["seconds"] < 10
+    assert slow["last_line"] == "started"

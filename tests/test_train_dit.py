@@ -336,12 +336,16 @@ def test_unknown_model_and_cli_error(data, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # shipped configs and the demo
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config,model", [("dit3_s2_in256", "DiT3-S/2"), ("dit3_b2_in256", "DiT3-B/2"),
-                                          ("dit3_xl2_in256", "DiT3-XL/2"), ("dit_b2_in256", "DiT-B/2")])
-def test_shipped_configs_follow_dits_recipe(config, model):
+@pytest.mark.parametrize("config,model,image_size,max_steps", [
+    ("dit3_s2_in256", "DiT3-S/2", 256, 400_000), ("dit3_b2_in256", "DiT3-B/2", 256, 400_000),
+    ("dit3_xl2_in256", "DiT3-XL/2", 256, 400_000), ("dit_b2_in256", "DiT-B/2", 256, 400_000),
+    ("dit3_xl2_in512", "DiT3-XL/2", 512, 3_000_000)])  # DiT-XL/2 512x512: latent 64, 3M updates
+def test_shipped_configs_follow_dits_recipe(config, model, image_size, max_steps):
     cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
-    assert cfg.model.name == model and (cfg.model.image_size, cfg.model.num_classes) == (256, 1000)
-    assert cfg.model.class_dropout_prob == 0.1 and cfg.max_steps == 400_000
+    assert cfg.name == config
+    assert cfg.model.name == model and (cfg.model.image_size, cfg.model.num_classes) == (image_size, 1000)
+    assert train_dit.model_input(cfg, 8, 4) == (image_size // 8, 4)  # latents through the VAE's 8x downsampling
+    assert cfg.model.class_dropout_prob == 0.1 and cfg.max_steps == max_steps
     assert (cfg.vae.name, cfg.vae.scale) == ("stabilityai/sd-vae-ft-ema", 0.18215)
     o = cfg.optim
     assert (o.opt, o.lr, o.lr_batch, o.weight_decay, o.sched, o.warmup_epochs, o.clip_grad, o.betas) == (
