@@ -224,12 +224,11 @@ def task_batch(args, task: str, size: int, device: str) -> int:
 
 
 def ttt_path(model: torch.nn.Module) -> str | None:
-    """Which TTT implementation the model's TTT layers run, None without TTT: the impl asked for, and for
-    "auto" the path it takes by `TTT.uses_fast_path()` ("fast" / "reference")."""
+    """Which TTT implementation the model's TTT layers run on their device, None without TTT: "triton",
+    "fast" or "reference", by `TTT.path`."""
     from vit3.ttt import TTT
 
-    paths = {m.impl if m.impl != "auto" else "fast" if m.uses_fast_path() else "reference"
-             for m in model.modules() if isinstance(m, TTT)}
+    paths = {m.path(m.qkv.weight.device) for m in model.modules() if isinstance(m, TTT)}
     return "+".join(sorted(paths)) or None
 
 
@@ -434,7 +433,7 @@ def markdown(res: dict, args, device: str, machine: str, targets) -> list[str]:
     paths = {f"{k.split('/')[0]}": r.get("ttt_path") for task in res for k, r in res[task].items()
              if r.get("ttt_path")}
     if paths:
-        lines += [("TTT path that ran (`TTT.uses_fast_path()`): "
+        lines += [("TTT path that ran (`TTT.path`): "
                    + ", ".join(f"{k}: {v}" for k, v in sorted(paths.items()))), ""]
     if res["infer"]:
         batches = sorted({r["batch"] for r in res["infer"].values() if "batch" in r})

@@ -183,33 +183,28 @@ def make_gemm_step(n: int, mode: str, device: str, c: int, heads: int, batch: in
 
 
 def make_inner_triton_step(n: int, mode: str, device: str, c: int, heads: int, batch: int = 1):
-    """A closure running `vit3.ttt.triton.ttt_inner_triton` alone, or None where there is no such function.
-
-    Its assumed contract, ttt_fast's without the projection: ttt_inner_triton(qkv [B, N, 3C + 3d] (bf16),
-    w1, w2, w3, *, heads, h, w, scale, lr) -> [B, N, C + d], the output projection's input; for
-    mode="train" its backward runs too, from a fixed random output gradient."""
+    """A closure running the Triton inner step alone, the kernels between the qkv and output projections:
+    the custom op `vit3::ttt_inner_fwd` and, for mode="train", `vit3::ttt_inner_bwd` from a fixed random
+    gradient of the projection input; None where the Triton path cannot be imported."""
     try:
-        from vit3.ttt import triton as kernels
+        from vit3.ttt import triton_ops  # noqa: F401  (registers torch.ops.vit3.ttt_inner_*)
     except ImportError:
-        return None
-    if not hasattr(kernels, "ttt_inner_triton"):
         return None
     from vit3.mixers import build_mixer
 
     torch.manual_seed(0)
     layer = build_mixer("ttt", c, heads).to(device)
-    train = mode == "train"
     act = torch.bfloat16 if device == "cuda" else torch.float32
     side = math.isqrt(n)
-    qkv = torch.randn(batch, n, layer.qkv.out_features, device=device, dtype=act, requires_grad=train)
+    qkv = torch.randn(batch, n, layer.qkv.out_features, device=device, dtype=act)
     dout = torch.randn(batch, n, layer.proj.in_features, device=device, dtype=act)
+    weights = (layer.w1.detach(), layer.w2.detach(), layer.w3.detach(), None)
+    args = (heads, side, n // side, layer.scale, layer.inner_lr, 0, 0)
 
     def step():
-        with torch.set_grad_enabled(train):
-            out = kernels.ttt_inner_triton(qkv, layer.w1, layer.w2, layer.w3, heads=heads, h=side, w=n // side,
-                                           scale=layer.scale, lr=layer.inner_lr)
-        if train:
-            out.backward(dout)
+        out, *inner = torch.ops.vit3.ttt_inner_fwd(qkv, *weights, *args)
+        if mode == "train":
+            torch.ops.vit3.ttt_inner_bwd(qkv, dout, *weights, *inner, *args)
     return step
 
 
@@ -368,7 +363,7 @@ def inner_step_times(points: dict, times: dict, n: int, mode: str, c: int, heads
                      gbps: float):
     """Adds the inner step's time and its floor to each timed TTT mixer's result.
 
-    Inner step: `ttt_inner_triton` timed alone for ttt_triton where it exists, else the layer's time minus
+    Inner step: the Triton inner ops timed alone for ttt_triton, else the layer's time minus
     that of its qkv and output projections ("_gemms", make_gemm_step). Floor: inner_bytes over the copy
     bandwidth measured in this run; "inner_floor_fraction" = floor / inner time (1.0 = at the floor).
     """
@@ -377,7 +372,7 @@ def inner_step_times(points: dict, times: dict, n: int, mode: str, c: int, heads
         if not m.startswith("ttt") or "time_ms" not in r or "_gemms" not in times:
             continue
         if m == "ttt_triton" and "_inner_triton" in times:
-            inner, how = times["_inner_triton"], "ttt_inner_triton"
+            inner, how = times["_inner_triton"], "Triton inner ops alone"
         else:
             inner, how = r["time_ms"] - times["_gemms"], "layer - qkv/proj GEMMs"
         r.update(gemms_ms=times["_gemms"], inner_ms=inner, inner_method=how, inner_floor_ms=floor_ms,
@@ -488,7 +483,7 @@ def markdown(res: dict, args, device: str, mixers: list[str], batch_tokens: int,
                   f"Copy bandwidth (device-to-device copy, bytes read + written): {gbps:.0f} GB/s. Floor = the "
                   "bytes the inner step must move (q, k, v read and its output written once per pass: 4 (C + d) "
                   "values a token forward, 12 (C + d) forward+backward; `inner_bytes`) over that bandwidth. "
-                  "Inner time: `ttt_inner_triton` alone where it exists, else the layer minus its qkv and "
+                  "Inner time: ttt_triton's inner ops (`vit3::ttt_inner_fwd` / `_bwd`) alone, else the layer minus its qkv and "
                   "output-projection GEMMs timed alone.", "",
                   "| mixer | N | batch | mode | layer ms | qkv/proj GEMMs ms | inner ms | inner time from | "
                   "floor MB | floor ms | of floor |",
@@ -500,7 +495,7 @@ def markdown(res: dict, args, device: str, mixers: list[str], batch_tokens: int,
                          f"{r['inner_floor_ms']:.4f} | {100 * r['inner_floor_fraction']:.0f}% |")
         errors = [f"{k}: {r['inner_error']}" for k, r in res.items() if "inner_error" in r]
         if errors:
-            lines += ["", "`ttt_inner_triton` failed (the layer minus its GEMMs used instead): " + "; ".join(errors)]
+            lines += ["", "The Triton inner ops failed (the layer minus its GEMMs used instead): " + "; ".join(errors)]
     lines += ["", "## Targets", "", "| target | measured | |", "|---|---:|---|"] + check_targets(res, device)
     return lines
 

@@ -53,7 +53,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 def kernels_for(d: int, rope: bool, dtype: str) -> list[tuple[str, object, dict]]:
     """(name, kernel, constexprs) of every launch of one configuration, as triton_ops makes them."""
     p = Plan(1, 4096, 1, d, d, torch.device("cpu"))
-    head = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC="ieee", num_warps=p.warps)
+    head = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC="ieee", num_warps=p.warps, num_stages=p.stages)
     conv = dict(CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
     return [
         ("head_fwd_reduce", K.head_fwd_reduce, head), ("head_fwd_apply", K.head_fwd_apply, head),
@@ -70,10 +70,10 @@ def kernels_for(d: int, rope: bool, dtype: str) -> list[tuple[str, object, dict]
 def compile_sm90(kernel, dtype: str, launch: dict) -> dict:
     """Compile for sm_90 as triton_ops launches it (constexprs and num_warps) and read ptxas -v:
     registers, spill stores/loads (bytes), shared memory (bytes)."""
-    constexprs = {k: v for k, v in launch.items() if k != "num_warps"}
+    options = {k: launch[k] for k in ("num_warps", "num_stages") if k in launch}
+    constexprs = {k: v for k, v in launch.items() if k not in options}
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": launch.get("num_warps", 4)})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
@@ -82,7 +82,8 @@ def compile_sm90(kernel, dtype: str, launch: dict) -> dict:
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill_st, spill_ld = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     return {"registers": regs, "spill_stores": spill_st, "spill_loads": spill_ld,
-            "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps}
+            "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+            "num_stages": compiled.metadata.num_stages}
 
 
 def table(configs, dtypes) -> list[dict]:
@@ -108,11 +109,11 @@ def main():
     if args.json:
         print(json.dumps(rows))
         return
-    print("| kernel | d | RoPE | dtype | registers | spills (st/ld B) | shared (B) | warps |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | d | RoPE | dtype | registers | spills (st/ld B) | shared (B) | warps | stages |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['d']} | {'yes' if r['rope'] else 'no'} | {r['dtype']} | {r['registers']} | "
-              f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['num_warps']} |")
+              f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['num_warps']} | {r['num_stages']} |")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ class Plan:
 
     d: head width, c: conv-branch width. DP / CP: d / c padded to a power of two (>= 16, the
     smallest dot); RB: key-channel rows per program; BN: tokens per tile. The sizes are the largest
-    that ptxas fits in Hopper's registers without spilling (benchmarks/triton_resources.py prints
-    them; a test keeps them there): head width 72 (DP 128) runs as 4 programs of 32 rows on tiles of
-    16 tokens. The token axis is split so that at least two programs run per SM at batch 1 (each
+    that ptxas fits in Hopper's registers without spilling and whose shared memory (the inner weights
+    as dot operands, pipelined loads) fits 227 KB (benchmarks/triton_resources.py prints them; a test
+    keeps them there): head width 72 (DP 128) runs as 4 programs of 32 rows on tiles of 16 tokens. The token axis is split so that at least two programs run per SM at batch 1 (each
     writes its own fp32 partial sums, added in a fixed order afterwards)."""
 
     def __init__(self, b: int, n: int, heads: int, d: int, c: int, device: torch.device,
@@ -52,6 +52,7 @@ class Plan:
         self.nrb = self.dp // self.rb
         self.bn = block_n or {16: 64, 32: 64, 64: 32}.get(self.dp, 16)
         self.warps = 4 if self.dp <= 32 else 8
+        self.stages = 2 if self.dp <= 64 else 1  # software-pipelined loads, within Hopper's shared memory
         self.cp = max(16, _pow2(c))
         self.cb = min(self.cp, 32)
         self.bnc = block_n or 32
@@ -119,7 +120,8 @@ def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: tor
     w12 = _head_tiles(w1, w2, p.dp, rows)
     coef = -scale / n  # dL/df(k) = coef * v for L = -scale * mean_n <f(k_n), v_n>
     f32 = dict(dtype=torch.float32, device=qkv.device)
-    common = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC=_precision(qkv.dtype), num_warps=p.warps)
+    common = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC=_precision(qkv.dtype), num_warps=p.warps,
+                  num_stages=p.stages)
     rope_t = theta if rope else qkv  # never read without RoPE
 
     part = torch.empty(b * heads, p.splits, p.dp, 2 * p.dp, **f32)
@@ -161,7 +163,8 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w1: torch.Tensor, w2: t
     rows = _rows_of_channels(d, p.dp, rope, qkv.device)
     coef = -scale / n
     f32 = dict(dtype=torch.float32, device=qkv.device)
-    common = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC=_precision(qkv.dtype), num_warps=p.warps)
+    common = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC=_precision(qkv.dtype), num_warps=p.warps,
+                  num_stages=p.stages)
     rope_t = theta if rope else qkv
     out = torch.empty(b, n, dim + c, dtype=qkv.dtype, device=qkv.device)
     dqkv = torch.empty_like(qkv)
