@@ -198,13 +198,13 @@ def make_inner_triton_step(n: int, mode: str, device: str, c: int, heads: int, b
     side = math.isqrt(n)
     qkv = torch.randn(batch, n, layer.qkv.out_features, device=device, dtype=act)
     dout = torch.randn(batch, n, layer.proj.in_features, device=device, dtype=act)
-    weights = (layer.w1.detach(), layer.w2.detach(), layer.w3.detach(), None)
+    w1, w2, w3 = (t.detach() for t in (layer.w1, layer.w2, layer.w3))
     args = (heads, side, n // side, layer.scale, layer.inner_lr, 0, 0)
 
     def step():
-        out, *inner = torch.ops.vit3.ttt_inner_fwd(qkv, *weights, *args)
+        out, *inner = torch.ops.vit3.ttt_inner_fwd(qkv, w1, w2, w3, None, *args)
         if mode == "train":
-            torch.ops.vit3.ttt_inner_bwd(qkv, dout, *weights, *inner, *args)
+            torch.ops.vit3.ttt_inner_bwd(qkv, dout, w3, None, *inner, *args)
     return step
 
 

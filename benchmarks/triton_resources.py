@@ -60,9 +60,9 @@ def kernels_for(d: int, rope: bool, dtype: str) -> list[tuple[str, object, dict]
         ("head_bwd_q", K.head_bwd_q, head), ("head_bwd_k", K.head_bwd_k, head),
         ("conv_fwd_reduce", K.conv_fwd_reduce, conv), ("conv_fwd_apply", K.conv_fwd_apply, conv),
         ("conv_bwd_q", K.conv_bwd_q, conv), ("conv_bwd_k", K.conv_bwd_k, conv),
-        ("finalize_fwd head", K.finalize_fwd, dict(M=p.dp, K=2 * p.dp, BK=min(2 * p.dp, 64))),
+        ("finalize_fwd head", K.finalize_fwd, dict(d=d, M=p.dp, K=2 * p.dp, BK=min(2 * p.dp, 64), HEAD=True, ROPE=rope)),
         ("finalize_bwd head", K.finalize_bwd, dict(M=p.dp, K=2 * p.dp, BK=min(2 * p.dp, 64))),
-        ("finalize_fwd conv", K.finalize_fwd, dict(M=16, K=p.cp, BK=p.cb)),
+        ("finalize_fwd conv", K.finalize_fwd, dict(d=d, M=16, K=p.cp, BK=p.cb, HEAD=False, ROPE=False)),
         ("finalize_bwd conv", K.finalize_bwd, dict(M=16, K=p.cp, BK=p.cb)),
     ]
 
@@ -92,7 +92,7 @@ def table(configs, dtypes) -> list[dict]:
         for dtype in dtypes:
             for name, kernel, constexprs in kernels_for(d, rope, dtype):
                 key = (name, dtype, tuple(sorted(constexprs.items())))
-                if key in seen:  # the conv and finalize kernels do not depend on RoPE
+                if key in seen:  # the conv kernels do not depend on RoPE
                     continue
                 seen.add(key)
                 rows.append({"kernel": name, "d": d, "rope": rope, "dtype": dtype, "models": models,

@@ -116,6 +116,24 @@ def _tile(ptr, rows, DP: tl.constexpr, cols):
 
 
 @triton.jit
+def _weights(wa, wb, m, rows, cols, d: tl.constexpr, M: tl.constexpr, HEAD: tl.constexpr, ROPE: tl.constexpr):
+    """The outer weights of matrix m in its tile layout, float32, read from the parameters: for the
+    SwiGLU branch W1 | W2 [H, d, d] of head m at the tile rows of their channels; for the conv
+    branch w3 [c, 9] as offsets x channels."""
+    if HEAD:
+        first = cols < M  # W1's columns, then W2's
+        col = tl.where(first, cols, cols - M)
+        chan, valid = _channels(rows, d, M, ROPE)
+        src = m * d * d + chan[:, None] * d + col[None, :]
+        mask = valid[:, None] & (col < d)[None, :]
+        w1 = tl.load(wa + src, mask=mask & first[None, :], other=0.0)
+        w2 = tl.load(wb + src, mask=mask & ~first[None, :], other=0.0)
+        return tl.where(first[None, :], w1.to(tl.float32), w2.to(tl.float32))
+    return tl.load(wa + cols[None, :] * 9 + rows[:, None], mask=(rows < 9)[:, None] & (cols < d)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _split_range(s, tiles, N, BN: tl.constexpr):
     """Tokens [start, end) of split s: `tiles` token tiles each."""
     start = s * tiles * BN
@@ -126,7 +144,7 @@ def _split_range(s, tiles, N, BN: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=RUNTIME)
-def head_fwd_reduce(qkv, w12, theta, part, N, h, w, tiles, stride, C, H, quarter,
+def head_fwd_reduce(qkv, wa, wb, theta, part, N, h, w, tiles, stride, C, H, quarter,
                     d: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr, BN: tl.constexpr,
                     ROPE: tl.constexpr, PREC: tl.constexpr):
     """Partial sums over one token range of [K^T (v silu(z2)) | K^T (v z1 silu'(z2))], z = K [W1 | W2]:
@@ -140,8 +158,8 @@ def head_fwd_reduce(qkv, w12, theta, part, N, h, w, tiles, stride, C, H, quarter
     pos = tl.arange(0, DP)
     rpos = r * RB + tl.arange(0, RB)
     cols = tl.arange(0, DP)
-    w1 = _tile(w12 + hd * DP * 2 * DP, pos, DP, cols)
-    w2 = _tile(w12 + hd * DP * 2 * DP, pos, DP, DP + cols)
+    w1 = _weights(wa, wb, hd, pos, cols, d, DP, True, ROPE)  # [DP, DP], from the parameters
+    w2 = _weights(wa, wb, hd, pos, DP + cols, d, DP, True, ROPE)
     acc1 = tl.zeros((RB, DP), tl.float32)
     acc2 = tl.zeros((RB, DP), tl.float32)
     start, end = _split_range(s, tiles, N, BN)
@@ -322,21 +340,28 @@ def head_bwd_k(qkv, w12, dgc, theta, dqkv, part, N, h, w, tiles, stride, C, H, q
 
 
 @triton.jit(do_not_specialize=["S"])
-def finalize_fwd(part, wt, g, n, wn, S, wmod, coef, lr, M: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+def finalize_fwd(part, wa, wb, wt, g, n, wn, S, wmod, coef, lr, d: tl.constexpr, M: tl.constexpr,
+                 K: tl.constexpr, BK: tl.constexpr, HEAD: tl.constexpr, ROPE: tl.constexpr):
     """Per matrix m (a sample and head, or a sample's conv kernels) and column block: the inner
     gradient g = coef * sum of the S partials [M, K] (summed in order), its column norms n over the
-    M rows, and the stepped weights w' = w - lr g / (n + 1), w = wt[m % wmod]."""
+    M rows, and the stepped weights w' = w - lr g / (n + 1), w the parameters of matrix m % wmod;
+    the SwiGLU branch's w also goes to wt, in tile layout, for the backward."""
     m = tl.program_id(0)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    off = tl.arange(0, M)[:, None] * K + cols[None, :]
+    rows = tl.arange(0, M)
+    off = rows[:, None] * K + cols[None, :]
     acc = tl.zeros((M, BK), tl.float32)
     for s in range(S):
         acc += tl.load(part + (m * S + s) * M * K + off)
     acc = acc * coef
     norm = tl.sqrt(tl.sum(acc * acc, axis=0))
+    w = _weights(wa, wb, m % wmod, rows, cols, d, M, HEAD, ROPE)
     tl.store(g + m * M * K + off, acc)
     tl.store(n + m * K + cols, norm)
-    tl.store(wn + m * M * K + off, tl.load(wt + (m % wmod) * M * K + off) - lr * acc / (norm + 1.0)[None, :])
+    tl.store(wn + m * M * K + off, w - lr * acc / (norm + 1.0)[None, :])
+    if HEAD:
+        if m < wmod:  # the first sample's programs, one per head
+            tl.store(wt + m * M * K + off, w)
 
 
 @triton.jit(do_not_specialize=["S"])

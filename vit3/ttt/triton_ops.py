@@ -76,22 +76,6 @@ def _rows_of_channels(d: int, dp: int, rope: bool, device: torch.device) -> torc
     return ch // 2 + (ch % 2) * (dp // 2) if rope else ch
 
 
-def _head_tiles(w1: torch.Tensor, w2: torch.Tensor, dp: int, rows: torch.Tensor) -> torch.Tensor:
-    """W1, W2 [1, H, d, d] -> [H, DP, 2 DP] float32 tile layout (zero padding)."""
-    heads, d = w1.shape[1], w1.shape[-1]
-    t = w1.new_zeros(heads, dp, 2 * dp, dtype=torch.float32)
-    t[:, rows, :d] = w1[0].float()
-    t[:, rows, dp:dp + d] = w2[0].float()
-    return t
-
-
-def _conv_tiles(w3: torch.Tensor, cp: int) -> torch.Tensor:
-    """w3 [c, 1, 3, 3] -> [16, CP] float32, offsets as rows."""
-    t = w3.new_zeros(16, cp, dtype=torch.float32)
-    t[:9, :w3.shape[0]] = w3.reshape(w3.shape[0], 9).t().float()
-    return t
-
-
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's matmul precision setting (TF32 only where the user allowed it)."""
     return "ieee" if dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -110,48 +94,50 @@ def _shapes(qkv: torch.Tensor, w3: torch.Tensor, heads: int, h: int, w: int):
 def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                   theta: torch.Tensor | None, heads: int, h: int, w: int, scale: float, lr: float,
                   block_n: int, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
+                                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inner step: (out [B, N, C + c] in qkv's dtype, the output projection's input; then for the
-    backward, in tile layout, float32: g12, n12, w12', g3, n3, w3')."""
+    backward, in tile layout, float32: w12, g12, n12, w12', g3, n3, w3')."""
     b, n, dim, d, c = _shapes(qkv, w3, heads, h, w)
     p = Plan(b, n, heads, d, c, qkv.device, block_n, splits)
     rope = theta is not None
-    rows = _rows_of_channels(d, p.dp, rope, qkv.device)
-    w12 = _head_tiles(w1, w2, p.dp, rows)
     coef = -scale / n  # dL/df(k) = coef * v for L = -scale * mean_n <f(k_n), v_n>
     f32 = dict(dtype=torch.float32, device=qkv.device)
     common = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC=_precision(qkv.dtype), num_warps=p.warps,
                   num_stages=p.stages)
     rope_t = theta if rope else qkv  # never read without RoPE
 
+    w1, w2, w3 = (t.contiguous() for t in (w1, w2, w3))
+    w12, g12, w12n = (torch.empty(b * heads if i else heads, p.dp, 2 * p.dp, **f32) for i in range(3))
+    n12 = torch.empty(b * heads, 2 * p.dp, **f32)
+    bk = min(2 * p.dp, 64)
+
     part = torch.empty(b * heads, p.splits, p.dp, 2 * p.dp, **f32)
     _kernel(K.head_fwd_reduce)[(p.nrb * p.splits, b * heads)](
-        qkv, w12, rope_t, part, n, h, w, p.tiles, qkv.stride(1), dim, heads, dim // 4, **common)
+        qkv, w1, w2, rope_t, part, n, h, w, p.tiles, qkv.stride(1), dim, heads, dim // 4, **common)
     part3 = torch.empty(b, p.splits_c, 16, p.cp, **f32)
     _kernel(K.conv_fwd_reduce)[(p.splits_c, b * (p.cp // p.cb))](
         qkv, part3, n, h, w, p.tiles_c, qkv.stride(1), dim, c, CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
 
-    g12, w12n = (torch.empty(b * heads, p.dp, 2 * p.dp, **f32) for _ in range(2))
-    n12 = torch.empty(b * heads, 2 * p.dp, **f32)
-    bk = min(2 * p.dp, 64)
     _kernel(K.finalize_fwd)[(b * heads, 2 * p.dp // bk)](
-        part, w12, g12, n12, w12n, p.splits, heads, coef, lr, M=p.dp, K=2 * p.dp, BK=bk)
+        part, w1, w2, w12, g12, n12, w12n, p.splits, heads, coef, lr, d=d, M=p.dp, K=2 * p.dp, BK=bk,
+        HEAD=True, ROPE=rope)
     g3, w3n = (torch.empty(b, 16, p.cp, **f32) for _ in range(2))
     n3 = torch.empty(b, p.cp, **f32)
-    _kernel(K.finalize_fwd)[(b, p.cp // p.cb)](
-        part3, _conv_tiles(w3, p.cp), g3, n3, w3n, p.splits_c, 1, coef, lr, M=16, K=p.cp, BK=p.cb)
+    _kernel(K.finalize_fwd)[(b, p.cp // p.cb)](  # conv: no second weight, no tile copy (HEAD=False)
+        part3, w3, w3, w3n, g3, n3, w3n, p.splits_c, 1, coef, lr, d=c, M=16, K=p.cp, BK=p.cb, HEAD=False,
+        ROPE=False)
 
     out = torch.empty(b, n, dim + c, dtype=qkv.dtype, device=qkv.device)
     _kernel(K.head_fwd_apply)[(_cdiv(n, p.bn), b * heads)](
         qkv, w12n, rope_t, out, n, h, w, qkv.stride(1), out.stride(1), dim, heads, dim // 4, **common)
     _kernel(K.conv_fwd_apply)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
         qkv, w3n, out, n, h, w, qkv.stride(1), out.stride(1), dim, c, CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
-    return out, g12, n12, w12n, g3, n3, w3n
+    return out, w12, g12, n12, w12n, g3, n3, w3n
 
 
 @triton_op("vit3::ttt_inner_bwd", mutates_args={})
-def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                  theta: torch.Tensor | None, g12: torch.Tensor, n12: torch.Tensor, w12n: torch.Tensor,
+def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta: torch.Tensor | None,
+                  w12: torch.Tensor, g12: torch.Tensor, n12: torch.Tensor, w12n: torch.Tensor,
                   g3: torch.Tensor, n3: torch.Tensor, w3n: torch.Tensor, heads: int, h: int, w: int,
                   scale: float, lr: float, block_n: int, splits: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,7 +177,7 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w1: torch.Tensor, w2: t
     # pass over k and v: dk, dv, partial direct dW
     partk = torch.empty(b * heads, p.splits, p.dp, 2 * p.dp, **f32)
     _kernel(K.head_bwd_k)[(p.nrb * p.splits, b * heads)](
-        qkv, _head_tiles(w1, w2, p.dp, rows), dgc12, rope_t, dqkv, partk, n, h, w, p.tiles, qkv.stride(1),
+        qkv, w12, dgc12, rope_t, dqkv, partk, n, h, w, p.tiles, qkv.stride(1),
         dim, heads, dim // 4, **common)
     _kernel(K.conv_bwd_k)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
         qkv, dgc3, dqkv, n, h, w, qkv.stride(1), dim, c, CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
@@ -218,7 +204,7 @@ class _TTTTriton(torch.autograd.Function):
         dy = dy.contiguous()  # [B, N, C]
         dout = dy @ pw.to(dy.dtype)  # [B, N, C + c]
         dqkv, out, dw1, dw2, dw3 = torch.ops.vit3.ttt_inner_bwd(
-            qkv, dout, w1, w2, w3, theta, *inner, heads, h, w, scale, lr, block_n, splits)
+            qkv, dout, w3, theta, *inner, heads, h, w, scale, lr, block_n, splits)
         dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
         dpb = dy.sum(dim=(0, 1), dtype=torch.float32).to(pw.dtype) if has_bias else None
         return (dqkv, dw1.to(w1.dtype), dw2.to(w2.dtype), dw3.to(w3.dtype), dpw.to(pw.dtype), dpb,
