@@ -18,7 +18,7 @@ from vit3.layers import RoPE2d
 from vit3.ttt import TTT
 from vit3.ttt.layer import HAS_TRITON
 
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+pytestmark = [pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")]
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
