@@ -22,12 +22,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vit3.ttt import kernels as K
-from vit3.ttt.triton_ops import Plan
+from vit3.ttt.triton_ops import Plan, covers
 
 # (head width, RoPE, what ships it): ViT³-T and H-ViT³ (d 32, H-ViT³ with RoPE), ViT³-S/B and
 # DiT3-S/B/L (64), DiT3-XL (72)
 SHIPPED = [(32, False, "ViT³-T"), (32, True, "H-ViT³"), (64, False, "ViT³-S/B, DiT3-S/B/L"), (72, False, "DiT3-XL")]
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSORS = {"qkv", "dout", "out", "dqkv"}  # in the input dtype; every other pointer is float32
 FLOATS = {"coef", "lr", "factor"}
 INTS = {"N", "h", "w", "tiles", "stride", "out_stride", "C", "H", "quarter", "S", "wmod", "c"}
@@ -52,7 +52,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 def kernels_for(d: int, rope: bool, dtype: str) -> list[tuple[str, object, dict]]:
     """(name, kernel, constexprs) of every launch of one configuration, as triton_ops makes them."""
-    p = Plan(1, 4096, 1, d, d, torch.device("cpu"))
+    p = Plan(1, 4096, 1, d, d, torch.device("cpu"), DTYPES[dtype])
     head = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC="ieee", num_warps=p.warps, num_stages=p.stages)
     conv = dict(CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
     return [
@@ -90,6 +90,8 @@ def table(configs, dtypes) -> list[dict]:
     rows, seen = [], set()
     for d, rope, models in configs:
         for dtype in dtypes:
+            if not covers(d, DTYPES[dtype]):  # the layer takes the fast path there
+                continue
             for name, kernel, constexprs in kernels_for(d, rope, dtype):
                 key = (name, dtype, tuple(sorted(constexprs.items())))
                 if key in seen:  # the conv kernels do not depend on RoPE

@@ -96,6 +96,9 @@ def test_layer_dispatch():
     assert layer.path(cuda, torch.bfloat16) == "triton"  # auto: Triton for CUDA tensors
     assert layer.path(cpu) == "fast"
     assert layer.path(cuda, torch.float64) == "fast"  # the kernels take fp32 and half precision only
+    assert layer.path(cuda, torch.float32) == "triton"
+    assert TTT(144, 2).path(cuda, torch.float32) == "fast"  # fp32 stops at head width 64
+    assert TTT(144, 2).path(cuda, torch.bfloat16) == "triton"
     assert TTT(64, 2, impl="triton").path(cpu) == "triton"  # forced: the interpreter, or the error below
     assert TTT(64, 2, inner_loss="mse").path(cuda) == "reference"  # not the paper's design
     with pytest.raises(ValueError, match="impl='triton' covers the paper's design only"):
@@ -111,7 +114,7 @@ def test_triton_needs_the_interpreter_on_cpu(monkeypatch):
 
 
 def test_triton_refuses_float64():
-    with pytest.raises(TypeError, match="use impl='fast' for float64"):
+    with pytest.raises(TypeError, match="got torch.float64 at head width .*: use bf16 autocast or impl='fast'"):
         TTT(64, 2, impl="triton").double().to(DEVICE)(torch.randn(1, 4, 64, dtype=torch.float64, device=DEVICE), 2, 2)
 
 

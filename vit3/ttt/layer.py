@@ -125,8 +125,11 @@ class TTT(nn.Module):
             return "reference"
         if self.impl != "auto":
             return self.impl
-        gpu_ok = device.type == "cuda" and dtype != torch.float64 and HAS_TRITON
-        return "triton" if gpu_ok else "fast"
+        if device.type == "cuda" and HAS_TRITON:
+            from .triton_ops import covers
+
+            return "triton" if covers(self.dim // self.num_heads, dtype) else "fast"
+        return "fast"
 
     def forward(self, x: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
         b, n, c = x.shape

@@ -42,17 +42,22 @@ class Plan:
     smallest dot); RB: key-channel rows per program; BN: tokens per tile. The sizes are the largest
     that ptxas fits in Hopper's registers without spilling and whose shared memory (the inner weights
     as dot operands, pipelined loads) fits 227 KB (benchmarks/triton_resources.py prints them; a test
-    keeps them there): head width 72 (DP 128) runs as 4 programs of 32 rows on tiles of 16 tokens. The token axis is split so that at least two programs run per SM at batch 1 (each
+    keeps them there): head width 72 (DP 128) runs as 4 programs of 32 rows on tiles of 16 tokens;
+    float32 inputs take tiles of 16 tokens, and up to head width 64 only (see covers). The token axis is split so that at least two programs run per SM at batch 1 (each
     writes its own fp32 partial sums, added in a fixed order afterwards)."""
 
-    def __init__(self, b: int, n: int, heads: int, d: int, c: int, device: torch.device,
+    def __init__(self, b: int, n: int, heads: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
                  block_n: int = 0, splits: int = 0):
         self.dp = max(16, _pow2(d))
         self.rb = min(self.dp, 64 if self.dp <= 64 else 32)
         self.nrb = self.dp // self.rb
-        self.bn = block_n or {16: 64, 32: 64, 64: 32}.get(self.dp, 16)
-        self.warps = 4 if self.dp <= 32 else 8
-        self.stages = 2 if self.dp <= 64 else 1  # software-pipelined loads, within Hopper's shared memory
+        if dtype == torch.float32:  # fp32 dot operands: twice the registers and shared memory
+            self.bn, self.warps, self.stages = 16, 8, 1
+        else:
+            self.bn = {16: 64, 32: 64, 64: 32}.get(self.dp, 16)
+            self.warps = 4 if self.dp <= 32 else 8
+            self.stages = 2 if self.dp <= 64 else 1  # software-pipelined loads, within Hopper's shared memory
+        self.bn = block_n or self.bn
         self.cp = max(16, _pow2(c))
         self.cb = min(self.cp, 32)
         self.bnc = block_n or 32
@@ -74,6 +79,12 @@ def _rows_of_channels(d: int, dp: int, rope: bool, device: torch.device) -> torc
     """Tile row of each head channel: channel 2i + e sits at i + e DP/2 with RoPE (real parts first)."""
     ch = torch.arange(d, device=device)
     return ch // 2 + (ch % 2) * (dp // 2) if rope else ch
+
+
+def covers(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take this head width and input dtype: half precision at every width, float32
+    up to 64 (wider, four float32 d x d weight tiles alone overflow Hopper's shared memory)."""
+    return dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and head_dim <= 64)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -98,7 +109,7 @@ def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: tor
     """The inner step: (out [B, N, C + c] in qkv's dtype, the output projection's input; then for the
     backward, in tile layout, float32: w12, g12, n12, w12', g3, n3, w3')."""
     b, n, dim, d, c = _shapes(qkv, w3, heads, h, w)
-    p = Plan(b, n, heads, d, c, qkv.device, block_n, splits)
+    p = Plan(b, n, heads, d, c, qkv.device, qkv.dtype, block_n, splits)
     rope = theta is not None
     coef = -scale / n  # dL/df(k) = coef * v for L = -scale * mean_n <f(k_n), v_n>
     f32 = dict(dtype=torch.float32, device=qkv.device)
@@ -144,7 +155,7 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta
     """Gradients of the inner step given dout = dL/d(projection input): (dqkv in qkv's layout and dtype,
     the recomputed projection input, dw1, dw2, dw3 in the parameters' shapes, float32)."""
     b, n, dim, d, c = _shapes(qkv, w3, heads, h, w)
-    p = Plan(b, n, heads, d, c, qkv.device, block_n, splits)
+    p = Plan(b, n, heads, d, c, qkv.device, qkv.dtype, block_n, splits)
     rope = theta is not None
     rows = _rows_of_channels(d, p.dp, rope, qkv.device)
     coef = -scale / n
@@ -230,9 +241,12 @@ def ttt_triton(qkv, w1, w2, w3, proj_weight, proj_bias=None, *, heads, h, w, sca
     Returns [B, N, C_out] in qkv's dtype.
     """
     check_device(qkv.device)
-    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"impl='triton' takes float32, bfloat16 or float16 inputs, got {qkv.dtype}; "
-                        "use impl='fast' for float64")
+    d = w1.shape[-1]
+    # the float32 width limit is one of GPU shared memory: the interpreter takes every width (the tests
+    # prove the kernels at head width 72 there, in float32)
+    if not covers(d if qkv.is_cuda else 0, qkv.dtype):
+        raise TypeError(f"impl='triton' takes bfloat16 or float16 inputs, and float32 up to head width 64; got "
+                        f"{qkv.dtype} at head width {d}: use bf16 autocast or impl='fast'")
     qkv = qkv.contiguous()
     args = (heads, h, w, float(scale), float(lr), block_n, splits)
     if rope_theta is not None:
