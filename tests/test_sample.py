@@ -198,6 +198,27 @@ def test_fid_reference_npz_is_checked(inception_weights, tmp_path):
                ["frechet_inception_distance"]) < 1e-3
 
 
+def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, tmp_path):
+    """pytorch-fid's statistics files hold float64 mu and sigma, ours a float32 mu: both load and give the
+    Frechet distance of an independent formula; a malformed file is named with the fields it needs."""
+    from dit3.evaluation import FID_LAYER, fidelity_metrics, image_features, inception
+
+    a, b = _images(tmp_path / "a", 8, 0), _images(tmp_path / "b", 8, 1, shift=40)
+    ext = inception(False, inception_weights)
+    fa, fb = (image_features(d, ext, False)[FID_LAYER].double().numpy() for d in (a, b))
+    (mu_a, s_a), (mu_b, s_b) = ((f.mean(0), np.cov(f, rowvar=False)) for f in (fa, fb))
+    expect = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(scipy.linalg.sqrtm(s_a @ s_b).real)
+    for dtype in (np.float64, np.float32):
+        np.savez(tmp_path / "stats.npz", mu=mu_b.astype(dtype), sigma=s_b.astype(dtype))
+        fid = fidelity_metrics(a, tmp_path / "stats.npz", cuda=False, inception_weights=inception_weights)
+        assert fid["frechet_inception_distance"] == pytest.approx(expect, rel=1e-3), dtype
+    for name, fields in (("mu_only", dict(mu=mu_b)), ("sigma_1d", dict(mu=mu_b, sigma=mu_b)),
+                         ("ints", dict(mu=mu_b.astype(np.int64), sigma=s_b))):
+        np.savez(tmp_path / f"{name}.npz", **fields)
+        with pytest.raises(ValueError, match=rf"{name}.npz is not a statistics file: it needs mu .* and sigma"):
+            fidelity_metrics(a, tmp_path / f"{name}.npz", cuda=False, inception_weights=inception_weights)
+
+
 def test_sample_py_writes_metrics_offline(run, inception_weights, tmp_path):
     ref = _images(tmp_path / "ref", 6, 3)
     out = tmp_path / "bulk"
