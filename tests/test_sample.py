@@ -207,7 +207,8 @@ def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, t
     ext = inception(False, inception_weights)
     fa, fb = (image_features(d, ext, False)[FID_LAYER].double().numpy() for d in (a, b))
     (mu_a, s_a), (mu_b, s_b) = ((f.mean(0), np.cov(f, rowvar=False)) for f in (fa, fb))
-    expect = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(scipy.linalg.sqrtm(s_a @ s_b).real)
+    covmean = scipy.linalg.sqrtm(s_a @ s_b).real
+    expect = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)
     for dtype in (np.float64, np.float32):
         np.savez(tmp_path / "stats.npz", mu=mu_b.astype(dtype), sigma=s_b.astype(dtype))
         fid = fidelity_metrics(a, tmp_path / "stats.npz", cuda=False, inception_weights=inception_weights)

@@ -77,7 +77,8 @@ def test_default_cfg_is_complete(name):
     with torch.no_grad():
         feats = model.forward_features(torch.randn(1, 3, h, w))
     spatial = feats.shape[-2:] if feats.ndim == 4 else (h // 16, w // 16)
-    assert model.pretrained_cfg["pool_size"] == tuple(spatial) == (math.ceil(h / stride(name)), math.ceil(w / stride(name)))
+    expected = (math.ceil(h / stride(name)), math.ceil(w / stride(name)))
+    assert model.pretrained_cfg["pool_size"] == tuple(spatial) == expected
 
 
 # --- features ----------------------------------------------------------------------------------
@@ -179,9 +180,10 @@ def expected_layer_ids(model) -> dict[str, int]:
     blocks = []  # block prefixes in forward order
     for n in names:
         parts = n.split(".")
-        prefix = ".".join(parts[:2] if parts[0] == "blocks" else parts[:4]) if parts[0] in ("blocks", "layers") else None
-        if prefix and "downsample" not in prefix and prefix not in blocks:
-            blocks.append(prefix)
+        if parts[0] in ("blocks", "layers") and "downsample" not in parts:
+            prefix = ".".join(parts[:2] if parts[0] == "blocks" else parts[:4])  # blocks.j, layers.i.blocks.j
+            if prefix not in blocks:
+                blocks.append(prefix)
     ids = {}
     for n in names:
         if n.startswith(("patch_embed", "cls_token", "pos_embed", "reg_token", "norm_pre")):

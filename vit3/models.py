@@ -225,7 +225,9 @@ class _Classifier(nn.Module):
     head: nn.Module
 
     def _make_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        if num_classes == 0:
+            return nn.Identity()
+        return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
