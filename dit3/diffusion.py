@@ -227,12 +227,14 @@ class GaussianDiffusion:
                         noise: torch.Tensor | None = None) -> dict:
         """DiT's hybrid loss at timesteps t [B]: {"loss", "mse", "vb"}, each [B] (take the mean to train).
 
-        model(x_t, timesteps, **model_kwargs) -> [B, 2C, ...]; it gets the original timesteps
-        (timestep_map[t]), so a respaced chain trains the same network.
+        model(x_t, timesteps, **model_kwargs) -> [B, 2C, ...], or a diffusers output holding it as `.sample`
+        (DiT3 and diffusers' DiTTransformer2DModel: model_kwargs=dict(class_labels=y)); it gets the original
+        timesteps (timestep_map[t]), so a respaced chain trains the same network.
         """
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
-        model_output = _upcast(model(x_t, self.on(self.timestep_map, t.device)[t], **(model_kwargs or {})))
+        model_output = model(x_t, self.on(self.timestep_map, t.device)[t], **(model_kwargs or {}))
+        model_output = _upcast(getattr(model_output, "sample", model_output))
         if model_output.shape[1] != 2 * x_start.shape[1]:
             raise ValueError("the hybrid loss needs a learned-sigma model (out channels = 2 x in channels)")
         eps, var_values = model_output.split(x_start.shape[1], dim=1)
