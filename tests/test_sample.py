@@ -63,6 +63,32 @@ def test_grid_reads_the_model_from_the_run(run):
     assert img.size == (3 * 65 + 1, 2 * 65 + 1)  # 3 classes x 2 rows of 16x16 enlarged to 64
 
 
+def test_export_is_a_pipeline_that_samples_as_the_run(run, tmp_path):
+    """--export writes a DiT3Pipeline folder (EMA weights, scheduler, id2label) that loads offline and draws
+    exactly what a pipeline around the run's own EMA model draws; --push-to-hub offline says what failed."""
+    from dit3.pipeline import DiT3Pipeline
+    from dit3.sampling import make_scheduler
+
+    out = tmp_path / "pipe"
+    assert _sample("--ckpt", run, "--export", out)["export"] == out
+    loaded = DiT3Pipeline.from_pretrained(out)
+    assert loaded.vae is None and loaded.scheduler.config.variance_type == "learned_range"  # pixels, DDPM
+    assert loaded.config.id2label == {i: str(i) for i in range(10)}  # the digit folders
+    model, _, _, _ = sample_py.load_run(sample_py.resolve_checkpoint(str(run)), ema=True)
+    direct = DiT3Pipeline(transformer=model, scheduler=make_scheduler("ddpm"))
+    kw = dict(class_labels=[0, 7], num_inference_steps=3, guidance_scale=2.0, output_type="np")
+    images = []
+    for pipe in (loaded, direct):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(**kw, generator=torch.Generator().manual_seed(0)).images)
+    np.testing.assert_array_equal(images[0], images[1])
+    with pytest.raises(ConfigError, match=r"could not upload to the hub repo someone/dit3.*huggingface-cli upload"):
+        _sample("--ckpt", run, "--export", tmp_path / "again", "--push-to-hub", "someone/dit3")
+    assert (tmp_path / "again" / "model_index.json").is_file()
+    with pytest.raises(ConfigError, match="--push-to-hub uploads an exported folder"):
+        _sample("--ckpt", run, "--push-to-hub", "someone/dit3")
+
+
 def test_bulk_npz_resume_and_digits_accuracy(run, tmp_path):
     out = tmp_path / "bulk"
     r = _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out,
