@@ -5,6 +5,7 @@
     python sample.py --ckpt RUN --num-samples 50000 --out DIR --fid-ref /data/imagenet256-val
     python sample.py --ckpt results/000-dit3_demo --num-samples 1000 --out DIR --digits-accuracy
     python sample.py --ckpt DiTTT-B-2.pt --classes 207 360 --vae /models/sd-vae-ft-ema   # official release file
+    python sample.py --ckpt RUN --export dit3-pipeline [--push-to-hub user/dit3-b2]   # a DiT3Pipeline folder
 
 The model (its diffusers config), the VAE and its scale come from the checkpoint, so no model
 flag is repeated; the EMA weights are used unless --no-ema. A run folder means its newest
@@ -73,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--save-ref-stats", default=None, help="write the reference's mu / sigma to this .npz")
     p.add_argument("--digits-accuracy", action="store_true",
                    help="digits demo: the share of samples an SVC trained on the real digits labels as asked")
+    # export
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="write a DiT3Pipeline folder: EMA transformer, the --sampler's scheduler, VAE, id2label")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="with --export: upload the folder to this hub repo")
     return p.parse_args(argv)
 
 
@@ -256,10 +262,14 @@ def main(argv=None) -> dict:
     if args.feature_extractor and not Path(args.feature_extractor).exists():
         raise ConfigError(f"--feature-extractor {args.feature_extractor} does not exist: pass a train_vit.py run "
                           "folder or checkpoint")
-    if args.classes is None and not args.num_samples:
-        raise ConfigError("say what to draw: --classes C ... (a grid) or --num-samples N --out DIR")
+    if args.push_to_hub and not args.export:
+        raise ConfigError("--push-to-hub uploads an exported folder: give --export DIR too")
+    if args.classes is None and not args.num_samples and not args.export:
+        raise ConfigError("say what to do: --classes C ... (a grid), --num-samples N --out DIR, or --export DIR")
 
     result: dict = {"ckpt": ckpt}
+    if args.export and state.is_main_process:
+        result["export"] = export_pipeline(model, vae, scale, config, args)
     if args.classes:
         labels = [c for _ in range(args.per_class) for c in args.classes]
         seeds = [sample_seed(args.seed, i) for i in range(len(labels))]
@@ -283,6 +293,43 @@ def main(argv=None) -> dict:
             if args.digits_accuracy:
                 result["digits_accuracy"] = digits_accuracy(config, Path(args.out), args)
     return result
+
+
+def class_names(config: dict, num_classes: int) -> dict[int, str]:
+    """id -> name: the class folders of the run's data (ImageFolder's order), else the ids themselves."""
+    from torchvision.datasets.folder import find_classes
+
+    path = Path(config.get("data", {}).get("path") or "")
+    if path.is_dir():
+        names, _ = find_classes(str(path))
+        if len(names) == num_classes:
+            return dict(enumerate(names))
+    return {i: str(i) for i in range(num_classes)}
+
+
+def export_pipeline(model, vae, scale, config: dict, args) -> Path:
+    """The run as a DiT3Pipeline folder; `DiT3Pipeline.from_pretrained(DIR)` loads it offline. The VAE is saved
+    in it (so the folder needs nothing else), its scaling_factor set to the run's latent scale."""
+    from dit3.pipeline import DiT3Pipeline
+    from dit3.sampling import make_scheduler
+
+    out = Path(args.export)
+    if vae is not None and vae.config.scaling_factor != scale:
+        vae.register_to_config(scaling_factor=scale)  # the pipeline scales latents by the VAE's own factor
+    pipe = DiT3Pipeline(transformer=model, scheduler=make_scheduler(args.sampler), vae=vae,
+                        id2label=class_names(config, model.num_classes))
+    pipe.save_pretrained(out)
+    print(f"wrote {out} (DiT3Pipeline.from_pretrained({str(out)!r}))")
+    if args.push_to_hub:
+        try:
+            pipe.push_to_hub(args.push_to_hub)
+        except Exception as e:  # network, offline mode, login: the errors come from several libraries
+            raise ConfigError(
+                f"could not upload to the hub repo {args.push_to_hub} ({type(e).__name__}: {e}). It needs a network, "
+                f"HF_HUB_OFFLINE unset and `huggingface-cli login`. The folder {out} is complete: upload it later "
+                f"with `huggingface-cli upload {args.push_to_hub} {out}`") from None
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+    return out
 
 
 def _update_metrics(out: Path, new: dict) -> dict:

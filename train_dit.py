@@ -414,7 +414,7 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
             with accelerator.accumulate(model):
                 t = diffusion.sample_timesteps(len(x), device=dev)
                 with accelerator.autocast():
-                    loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+                    loss = diffusion.training_losses(model, x, t, dict(class_labels=y))["loss"].mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf

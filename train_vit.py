@@ -13,6 +13,9 @@ main_ema.py adds MESA from 25% of the epochs on:
     loss = CE(out, y) + mesa * CE(out, softmax(ema(x)))
 with the EMA's output on the same (mixed) batch as a soft target.
 
+A run also leaves the weights it ends with (the EMA's when kept) as a timm folder, `RUN/timm/`:
+    model = timm.create_model("local-dir:RUN/timm", pretrained=True)   # after `import vit3`
+
 Everything runs inside main(argv) so tests can run a few CPU steps in-process.
 """
 from __future__ import annotations
@@ -426,11 +429,22 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
         T.write_rank_debug(run_dir, accelerator, {
             "model_digest": T.weights_digest(raw_model), "ema_digest": T.weights_digest(ema.module) if ema else None,
             "step": step, "local_train": last_local, "local_val_images": len(val_loader.batch_sampler.indices)})
+    if accelerator.is_main_process:  # the weights the run ends with (a resumed run writes them again)
+        export_timm(ema.module if ema is not None else raw_model, run_dir / "timm")
     log.info(f"done at step {step}" + (f" (stopped: {stopped})" if stopped else ""))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"run_dir": run_dir, "step": step, "state": state, "eval": last_eval, "stopped": stopped,
             "world_size": world}
+
+
+def export_timm(model: nn.Module, folder: Path) -> Path:
+    """`model` as timm saves for the hub (config.json with its architecture, arguments and data config,
+    model.safetensors): timm.create_model(f"local-dir:{folder}", pretrained=True) builds and loads it."""
+    from timm.models import save_for_hf
+
+    save_for_hf(model, folder, safe_serialization=True)
+    return folder
 
 
 def _config_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -184,6 +184,22 @@ def load_image_batch(path: str | Path) -> np.ndarray:
     return arr
 
 
+STATISTICS_FIELDS = "mu (float [D], the features' mean) and sigma (float [D, D], their covariance)"
+
+
+def load_reference_statistics(path: str | Path) -> dict:
+    """mu [D] and sigma [D, D] of a statistics .npz, as float64 whatever they were saved in (ours hold a
+    float32 mu, pytorch-fid's and ADM's files float64; torch-fidelity wants one dtype on both sides)."""
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.keys()}
+    mu, sigma = arrays.get("mu"), arrays.get("sigma")
+    if (mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu))
+            or not np.issubdtype(mu.dtype, np.floating) or not np.issubdtype(sigma.dtype, np.floating)):
+        found = ", ".join(f"{k} {v.dtype} {list(v.shape)}" for k, v in arrays.items()) or "nothing"
+        raise ValueError(f"{path} is not a statistics file: it needs {STATISTICS_FIELDS}; found {found}")
+    return {"mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64)}
+
+
 def save_reference_statistics(path: str | Path, features: dict, layer: str = FID_LAYER):
     """mu and sigma of the FID layer, as an .npz that `fidelity_metrics` takes as its reference."""
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
@@ -211,14 +227,16 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
     if not reference.exists():
         raise FileNotFoundError(f"FID reference {reference} does not exist: pass an image folder or an .npz of "
                                 "statistics written with --save-ref-stats")
+    with_images = reference.is_dir()
+    if not with_images:
+        with np.load(reference) as f:
+            with_images = "mu" not in f and "sigma" not in f
+    # a malformed statistics file fails here, before any features are extracted
+    ref_stats = None if with_images else load_reference_statistics(reference)
     extractor, fid_layer, isc_layer = feature_extractor(cuda, inception_weights, classifier)
     feats = image_features(samples, extractor, cuda, batch_size)
     metrics = dict(isc_featuresdict_to_metric(feats, isc_layer, verbose=False))
     stats = fid_featuresdict_to_statistics(feats, fid_layer)
-    with_images = reference.is_dir()
-    if not with_images:
-        with np.load(reference) as f:
-            with_images = not ("mu" in f and "sigma" in f)
     if with_images:
         if reference.is_dir():
             ref_feats = image_features(reference, extractor, cuda, batch_size)
@@ -235,8 +253,7 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
                                                   verbose=False))
         metrics.update(prc_featuresdict_to_metric(feats, ref_feats, fid_layer, verbose=False))
     else:
-        with np.load(reference) as f:
-            ref_stats = {"mu": f["mu"], "sigma": f["sigma"]}
+        stats = {k: v.astype(np.float64) for k, v in stats.items()}  # torch-fidelity asserts one dtype on both sides
         if ref_stats["mu"].shape != stats["mu"].shape:
             raise ValueError(f"{reference}: mu of shape {ref_stats['mu'].shape} does not fit the "
                              f"{stats['mu'].shape[0]}-dim features of this extractor")

@@ -24,6 +24,7 @@ from os import PathLike
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp
 from torch.utils.checkpoint import checkpoint
@@ -198,10 +199,14 @@ class DiT3(ModelMixin, ConfigMixin):
         cpe: the 3x3 depthwise-conv position encoding at the start of each block (DiT³ only).
         mixer_kwargs: passed to the mixer (e.g. TTT impl="reference", attention impl="math").
 
-    `enable_gradient_checkpointing()` (diffusers) recomputes each block in the backward pass.
+    It is called as diffusers' DiTTransformer2DModel, `model(hidden_states, timestep, class_labels).sample`, so
+    diffusers' DiTPipeline runs it; its config also carries the two entries that pipeline reads, `sample_size`
+    and `out_channels`, derived from the arguments. `enable_gradient_checkpointing()` (diffusers) recomputes each
+    block in the backward pass.
     """
 
     _supports_gradient_checkpointing = True
+    _derived_config = ("sample_size", "out_channels")
 
     @register_to_config
     def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
@@ -233,6 +238,13 @@ class DiT3(ModelMixin, ConfigMixin):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.gradient_checkpointing = False
         self.initialize_weights()
+        self.register_to_config(sample_size=input_size, out_channels=self.out_channels)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # the derived entries are not arguments: leave them out quietly when a saved config is read back
+        config_dict = {k: v for k, v in config_dict.items() if k not in cls._derived_config}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     def initialize_weights(self):
         """DiT's init: xavier linears, zero adaLN-Zero modulations and output layer. The TTT inner weights and
@@ -275,20 +287,23 @@ class DiT3(ModelMixin, ConfigMixin):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] latents; t: [B] (or scalar) timesteps, fractional allowed; y: [B] labels, the null
-        class is `num_classes`. Returns [B, out_channels, H, W]: epsilon, then (learn_sigma) the variance values."""
-        x, (h, w) = self.x_embedder(x)  # [B, h*w, D]
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
+                return_dict: bool = True) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """diffusers' DiT call. hidden_states: [B, C, H, W] latents; timestep: [B] (or scalar) timesteps, fractional
+        allowed; class_labels: [B], the null class is `num_classes`. Returns, as `.sample` (or the tuple's one
+        element), [B, out_channels, H, W]: epsilon, then (learn_sigma) the variance values."""
+        x, (h, w) = self.x_embedder(hidden_states)  # [B, h*w, D]
         x = x + self.pos_embed_for(h, w)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
+        t = timestep.expand(x.shape[0]) if timestep.ndim == 0 else timestep
+        c = self.t_embedder(t) + self.y_embedder(class_labels, self.training)  # [B, D]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = self._gradient_checkpointing_func(block, x, c, h, w)  # [B, h*w, D]
             else:
                 x = block(x, c, h, w)  # [B, h*w, D]
         x = self.final_layer(x, c)  # [B, h*w, p*p*out_channels]
-        return self.unpatchify(x, h, w)  # [B, out_channels, H, W]
+        x = self.unpatchify(x, h, w)  # [B, out_channels, H, W]
+        return Transformer2DModelOutput(sample=x) if return_dict else (x,)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          channels: int | None = None) -> torch.Tensor:
@@ -301,7 +316,7 @@ class DiT3(ModelMixin, ConfigMixin):
         DiT's choice, kept for exact reproduction of its samples.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)  # [2n, out_channels, H, W]
+        out = self.forward(torch.cat([half, half]), t, y).sample  # [2n, out_channels, H, W]
         channels = self.in_channels if channels is None else channels
         eps, rest = out[:, :channels], out[:, channels:]
         cond_eps, uncond_eps = eps.chunk(2)

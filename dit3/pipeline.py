@@ -3,6 +3,10 @@
     pipe = DiT3Pipeline(transformer=model, scheduler=make_scheduler("ddpm"), vae=vae)
     images = pipe(class_labels=[207, 360], num_inference_steps=250, guidance_scale=4.0).images
     pipe.save_pretrained("dit3-b2"); pipe = DiT3Pipeline.from_pretrained("dit3-b2")
+    pipe.push_to_hub("user/dit3-b2")   # needs a network and `huggingface-cli login`
+
+`python sample.py --ckpt RUN --export DIR` writes a training run as such a folder. `id2label` (class id ->
+name, as in diffusers' DiTPipeline folders) is kept in the folder's model_index.json.
 
 Unlike diffusers' DiTPipeline, the null class is the transformer's own `num_classes` (DiTPipeline
 hard-codes 1000, which breaks guidance for other label sets), guidance covers all latent
@@ -24,9 +28,11 @@ class DiT3Pipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, transformer, scheduler, vae=None):
+    def __init__(self, transformer, scheduler, vae=None, id2label: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        # int keys: model_index.json gives them back as strings
+        self.register_to_config(id2label={int(k): v for k, v in id2label.items()} if id2label else None)
 
     @torch.no_grad()
     def __call__(self, class_labels: list[int] | torch.Tensor, num_inference_steps: int = 250,

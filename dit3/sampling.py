@@ -60,7 +60,7 @@ def guided_output(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
     """
     frac = float(t[0]) / num_train_timesteps
     if cfg_scale <= 1.0 or (cfg_interval is not None and not cfg_interval[0] <= frac <= cfg_interval[1]):
-        return model(x, t, labels)
+        return model(x, t, labels).sample
     null = torch.full_like(labels, model.num_classes)
     out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), cfg_scale,
                                  channels=cfg_channels)

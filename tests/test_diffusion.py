@@ -205,16 +205,59 @@ def test_vb_term_trains_only_the_variance():
 
 
 def test_space_timesteps():
-    # ADM's example: 300 steps in thirds of 100, taking 10, 15 and 20 evenly from each (ends included)
-    expected = []
-    for start, count in ((0, 10), (100, 15), (200, 20)):
-        expected += [start + round(j * 99 / (count - 1)) for j in range(count)]
-    assert space_timesteps(300, "10,15,20") == expected
+    # ADM's example: 300 steps in thirds of 100, taking 10, 15 and 20 from each, both ends included
+    steps = space_timesteps(300, "10,15,20")
+    assert len(steps) == 45 and [steps[0], steps[9], steps[10], steps[24], steps[25], steps[-1]] == [0, 99, 100, 199,
+                                                                                                     200, 299]
     steps = space_timesteps(1000, "250")
     assert len(steps) == 250 and steps[0] == 0 and steps[-1] == 999
     assert space_timesteps(1000, 1000) == list(range(1000)) == space_timesteps(1000, [1000])
     with pytest.raises(ValueError):
         space_timesteps(10, "11")
+
+
+def dit_space_timesteps(num_timesteps, section_counts):
+    """DiT's diffusion/respace.py space_timesteps, written out as it is there (a set of kept steps)."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired_count = int(section_counts[len("ddim"):])
+            for i in range(1, num_timesteps):
+                if len(range(0, num_timesteps, i)) == desired_count:
+                    return set(range(0, num_timesteps, i))
+            raise ValueError(f"cannot create exactly {num_timesteps} steps with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < section_count:
+            raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        taken_steps = []
+        for _ in range(section_count):
+            taken_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        all_steps += taken_steps
+        start_idx += size
+    return set(all_steps)
+
+
+def test_space_timesteps_equals_dit_for_every_step_count():
+    for count in range(1, 1001):
+        assert space_timesteps(1000, str(count)) == sorted(dit_space_timesteps(1000, str(count))), count
+    assert 499 in space_timesteps(1000, "21") and 500 not in space_timesteps(1000, "21")  # the issue's example
+    for spec in ("10,15,20", "1,2,3,4", "250,250", "7,333"):
+        assert space_timesteps(1000, spec) == sorted(dit_space_timesteps(1000, spec)), spec
+    for count in (2, 10, 25, 50, 100, 250, 500, 1000):
+        assert space_timesteps(1000, f"ddim{count}") == sorted(dit_space_timesteps(1000, f"ddim{count}")), count
+    for impossible in ("ddim300", "ddim1"):  # no integer stride below 1000 gives 300 (or 1) of 1000
+        with pytest.raises(ValueError):
+            dit_space_timesteps(1000, impossible)
+        with pytest.raises(ValueError, match="integer stride"):
+            space_timesteps(1000, impossible)
 
 
 def test_respaced_chain():

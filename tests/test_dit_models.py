@@ -37,7 +37,7 @@ def inputs(n=2, h=8, w=8, num_classes=10, seed=0):
 def test_forward_backward_finite(family):
     model = fill_deterministic(DiT3(**TINY, **FAMILIES[family])).train()
     x, t, y = inputs()
-    out = model(x, t, y)
+    out = model(x, t, y).sample
     assert out.shape == (2, 8, 8, 8) and torch.isfinite(out).all()
     out.square().mean().backward()
     for name, p in model.named_parameters():
@@ -46,22 +46,22 @@ def test_forward_backward_finite(family):
         assert p.grad.abs().sum() > 0, name
     # a scalar timestep is broadcast over the batch
     model.eval()
-    torch.testing.assert_close(model(x, t[0], y), model(x, t[:1].expand(2), y))
+    torch.testing.assert_close(model(x, t[0], y).sample, model(x, t[:1].expand(2), y).sample)
 
 
 def test_bf16_autocast_forward_is_finite():
     model = fill_deterministic(DiT3(**TINY)).eval()
     x, t, y = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x, t, y)
+        out = model(x, t, y).sample
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), model(x, t, y), atol=0.1, rtol=0.1)
+    torch.testing.assert_close(out.float(), model(x, t, y).sample, atol=0.1, rtol=0.1)
 
 
 def test_init_is_adaln_zero_except_the_cpe():
     model = DiT3(**TINY).eval()
     x, t, y = inputs()
-    assert (model(x, t, y) == 0).all()  # zero output layer
+    assert (model(x, t, y).sample == 0).all()  # zero output layer
     tokens, c = torch.randn(2, 16, 64), torch.randn(2, 64)
     # the CPE residual is outside adaLN-Zero: a DiT³ block is not the identity at init, a DiT block is
     assert not torch.allclose(model.blocks[0](tokens, c, 4, 4), tokens)
@@ -96,7 +96,7 @@ def test_outputs_equal_official(family, impl):
     model = DiT3(**ref["config"], **FAMILIES[family], mixer_kwargs={"impl": impl}).eval()
     fill_deterministic(model)
     with torch.no_grad():
-        out = model(ref["x"], ref["t"], ref["y"])
+        out = model(ref["x"], ref["t"], ref["y"]).sample
     torch.testing.assert_close(out, ref["out_dit3" if family == "DiT3" else "out_dit"], rtol=1e-5, atol=1e-5)
 
 
@@ -115,15 +115,15 @@ def test_non_square_latents():
     model = fill_deterministic(DiT3(**{**TINY, "input_size": (8, 12)})).eval()
     assert model.pos_embed.shape == (1, 4 * 6, 64)
     x, t, y = inputs(h=8, w=12)
-    out = model(x, t, y)
+    out = model(x, t, y).sample
     assert out.shape == (2, 8, 8, 12) and torch.isfinite(out).all()
     # a model built for 8x8 runs on 12x8 with a table computed for it; the stored one is what 8x12 uses
     square = DiT3(**TINY)
     square.load_state_dict(model.state_dict() | {"pos_embed": square.pos_embed})
-    torch.testing.assert_close(square.eval()(x, t, y), out)
-    assert square(torch.randn(1, 4, 12, 8), t[:1], y[:1]).shape == (1, 8, 12, 8)
+    torch.testing.assert_close(square.eval()(x, t, y).sample, out)
+    assert square(torch.randn(1, 4, 12, 8), t[:1], y[:1]).sample.shape == (1, 8, 12, 8)
     with pytest.raises(ValueError):
-        square(torch.randn(1, 4, 9, 8), t[:1], y[:1])
+        square(torch.randn(1, 4, 9, 8), t[:1], y[:1]).sample
 
 
 def test_forward_with_cfg():
@@ -131,7 +131,7 @@ def test_forward_with_cfg():
     x, t, y = inputs(n=3)
     null = torch.full((3,), TINY["num_classes"])
     xx, tt, yy = torch.cat([x, torch.randn_like(x)]), torch.cat([t, t]), torch.cat([y, null])
-    cond, uncond = model(x, t, y), model(x, t, null)
+    cond, uncond = model(x, t, y).sample, model(x, t, null).sample
 
     out = model.forward_with_cfg(xx, tt, yy, cfg_scale=1.0)
     assert out.shape == (6, 8, 8, 8)
@@ -169,13 +169,13 @@ def test_save_pretrained_round_trip(tmp_path):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     x, t, y = inputs(h=8, w=12)
-    torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x, t, y).sample, model(x, t, y).sample, rtol=0, atol=0)
 
 
 def test_load_official_checkpoint(tmp_path):
     ema, live = fill_deterministic(DiT3(**TINY)), fill_deterministic(DiT3(**TINY), std=0.2)
     opt = torch.optim.AdamW(live.parameters(), lr=1e-4)
-    live(*inputs()).mean().backward()
+    live(*inputs()).sample.mean().backward()
     opt.step()
     # the dict the official train.py saves, argparse.Namespace included
     path = tmp_path / "0050000.pt"
@@ -230,7 +230,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             model.enable_gradient_checkpointing()
         calls, block_forward = [], model.blocks[0].forward
         model.blocks[0].forward = lambda *a: calls.append(1) or block_forward(*a)
-        out = model(x, t, y)
+        out = model(x, t, y).sample
         out.square().mean().backward()
         assert len(calls) == (2 if checkpointing else 1)  # checkpointing reruns the block in the backward pass
         grads.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
@@ -252,7 +252,7 @@ def test_cpe_and_norm_are_recomputed_with_the_same_gradients(monkeypatch):
             monkeypatch.setattr(models, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
         calls, cpe_norm = [], model.blocks[0]._cpe_norm
         model.blocks[0]._cpe_norm = lambda *a: calls.append(1) or cpe_norm(*a)
-        model(x, t, y).square().mean().backward()
+        model(x, t, y).sample.square().mean().backward()
         recomputed.append(len(calls) == 2)
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     assert recomputed == [True, False]

@@ -63,6 +63,32 @@ def test_grid_reads_the_model_from_the_run(run):
     assert img.size == (3 * 65 + 1, 2 * 65 + 1)  # 3 classes x 2 rows of 16x16 enlarged to 64
 
 
+def test_export_is_a_pipeline_that_samples_as_the_run(run, tmp_path):
+    """--export writes a DiT3Pipeline folder (EMA weights, scheduler, id2label) that loads offline and draws
+    exactly what a pipeline around the run's own EMA model draws; --push-to-hub offline says what failed."""
+    from dit3.pipeline import DiT3Pipeline
+    from dit3.sampling import make_scheduler
+
+    out = tmp_path / "pipe"
+    assert _sample("--ckpt", run, "--export", out)["export"] == out
+    loaded = DiT3Pipeline.from_pretrained(out)
+    assert loaded.vae is None and loaded.scheduler.config.variance_type == "learned_range"  # pixels, DDPM
+    assert loaded.config.id2label == {i: str(i) for i in range(10)}  # the digit folders
+    model, _, _, _ = sample_py.load_run(sample_py.resolve_checkpoint(str(run)), ema=True)
+    direct = DiT3Pipeline(transformer=model, scheduler=make_scheduler("ddpm"))
+    kw = dict(class_labels=[0, 7], num_inference_steps=3, guidance_scale=2.0, output_type="np")
+    images = []
+    for pipe in (loaded, direct):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe(**kw, generator=torch.Generator().manual_seed(0)).images)
+    np.testing.assert_array_equal(images[0], images[1])
+    with pytest.raises(ConfigError, match=r"could not upload to the hub repo someone/dit3.*huggingface-cli upload"):
+        _sample("--ckpt", run, "--export", tmp_path / "again", "--push-to-hub", "someone/dit3")
+    assert (tmp_path / "again" / "model_index.json").is_file()
+    with pytest.raises(ConfigError, match="--push-to-hub uploads an exported folder"):
+        _sample("--ckpt", run, "--push-to-hub", "someone/dit3")
+
+
 def test_bulk_npz_resume_and_digits_accuracy(run, tmp_path):
     out = tmp_path / "bulk"
     r = _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out,
@@ -196,6 +222,28 @@ def test_fid_reference_npz_is_checked(inception_weights, tmp_path):
     np.savez(tmp_path / "adm.npz", arr_0=imgs)  # an ADM-style reference batch of the same images
     assert abs(fidelity_metrics(a, tmp_path / "adm.npz", cuda=False, inception_weights=inception_weights)
                ["frechet_inception_distance"]) < 1e-3
+
+
+def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, tmp_path):
+    """pytorch-fid's statistics files hold float64 mu and sigma, ours a float32 mu: both load and give the
+    Frechet distance of an independent formula; a malformed file is named with the fields it needs."""
+    from dit3.evaluation import FID_LAYER, fidelity_metrics, image_features, inception
+
+    a, b = _images(tmp_path / "a", 8, 0), _images(tmp_path / "b", 8, 1, shift=40)
+    ext = inception(False, inception_weights)
+    fa, fb = (image_features(d, ext, False)[FID_LAYER].double().numpy() for d in (a, b))
+    (mu_a, s_a), (mu_b, s_b) = ((f.mean(0), np.cov(f, rowvar=False)) for f in (fa, fb))
+    covmean = scipy.linalg.sqrtm(s_a @ s_b).real
+    expect = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)
+    for dtype in (np.float64, np.float32):
+        np.savez(tmp_path / "stats.npz", mu=mu_b.astype(dtype), sigma=s_b.astype(dtype))
+        fid = fidelity_metrics(a, tmp_path / "stats.npz", cuda=False, inception_weights=inception_weights)
+        assert fid["frechet_inception_distance"] == pytest.approx(expect, rel=1e-3), dtype
+    for name, fields in (("mu_only", dict(mu=mu_b)), ("sigma_1d", dict(mu=mu_b, sigma=mu_b)),
+                         ("ints", dict(mu=mu_b.astype(np.int64), sigma=s_b))):
+        np.savez(tmp_path / f"{name}.npz", **fields)
+        with pytest.raises(ValueError, match=rf"{name}.npz is not a statistics file: it needs mu .* and sigma"):
+            fidelity_metrics(a, tmp_path / f"{name}.npz", cuda=False, inception_weights=inception_weights)
 
 
 def test_sample_py_writes_metrics_offline(run, inception_weights, tmp_path):

@@ -94,7 +94,7 @@ def test_guidance_channels_and_interval():
     x = torch.randn(2, 4, 8, 8)
     t = torch.full((2,), 500)
     y = torch.tensor([1, 2])
-    cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
+    cond, uncond = model(x, t, y).sample, model(x, t, torch.full_like(y, 10)).sample
     full = guided_output(model, x, t, y, 3.0)
     torch.testing.assert_close(full[:, :4], uncond[:, :4] + 3 * (cond[:, :4] - uncond[:, :4]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full[:, 4:], cond[:, 4:])  # the variance comes from the conditional pass
@@ -141,3 +141,43 @@ def test_pipeline_pixel_space_and_other_schedulers():
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()  # guidance with 3 classes (null class 3)
     pipe.scheduler = make_scheduler("dpm")
     assert pipe(class_labels=[1], num_inference_steps=3, output_type="pt").images.shape == (1, 3, 8, 8)
+
+
+def test_diffusers_dit_pipeline_runs_dit3_as_ours_does():
+    """diffusers' own DiTPipeline (null class 1000) drives a 1000-class DiT3 through the DiT transformer call;
+    with the same scheduler, noise and all-channel guidance it draws what DiT3Pipeline draws."""
+    from diffusers import DiTPipeline
+
+    model, vae = tiny_dit(num_classes=1000), tiny_vae()
+    assert model.config.sample_size == 8 and model.config.out_channels == 8  # what DiTPipeline reads
+    kw = dict(class_labels=[3, 999], num_inference_steps=4, guidance_scale=3.0, output_type="np")
+    theirs = DiTPipeline(transformer=model, vae=vae, scheduler=make_scheduler("ddim"))
+    ours = DiT3Pipeline(transformer=model, scheduler=make_scheduler("ddim"), vae=vae)
+    for pipe in (theirs, ours):
+        pipe.set_progress_bar_config(disable=True)
+    a = theirs(**kw, generator=torch.Generator().manual_seed(0)).images
+    b = ours(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert a.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert np.abs(a - theirs(**kw, generator=torch.Generator().manual_seed(1)).images).max() > 1e-3
+
+
+def test_dit3_is_called_as_diffusers_dit_transformer(tmp_path, caplog, monkeypatch):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers' warnings do not reach the root logger (pytest's caplog) unless they propagate
+    monkeypatch.setattr(diffusers_logging._get_library_root_logger(), "propagate", True)
+
+    model = tiny_dit()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    out = model(hidden_states=x, timestep=t, class_labels=y)
+    assert isinstance(out, Transformer2DModelOutput) and out.sample.shape == (2, 8, 8, 8)
+    sample, = model(x, t, y, return_dict=False)
+    torch.testing.assert_close(sample, out.sample)
+    # the derived config entries are written and read back without complaint
+    model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        loaded = DiT3.from_pretrained(tmp_path)
+    assert "not expected" not in caplog.text
+    assert loaded.config.sample_size == 8 and loaded.config.out_channels == 8

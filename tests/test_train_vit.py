@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
@@ -72,6 +73,13 @@ def test_two_steps_run_folder_and_trackers(data, tmp_path):
     ckpt = run / "checkpoints" / "step-00000002"
     assert yaml.safe_load((ckpt / "config.yaml").read_text()) == cfg  # config in every checkpoint
     assert json.loads((ckpt / "trainer_state.json").read_text())["updates_in_epoch"] == 2
+    # the finished run as a timm folder: timm builds the same architecture and loads the EMA weights
+    exported = timm.create_model(f"local-dir:{run / 'timm'}", pretrained=True)
+    assert exported.num_classes == 3 and len(exported.blocks) == 2
+    assert exported.pretrained_cfg["input_size"] == (3, 16, 16)
+    ema = load_file(ckpt / "ema.safetensors")
+    assert exported.state_dict().keys() == ema.keys()
+    assert all(torch.equal(v, ema[k]) for k, v in exported.state_dict().items())
 
 
 def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):

@@ -23,10 +23,17 @@ with `load_official_checkpoint` (which drops the stored RoPE tables, `*.rope.rot
 `mixer="attention"` gives the DeiT-style softmax-attention baseline of the same
 architecture, and `mixer_kwargs` reaches the mixer (TTT design options, attention impl).
 
-The models are registered with timm: after `import vit3`, `timm.create_model("vit3_small")`.
+The models are registered with timm: after `import vit3`, `timm.create_model("vit3_small")`,
+with timm's conventions: `device=` / `dtype=`, `features_only=True` (H-ViT³: the four stage
+maps at strides 4/8/16/32; ViT³: chosen blocks as maps) and `forward_intermediates()`,
+`reset_classifier(n, global_pool='')`, `group_matcher()` for layer-wise lr decay, FX
+tracing, and the official weights as pretrained tags (`vit3_small.official_in1k`) that
+load from a downloaded release file with
+`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`.
 """
 from collections import OrderedDict
 from collections.abc import Mapping
+from contextlib import nullcontext
 from os import PathLike
 from typing import NamedTuple
 from unittest.mock import patch
@@ -36,15 +43,18 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module,
+                         resolve_pretrained_cfg)
+from timm.models._features import feature_take_indices  # what timm's own models use; not re-exported
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .layers import ConvFFN, RoPE2d, TokenDWConv
-from .mixers import build_mixer
+from .mixers import Attention, LinearAttention, build_mixer
 from .ttt import TTT
 
-__all__ = ["ViT3", "HViT3", "MODEL_NAMES", "create_model", "load_official_checkpoint", "complexity", "Complexity"]
+__all__ = ["ViT3", "HViT3", "MODEL_NAMES", "create_model", "load_official_checkpoint", "checkpoint_filter_fn",
+           "complexity", "Complexity"]
 
 MODEL_NAMES = ("vit3_tiny", "vit3_small", "vit3_base", "hvit3_tiny", "hvit3_small", "hvit3_base")
 
@@ -92,13 +102,22 @@ class ConvNormAct(nn.Sequential):
         super().__init__(layers)
 
 
+def _run_block(blk: nn.Module, x: torch.Tensor, h: int, w: int, grad_checkpointing: bool) -> torch.Tensor:
+    if grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(blk, x, h, w, use_reentrant=False)
+    return blk(x, h, w)
+
+
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, h: int, w: int, grad_checkpointing: bool) -> torch.Tensor:
     for blk in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(blk, x, h, w, use_reentrant=False)
-        else:
-            x = blk(x, h, w)
+        x = _run_block(blk, x, h, w, grad_checkpointing)
     return x
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    return global_pool
 
 
 #################################################################################
@@ -202,21 +221,32 @@ class _Classifier(nn.Module):
 
     num_classes: int
     num_features: int
+    global_pool: str
     head: nn.Module
 
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _make_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        return nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """None beyond the 1-D parameters (norms, biases) that timm's optimizer factory exempts anyway:
+        there is no position table or class token, and the official recipe decays the TTT inner weights."""
+        return set()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New head for `num_classes` (0: the model returns pooled features). Pooling is always 'avg'."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+        """New head for `num_classes` (0: none) on the model's device and in its dtype; global_pool 'avg',
+        or '' for none (forward_head then keeps the spatial positions)."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
+        param = next(self.parameters())
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        self.head = self._make_head(num_classes, device=param.device, dtype=param.dtype)
         _init_weights(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +259,7 @@ class ViT3(_Classifier):
     Args:
         img_size: default input size (any size whose sides divide by patch_size works).
         patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: as in DeiT.
-        global_pool: only 'avg' (mean of the tokens), timm's argument name.
+        global_pool: 'avg' (mean of the tokens) or '' (none: the head sees every token), timm's argument.
         mixer: token mixer for vit3.mixers.build_mixer ("ttt"; "attention" is the DeiT-style baseline).
         mixer_kwargs: passed to the mixer (TTT design options, attention impl).
         drop_rate: dropout in the MLPs (where the official model has it).
@@ -241,8 +271,7 @@ class ViT3(_Classifier):
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, mixer: str = "ttt",
                  mixer_kwargs: dict | None = None, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
-        if global_pool != "avg":
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+        self.global_pool = _check_pool(global_pool)
         self.img_size = to_2tuple(img_size)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -256,9 +285,15 @@ class ViT3(_Classifier):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer=mixer, mixer_kwargs=mixer_kwargs,
                   drop=drop_rate, drop_path=dpr[i], norm_eps=1e-6)
             for i in range(depth)])
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = self._make_head(num_classes)
         self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # timm's ViT grouping: the stem, one group per block (the final norm joins the last), then the head
+        return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -266,13 +301,46 @@ class ViT3(_Classifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # [B, h, w, C]
-        _, h, w, _ = x.shape
+        h, w = x.shape[1], x.shape[2]
         x = _run_blocks(self.blocks, x.flatten(1, 2), h, w, self.grad_checkpointing)  # [B, h*w, C]
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)  # [B, N, C] -> [B, C]
-        return x if pre_logits else self.head(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)  # [B, N, C] -> [B, C]
+        return x if pre_logits else self.head(x)  # [B, num_classes], or [B, N, num_classes] unpooled
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the outputs of the blocks in `indices` (an int n: the last n; None: all), as
+        [B, C, h, w] maps ("NLC": [B, h*w, C] tokens), passed through the final norm if `norm`.
+        Returns the intermediates, or (forward_features' output, intermediates)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self.patch_embed(x)  # [B, h, w, C]
+        h, w = x.shape[1], x.shape[2]
+        x = x.flatten(1, 2)
+        intermediates = []
+        for i, blk in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+            x = _run_block(blk, x, h, w, self.grad_checkpointing)  # [B, h*w, C]
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                intermediates.append(y if output_fmt == "NLC" else y.unflatten(1, (h, w)).permute(0, 3, 1, 2))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the norm, the head): what features_only keeps."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
 
 class HViT3(_Classifier):
@@ -293,8 +361,7 @@ class HViT3(_Classifier):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, mixer: str = "ttt", mixer_kwargs: dict | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
-        if global_pool != "avg":
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+        self.global_pool = _check_pool(global_pool)
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError("embed_dims, depths and num_heads need one entry per stage")
         self.img_size = to_2tuple(img_size)
@@ -312,9 +379,19 @@ class HViT3(_Classifier):
                 drop_path=dpr[start:start + depth], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mixer=mixer,
                 mixer_kwargs=mixer_kwargs, use_rope=True, conv_ffn=True, drop=drop_rate,
                 norm_eps=1e-5))  # the official H-ViT³ uses nn.LayerNorm's default eps
+        # a stage's map is its last block's output (as tokens), before the patch merging that ends the stage
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"layers.{i}.blocks.{depth - 1}")
+                             for i, (dim, depth) in enumerate(zip(embed_dims, depths))]
         self.norm = nn.BatchNorm1d(embed_dims[-1])
         self.head = self._make_head(num_classes)
         self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # the stem, then each block (coarse: each stage); a stage's patch merging and the final norm join
+        # the block before them, the head comes last (timm's Swin grouping, merging at the end of a stage)
+        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
+            (r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (99999,)), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -323,7 +400,7 @@ class HViT3(_Classifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # [B, C0, H/4, W/4]
-        _, _, h, w = x.shape
+        h, w = x.shape[2], x.shape[3]
         x = self.pos_drop(x.flatten(2).transpose(1, 2))  # [B, h*w, C0]
         for stage in self.layers:
             x, h, w = stage(x, h, w)
@@ -331,8 +408,47 @@ class HViT3(_Classifier):
         return x.unflatten(2, (h, w))  # [B, C, h, w]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))  # [B, C, h, w] -> [B, C]
-        return x if pre_logits else self.head(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))  # [B, C, h, w] -> [B, C]
+            return x if pre_logits else self.head(x)
+        # unpooled: logits at every position, [B, num_classes, h, w]
+        return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the maps of the stages in `indices` (an int n: the last n; None: all four),
+        [B, C_i, H / 2^(i+2), W / 2^(i+2)] (sides rounded up), the last one through the final norm if
+        `norm`. Returns the intermediates, or (forward_features' output, intermediates)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.feature_info) - 1
+        x = self.patch_embed(x)  # [B, C0, H/4, W/4]
+        h, w = x.shape[2], x.shape[3]
+        x = self.pos_drop(x.flatten(2).transpose(1, 2))  # [B, h*w, C0]
+        intermediates = []
+        for i, stage in enumerate(self.layers[:max_index + 1] if stop_early else self.layers):
+            x = _run_blocks(stage.blocks, x, h, w, stage.grad_checkpointing)  # [B, h*w, C_i]
+            if i in take_indices:
+                y = x.transpose(1, 2)  # [B, C_i, h*w]
+                intermediates.append((self.norm(y) if norm and i == last else y).unflatten(2, (h, w)))
+            if stage.downsample is not None:
+                x, h, w = stage.downsample(x, h, w)  # [B, h/2 * w/2, C_i+1]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x.transpose(1, 2)).unflatten(2, (h, w)), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of `indices` (and the norm, the head): what features_only keeps."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None  # its output would feed a dropped stage
+        if prune_norm or max_index < len(self.feature_info) - 1:  # the norm is for the last stage's channels
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
 
 #################################################################################
@@ -359,15 +475,27 @@ def load_official_checkpoint(model: nn.Module, checkpoint: str | PathLike | Mapp
     `reset_classifier` to fine-tune.
     """
     if not isinstance(checkpoint, Mapping):
-        with torch.serialization.safe_globals([(_ConfigAsDict, "yacs.config.CfgNode")]):
+        with _official_file_globals():
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     key = "state_dict_ema" if ema else "model"
     if ema and key not in checkpoint:
         raise KeyError(f"ema=True but the checkpoint has no {key!r} entry (keys: {sorted(checkpoint)})")
-    state_dict = checkpoint.get(key, checkpoint)
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rope.rotations")}
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(checkpoint_filter_fn(checkpoint.get(key, checkpoint), model), strict=True)
     return model
+
+
+def _official_file_globals():
+    """The context in which an official file loads with weights_only=True (its pickled yacs config)."""
+    return torch.serialization.safe_globals([(_ConfigAsDict, "yacs.config.CfgNode")])
+
+
+def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module | None = None) -> dict:
+    """Official weights as our state dict: the stored RoPE tables (`*.rope.rotations`) are dropped.
+
+    timm's loader calls it (`pretrained_filter_fn`) after taking the weights out of the file, the EMA
+    ones ('state_dict_ema') where there are any, as timm does.
+    """
+    return {k: v for k, v in state_dict.items() if not k.endswith("rope.rotations")}
 
 
 class Complexity(NamedTuple):
@@ -422,29 +550,50 @@ def complexity(model: nn.Module, img_size: int | tuple[int, int] | None = None, 
 #                                timm registry                                  #
 #################################################################################
 
-def _cfg(**kwargs) -> dict:
+# FX tracing (timm's FX feature extraction): the token mixers and RoPE take the map size as Python ints, check
+# shapes and cache tables, so the trace keeps them whole, as calls
+for _leaf in (TTT, Attention, LinearAttention, RoPE2d):
+    register_notrace_module(_leaf)
+
+
+def _cfg(url: str, first_conv: str, pool_size: tuple[int, int]) -> dict:
     # the official evaluation: resize to 256/224 of the size, center crop, bicubic, ImageNet mean/std
-    return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "classifier": "head", "license": "mit", **kwargs}
+    return {"url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": pool_size,
+            "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": first_conv, "classifier": "head", "license": "mit",
+            "origin_url": "https://github.com/LeapLabTHU/ViTTT", "paper_ids": "arXiv:2512.01643"}
 
 
+# the official ImageNet-1k weights; `url` is where the release is, but its links end in "/?dl=1", which
+# timm's downloader cannot name a file after: download by hand, then pretrained_cfg_overlay=dict(file=PATH)
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg(first_conv="patch_embed.proj") for name in MODEL_NAMES[:3]},
-    **{name: _cfg(first_conv="patch_embed.conv.0.conv") for name in MODEL_NAMES[3:]},
+    **{f"{name}.official_in1k": _cfg(OFFICIAL_WEIGHTS[name], "patch_embed.proj", (14, 14))
+       for name in MODEL_NAMES[:3]},
+    **{f"{name}.official_in1k": _cfg(OFFICIAL_WEIGHTS[name], "patch_embed.conv.0.conv", (7, 7))
+       for name in MODEL_NAMES[3:]},
 })
 
 
 def _create(variant: str, model_cls: type, pretrained: bool, model_args: dict, **kwargs) -> nn.Module:
     if pretrained:
-        raise RuntimeError(
-            f"vit3 downloads no weights. Build {variant} with pretrained=False, download the official "
-            f"checkpoint ({OFFICIAL_WEIGHTS[variant]}) and load it with "
-            f"vit3.load_official_checkpoint(model, path).")
-    model = build_model_with_cfg(model_cls, variant, pretrained=False, **dict(model_args, **kwargs))
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.file or cfg.state_dict):
+            raise RuntimeError(
+                f"vit3 downloads no weights. Download the official {variant} checkpoint ({cfg.url}) and pass "
+                f"pretrained_cfg_overlay=dict(file=PATH), or load it with vit3.load_official_checkpoint(model, PATH).")
+    kwargs = dict(model_args, **kwargs)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    # parameters are made on `device` (meta too), not moved there
+    with torch.device(device) if device is not None else nullcontext(), _official_file_globals():
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                     feature_cfg=dict(out_indices=4 if model_cls is HViT3 else 3, feature_cls="getter"),
+                                     **kwargs)
     # timm's data config (resolve_data_config) then uses the size the model was built for
-    model.pretrained_cfg["input_size"] = (kwargs.get("in_chans", 3), *model.img_size)
-    return model
+    img_size = to_2tuple(kwargs.get("img_size", 224))
+    stride = kwargs["patch_size"] if model_cls is ViT3 else 32  # H-ViT³ rounds each halving up
+    model.pretrained_cfg.update(input_size=(kwargs.get("in_chans", 3), *img_size),
+                                pool_size=tuple(-(-side // stride) for side in img_size))
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 @register_model
