@@ -178,7 +178,7 @@ def make_train_step(variant: str, latent: int, device: str, batch: int, depth: i
     def step():
         opt.zero_grad(set_to_none=True)
         with amp:
-            loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
+            loss = diffusion.training_losses(model, x, t, {"class_labels": y})["loss"].mean()
         loss.backward()
         opt.step()
     return step, model
