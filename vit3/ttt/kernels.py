@@ -134,6 +134,23 @@ def _weights(wa, wb, m, rows, cols, d: tl.constexpr, M: tl.constexpr, HEAD: tl.c
 
 
 @triton.jit
+def _head_program(H, NRB: tl.constexpr):
+    """This program's (row block r, token split s, sample b, head hd, b * H + hd): grid axis 0 runs
+    over splits x row blocks (row blocks fastest, so that they share their tiles in L2), axis 1 over
+    samples x heads."""
+    bh = tl.program_id(1)
+    return tl.program_id(0) % NRB, tl.program_id(0) // NRB, bh // H, bh % H, bh
+
+
+@triton.jit
+def _store_partials(part, bh, s, rows, cols, acc1, acc2, NRB: tl.constexpr, DP: tl.constexpr):
+    """A program's two [RB, DP] partial sums into part[b * H + hd, s, rows, :DP | DP:]."""
+    base = part + ((bh * (tl.num_programs(0) // NRB) + s) * DP) * (2 * DP) + rows[:, None] * (2 * DP)
+    tl.store(base + cols[None, :], acc1)
+    tl.store(base + DP + cols[None, :], acc2)
+
+
+@triton.jit
 def _split_range(s, tiles, N, BN: tl.constexpr):
     """Tokens [start, end) of split s: `tiles` token tiles each."""
     start = s * tiles * BN
@@ -151,9 +168,7 @@ def head_fwd_reduce(qkv, wa, wb, theta, part, N, h, w, tiles, stride, C, H, quar
     part[b, head, split, rows of block r, :] (the inner gradients before the factor -scale / N)."""
     NRB: tl.constexpr = DP // RB
     DOT: tl.constexpr = qkv.dtype.element_ty  # dot operands in the input dtype (fp32 sums)
-    r, s = tl.program_id(0) % NRB, tl.program_id(0) // NRB
-    bh = tl.program_id(1)
-    b, hd = bh // H, bh % H
+    r, s, b, hd, bh = _head_program(H, NRB)
     base = qkv + b.to(tl.int64) * N * stride
     pos = tl.arange(0, DP)
     rpos = r * RB + tl.arange(0, RB)
@@ -180,9 +195,7 @@ def head_fwd_reduce(qkv, wa, wb, theta, part, N, h, w, tiles, stride, C, H, quar
             kr = _load_rot(base, tok, tm, stride, C + hd * d, rpos, hd, theta, w, quarter, d, DP, ROPE)
         acc1 = _dot_tn(kr, e1, acc1, DOT, PREC)
         acc2 = _dot_tn(kr, e2, acc2, DOT, PREC)
-    out = part + ((bh * tl.num_programs(0) // NRB + s) * DP) * (2 * DP)
-    tl.store(out + rpos[:, None] * (2 * DP) + cols[None, :], acc1)
-    tl.store(out + rpos[:, None] * (2 * DP) + DP + cols[None, :], acc2)
+    _store_partials(part, bh, s, rpos, cols, acc1, acc2, NRB, DP)
 
 
 @triton.jit(do_not_specialize=RUNTIME)
@@ -218,9 +231,7 @@ def head_bwd_q(qkv, dout, w12n, theta, out, dqkv, part, N, h, w, tiles, stride, 
     recomputed output (value columns of block r) and partial sums of dW' = q^T dy."""
     NRB: tl.constexpr = DP // RB
     DOT: tl.constexpr = qkv.dtype.element_ty  # dot operands in the input dtype (fp32 sums)
-    r, s = tl.program_id(0) % NRB, tl.program_id(0) // NRB
-    bh = tl.program_id(1)
-    b, hd = bh // H, bh % H
+    r, s, b, hd, bh = _head_program(H, NRB)
     base = qkv + b.to(tl.int64) * N * stride
     dbase = dqkv + b.to(tl.int64) * N * stride
     obase = out + b.to(tl.int64) * N * out_stride + hd * d
@@ -262,9 +273,7 @@ def head_bwd_q(qkv, dout, w12n, theta, out, dqkv, part, N, h, w, tiles, stride, 
             dq_partner = _dot_nt(dy2, _tile(wb, ppos, DP, DP + cols),
                                  _dot_nt(dy1, _tile(wb, ppos, DP, cols), None, DOT, PREC), DOT, PREC)
         _store_rot(dbase, tok, tm, stride, hd * d, rpos, dq, dq_partner, hd, theta, w, quarter, d, DP, ROPE)
-    pout = part + ((bh * tl.num_programs(0) // NRB + s) * DP) * (2 * DP)
-    tl.store(pout + rpos[:, None] * (2 * DP) + cols[None, :], acc1)
-    tl.store(pout + rpos[:, None] * (2 * DP) + DP + cols[None, :], acc2)
+    _store_partials(part, bh, s, rpos, cols, acc1, acc2, NRB, DP)
 
 
 @triton.jit(do_not_specialize=RUNTIME)
@@ -276,9 +285,7 @@ def head_bwd_k(qkv, w12, dgc, theta, dqkv, part, N, h, w, tiles, stride, C, H, q
     and partial sums of the direct dW = K^T dz over one token range."""
     NRB: tl.constexpr = DP // RB
     DOT: tl.constexpr = qkv.dtype.element_ty  # dot operands in the input dtype (fp32 sums)
-    r, s = tl.program_id(0) % NRB, tl.program_id(0) // NRB
-    bh = tl.program_id(1)
-    b, hd = bh // H, bh % H
+    r, s, b, hd, bh = _head_program(H, NRB)
     base = qkv + b.to(tl.int64) * N * stride
     dbase = dqkv + b.to(tl.int64) * N * stride
     pos = tl.arange(0, DP)
@@ -331,9 +338,7 @@ def head_bwd_k(qkv, w12, dgc, theta, dqkv, part, N, h, w, tiles, stride, C, H, q
             dk_partner = _dot_nt(dz1, _tile(wb, ppos, DP, cols), dk_partner, DOT, PREC)
             dk_partner = _dot_nt(dz2, _tile(wb, ppos, DP, DP + cols), dk_partner, DOT, PREC)
         _store_rot(dbase, tok, tm, stride, C + hd * d, rpos, dk, dk_partner, hd, theta, w, quarter, d, DP, ROPE)
-    pout = part + ((bh * tl.num_programs(0) // NRB + s) * DP) * (2 * DP)
-    tl.store(pout + rpos[:, None] * (2 * DP) + cols[None, :], acc1)
-    tl.store(pout + rpos[:, None] * (2 * DP) + DP + cols[None, :], acc2)
+    _store_partials(part, bh, s, rpos, cols, acc1, acc2, NRB, DP)
 
 
 # ---------------------------------------------------------------- finalize, both branches
