@@ -75,8 +75,10 @@ CASES = [(2, 32, 5, 7, False, 16, 2), (2, 32, 3, 13, True, 16, 3), (2, 72, 5, 7,
 
 @pytest.mark.parametrize("heads,d,h,w,rope,block_n,splits", CASES)
 def test_triton_matches_float64_reference(nan_empty, heads, d, h, w, rope, block_n, splits):
-    from vit3.ttt.triton_ops import ttt_triton
+    from vit3.ttt.triton_ops import covers, ttt_triton
 
+    if DEVICE == "cuda" and not covers(d, torch.float32):
+        pytest.skip("float32 at this head width takes the fast path on a GPU (bf16: test_bf16_triton_close_to_fp32)")
     layer, rope_m, params, y_ref, gy, grads_ref = reference_and_inputs(heads, d, h, w, rope)
     p32 = [p.detach().float().to(DEVICE).requires_grad_() for p in params]
     y = ttt_triton(*p32, heads=heads, h=h, w=w, scale=layer.scale, lr=layer.inner_lr,
