@@ -483,7 +483,8 @@ def markdown(res: dict, args, device: str, mixers: list[str], batch_tokens: int,
                   f"Copy bandwidth (device-to-device copy, bytes read + written): {gbps:.0f} GB/s. Floor = the "
                   "bytes the inner step must move (q, k, v read and its output written once per pass: 4 (C + d) "
                   "values a token forward, 12 (C + d) forward+backward; `inner_bytes`) over that bandwidth. "
-                  "Inner time: ttt_triton's inner ops (`vit3::ttt_inner_fwd` / `_bwd`) alone, else the layer minus its qkv and "
+                  "Inner time: ttt_triton's inner ops (`vit3::ttt_inner_fwd` / `_bwd`) alone, else the layer minus "
+                  "its qkv and "
                   "output-projection GEMMs timed alone.", "",
                   "| mixer | N | batch | mode | layer ms | qkv/proj GEMMs ms | inner ms | inner time from | "
                   "floor MB | floor ms | of floor |",

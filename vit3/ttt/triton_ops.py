@@ -43,8 +43,9 @@ class Plan:
     that ptxas fits in Hopper's registers without spilling and whose shared memory (the inner weights
     as dot operands, pipelined loads) fits 227 KB (benchmarks/triton_resources.py prints them; a test
     keeps them there): head width 72 (DP 128) runs as 4 programs of 32 rows on tiles of 16 tokens;
-    float32 inputs take tiles of 16 tokens, and up to head width 64 only (see covers). The token axis is split so that at least two programs run per SM at batch 1 (each
-    writes its own fp32 partial sums, added in a fixed order afterwards)."""
+    float32 inputs take tiles of 16 tokens, and up to head width 64 only (see covers). The token axis
+    is split so that at least two programs run per SM at batch 1 (each writes its own fp32 partial
+    sums, added in a fixed order afterwards)."""
 
     def __init__(self, b: int, n: int, heads: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
                  block_n: int = 0, splits: int = 0):
@@ -115,6 +116,7 @@ def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: tor
     f32 = dict(dtype=torch.float32, device=qkv.device)
     common = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC=_precision(qkv.dtype), num_warps=p.warps,
                   num_stages=p.stages)
+    conv = dict(CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
     rope_t = theta if rope else qkv  # never read without RoPE
 
     w1, w2, w3 = (t.contiguous() for t in (w1, w2, w3))
@@ -127,7 +129,7 @@ def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: tor
         qkv, w1, w2, rope_t, part, n, h, w, p.tiles, qkv.stride(1), dim, heads, dim // 4, **common)
     part3 = torch.empty(b, p.splits_c, 16, p.cp, **f32)
     _kernel(K.conv_fwd_reduce)[(p.splits_c, b * (p.cp // p.cb))](
-        qkv, part3, n, h, w, p.tiles_c, qkv.stride(1), dim, c, CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
+        qkv, part3, n, h, w, p.tiles_c, qkv.stride(1), dim, c, **conv)
 
     _kernel(K.finalize_fwd)[(b * heads, 2 * p.dp // bk)](
         part, w1, w2, w12, g12, n12, w12n, p.splits, heads, coef, lr, d=d, M=p.dp, K=2 * p.dp, BK=bk,
@@ -142,7 +144,7 @@ def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: tor
     _kernel(K.head_fwd_apply)[(_cdiv(n, p.bn), b * heads)](
         qkv, w12n, rope_t, out, n, h, w, qkv.stride(1), out.stride(1), dim, heads, dim // 4, **common)
     _kernel(K.conv_fwd_apply)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
-        qkv, w3n, out, n, h, w, qkv.stride(1), out.stride(1), dim, c, CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
+        qkv, w3n, out, n, h, w, qkv.stride(1), out.stride(1), dim, c, **conv)
     return out, w12, g12, n12, w12n, g3, n3, w3n
 
 
@@ -162,6 +164,7 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta
     f32 = dict(dtype=torch.float32, device=qkv.device)
     common = dict(d=d, DP=p.dp, RB=p.rb, BN=p.bn, ROPE=rope, PREC=_precision(qkv.dtype), num_warps=p.warps,
                   num_stages=p.stages)
+    conv = dict(CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
     rope_t = theta if rope else qkv
     out = torch.empty(b, n, dim + c, dtype=qkv.dtype, device=qkv.device)
     dqkv = torch.empty_like(qkv)
@@ -174,7 +177,7 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta
     part3 = torch.empty(b, p.splits_c, 16, p.cp, **f32)
     _kernel(K.conv_bwd_q)[(p.splits_c, b * (p.cp // p.cb))](
         qkv, dout, w3n, out, dqkv, part3, n, h, w, p.tiles_c, qkv.stride(1), out.stride(1), dim, c,
-        CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
+        **conv)
 
     # back through the normalised step
     dw12n, dgc12 = (torch.empty(b * heads, p.dp, 2 * p.dp, **f32) for _ in range(2))
@@ -191,7 +194,7 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta
         qkv, w12, dgc12, rope_t, dqkv, partk, n, h, w, p.tiles, qkv.stride(1),
         dim, heads, dim // 4, **common)
     _kernel(K.conv_bwd_k)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
-        qkv, dgc3, dqkv, n, h, w, qkv.stride(1), dim, c, CP=p.cp, CB=p.cb, BN=p.bnc, num_warps=p.conv_warps)
+        qkv, dgc3, dqkv, n, h, w, qkv.stride(1), dim, c, **conv)
 
     # weight gradients: the inner weights are shared by all samples (sum over them and the splits)
     dw12 = dw12n.view(b, heads, p.dp, 2 * p.dp).sum(0) + partk.view(b, heads, p.splits, p.dp, 2 * p.dp).sum((0, 2))
