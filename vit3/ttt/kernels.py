@@ -23,7 +23,7 @@ rotated pairs) first and the odd ones at DP / 2, so that a rotation pairs tile
 position j with j ^ DP/2 and a tile of rotated keys is two loads and a
 multiply-add. The row (key-channel) axis can be split into blocks of RB: every
 token reduction (K^T E) and every output indexed by key channels (dq, dk) is
-separable along it, so head width 72 (DP 128) runs as two programs of 64 rows
+separable along it, so head width 72 (DP 128) runs as four programs of 32 rows
 that need no communication. The conv branch's 3x3 kernels live as [16, CP]
 (9 offsets padded, channels padded).
 
