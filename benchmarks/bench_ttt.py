@@ -9,8 +9,8 @@ materialised "math" attention, linear attention) and token count N (C = 384,
 reports the layer's analytic FLOPs and the fraction of this machine's plain
 matmul throughput it reaches. Batch: 1 on CPU; on CUDA max(1, 65536 // N), so
 every call holds at least 64K tokens and fills the GPU (--batch-tokens). A
-mixer that cannot be built or run here (the Triton path on CPU, or before its
-kernels exist) is reported with its error and the others go on.
+mixer that cannot be built or run here (the Triton path on CPU without
+TRITON_INTERPRET=1) is reported with its error and the others go on.
 On CUDA (and with --in-process) it also times the inner step alone and sets it
 against its memory-traffic floor (`inner_bytes`, over the copy bandwidth
 measured in the same run; see `inner_step_times`). Times are medians over rounds that run one step of every
@@ -329,7 +329,7 @@ def measure_in_process(args, mixers: list[str], n: int, mode: str, device: str, 
         try:
             points[m] = {"peak_mb": peak_memory_mb(make_step(m, n, mode, device, args.dim, args.heads, batch),
                                                    device)}
-        except Exception as e:  # out of memory, or a path this machine refuses (Triton before its kernels land)
+        except Exception as e:  # out of memory, or a path this machine refuses (Triton on CPU without its interpreter)
             points[m] = {"error": error_line(e)}
         empty_cache(device)
     ok = [m for m in mixers if "error" not in points[m]]

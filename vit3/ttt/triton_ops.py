@@ -203,13 +203,18 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta
     return dqkv, out, dw12[None, :, :, :d].contiguous(), dw12[None, :, :, p.dp:p.dp + d].contiguous(), dw3
 
 
+def _project(out: torch.Tensor, pw: torch.Tensor, pb: torch.Tensor | None) -> torch.Tensor:
+    """The layer's output projection in the inner step's output dtype (as autocast would run it)."""
+    return F.linear(out, pw.to(out.dtype), None if pb is None else pb.to(out.dtype))
+
+
 class _TTTTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, w1, w2, w3, pw, pb, theta, heads, h, w, scale, lr, block_n, splits):
         out, *inner = torch.ops.vit3.ttt_inner_fwd(qkv, w1, w2, w3, theta, heads, h, w, scale, lr, block_n, splits)
         ctx.save_for_backward(qkv, w1, w2, w3, pw, theta, *inner)
         ctx.args = (heads, h, w, scale, lr, block_n, splits, pb is not None)
-        return F.linear(out, pw.to(out.dtype), None if pb is None else pb.to(out.dtype))
+        return _project(out, pw, pb)
 
     @staticmethod
     def backward(ctx, dy):
@@ -256,6 +261,5 @@ def ttt_triton(qkv, w1, w2, w3, proj_weight, proj_bias=None, *, heads, h, w, sca
         rope_theta = rope_theta.to(device=qkv.device, dtype=torch.float32).contiguous()
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (qkv, w1, w2, w3, proj_weight, proj_bias))):
-        out = torch.ops.vit3.ttt_inner_fwd(qkv, w1, w2, w3, rope_theta, *args)[0]
-        return F.linear(out, proj_weight.to(out.dtype), None if proj_bias is None else proj_bias.to(out.dtype))
+        return _project(torch.ops.vit3.ttt_inner_fwd(qkv, w1, w2, w3, rope_theta, *args)[0], proj_weight, proj_bias)
     return _TTTTriton.apply(qkv, w1, w2, w3, proj_weight, proj_bias, rope_theta, *args)
