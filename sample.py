@@ -6,6 +6,10 @@
     python sample.py --ckpt results/000-dit3_demo --num-samples 1000 --out DIR --digits-accuracy
     python sample.py --ckpt DiTTT-B-2.pt --classes 207 360 --vae /models/sd-vae-ft-ema   # official release file
     python sample.py --ckpt RUN --export dit3-pipeline [--push-to-hub user/dit3-b2]   # a DiT3Pipeline folder
+    python sample.py --help                     # every option, its default, what it does
+
+Options are written `--key value`, `--key=value` or `key=value` (the trainers' style); `--config FILE`
+takes them from a yaml file.
 
 The model (its diffusers config), the VAE and its scale come from the checkpoint, so no model
 flag is repeated; the EMA weights are used unless --no-ema. A run folder means its newest
@@ -19,7 +23,7 @@ same whatever the number of processes, and a restarted job skips the batches alr
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -35,51 +39,55 @@ from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from dit3.latents import decode, load_vae, vae_downsample
-from dit3.models import DiT3
 from dit3.sampling import SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
-from vit3 import training as T
-from vit3.training import ConfigError
+from dit3.weights import load_dit3
+from vit3 import engine
+from vit3.engine import ConfigError
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoints/step-N folder")
-    p.add_argument("--no-ema", action="store_true", help="use the model weights, not the EMA")
+@dataclasses.dataclass
+class SampleConfig:
+    ckpt: str = ""  # a run folder (its newest checkpoint), a checkpoints/step-N folder, or an official .pt
+    ema: bool = True  # the EMA weights (--no-ema: the trained ones)
     # only for official DiT³ / DiT .pt files, and only where the file does not say (DiT's bare EMA weights)
-    p.add_argument("--model", default=None, help="official file: model name (DiT3-B/2 or the official DiTTT-B/2)")
-    p.add_argument("--image-size", type=int, default=None, help="official file: image size (256)")
-    p.add_argument("--num-classes", type=int, default=None, help="official file: classes (1000)")
-    p.add_argument("--vae", default=None, help="VAE folder or hub name, instead of the one the run trained with")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (DDPM: respaced as DiT)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--cfg-channels", type=int, default=None, help="guide only these leading channels (DiT: 3)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only at timesteps t / 1000 in [LO, HI]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="samples per network call (fixed batches; see above)")
-    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
-    # grid mode
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="grid mode: one column per class")
-    p.add_argument("--per-class", type=int, default=1, help="grid mode: rows")
-    # bulk mode
-    p.add_argument("--num-samples", type=int, default=0, help="bulk mode: how many samples")
-    p.add_argument("--labels", default="balanced", choices=("balanced", "random"))
-    p.add_argument("--out", default=None, help="grid: the PNG (default in the run's samples/); bulk: a folder")
-    p.add_argument("--fid-ref", default=None,
-                   help="bulk mode: FID/IS/KID/precision/recall against an image folder, an ADM .npz or a stats .npz")
-    p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for torch-fidelity")
-    p.add_argument("--feature-extractor", default=None,
-                   help="a train_vit.py run or checkpoint whose features replace Inception's (domain FID)")
-    p.add_argument("--save-ref-stats", default=None, help="write the reference's mu / sigma to this .npz")
-    p.add_argument("--digits-accuracy", action="store_true",
-                   help="digits demo: the share of samples an SVC trained on the real digits labels as asked")
-    # export
-    p.add_argument("--export", default=None, metavar="DIR",
-                   help="write a DiT3Pipeline folder: EMA transformer, the --sampler's scheduler, VAE, id2label")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO",
-                   help="with --export: upload the folder to this hub repo")
-    return p.parse_args(argv)
+    model: str = ""  # official file: model name (DiT3-B/2 or the official DiTTT-B/2)
+    image_size: int = 0  # official file: image size (256)
+    num_classes: int = 0  # official file: classes (1000)
+    vae: str = ""  # VAE folder or hub name, instead of the one the run trained with
+    sampler: str = "ddpm"  # ddpm (respaced as DiT), ddim, dpm++ (DPMSolver++), euler (diffusers schedulers)
+    steps: int = 250  # sampling steps
+    cfg_scale: float = 4.0  # classifier-free guidance scale (1 = none)
+    cfg_channels: int | None = None  # guide only these leading channels (DiT: 3); None = all of epsilon
+    cfg_interval: tuple[float, float] | None = None  # guide only at timesteps t / 1000 in [LO, HI]
+    seed: int = 0
+    batch_size: int = 32  # samples per network call (fixed batches: the samples do not depend on it)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    classes: list[int] | None = None  # grid mode: one column per class
+    per_class: int = 1  # grid mode: rows
+    num_samples: int = 0  # bulk mode: how many samples
+    labels: str = "balanced"  # bulk mode: balanced (i mod classes) or random (drawn from (seed, i))
+    out: str = ""  # grid: the PNG (default in the run's samples/); bulk: a folder
+    fid_ref: str = ""  # bulk mode: FID/IS/KID/precision/recall against an image folder, an ADM .npz or a stats .npz
+    inception_weights: str = ""  # local InceptionV3 weights for torch-fidelity
+    feature_extractor: str = ""  # a train_vit.py run or checkpoint whose features replace Inception's (domain FID)
+    save_ref_stats: str = ""  # write the reference's mu / sigma to this .npz
+    digits_accuracy: bool = False  # digits demo: the share of samples an SVC trained on the real digits labels as asked
+    export: str = ""  # write a DiT3Pipeline folder: EMA transformer, the sampler's scheduler, VAE, id2label
+    push_to_hub: str = ""  # with export: upload the folder to this hub repo
+
+
+FLAGS = {"--no-ema": "ema=false"}
+
+
+def parse_args(argv=None) -> SampleConfig:
+    args, _ = engine.load_config(SampleConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
+    if not args.ckpt:
+        raise ConfigError("--ckpt is required: a run folder, a checkpoints/step-N folder or an official .pt file")
+    for key, value, choices in (("sampler", args.sampler, SAMPLERS), ("labels", args.labels, ("balanced", "random")),
+                                ("mixed_precision", args.mixed_precision, ("no", "bf16", "fp16"))):
+        if value not in choices:
+            raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,7 +100,7 @@ def resolve_checkpoint(path: str) -> Path:
     if p.is_file() and p.suffix in (".pt", ".pth"):  # an official DiT³ / DiT release file
         return p
     if (p / "checkpoints").is_dir():
-        latest = T.find_latest_checkpoint(p / "checkpoints")
+        latest = engine.find_latest_checkpoint(p / "checkpoints")
         if latest is None:
             raise ConfigError(f"--ckpt {path}: the run folder has no complete checkpoint")
         return latest
@@ -102,62 +110,17 @@ def resolve_checkpoint(path: str) -> Path:
     return p
 
 
-def load_official(path: Path, ema: bool = True, device="cpu", vae_name: str | None = None, model_name=None,
-                  image_size=None, num_classes=None):
-    """(model, VAE, scale, config) from an official DiT³ / DiT file: the train.py dict, whose `args` name the
-    model, image size, classes and VAE, or DiT's bare EMA weights (then --model and --image-size are needed)."""
-    import argparse
-
-    from dit3.models import DiT3_models, load_official_checkpoint
-
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors of a damaged or foreign file
-        first = (str(e).splitlines() or [""])[0]
-        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {first}): the file is damaged or not a "
-                          "checkpoint") from None
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    name = (model_name or getattr(args, "model", None) or "").replace("DiTTT-", "DiT3-")
-    image_size = image_size or getattr(args, "image_size", None)
-    if name not in DiT3_models or not image_size:
-        raise ConfigError(f"{path} does not say its model and image size (found model {name or None!r}, image size "
-                          f"{image_size}): pass --model (e.g. DiT3-B/2) and --image-size (e.g. 256)")
-    vae_name = vae_name or f"stabilityai/sd-vae-ft-{getattr(args, 'vae', 'ema')}"
-    vae = load_vae(vae_name, device)
-    model = DiT3_models[name](input_size=image_size // vae_downsample(vae), in_channels=vae.config.latent_channels,
-                              num_classes=num_classes or getattr(args, "num_classes", 1000))
-    try:
-        load_official_checkpoint(model, ckpt, ema=ema)
-    except (RuntimeError, KeyError) as e:
-        raise ConfigError(f"{path} does not fit {name} at {image_size}px: {e}") from None
-    return model.to(device).eval(), vae, 0.18215, {"vae": {"name": vae_name, "scale": 0.18215}}
-
-
-def load_run(ckpt: Path, ema: bool = True, device="cpu", vae_name: str | None = None, **official):
-    """(model in eval mode, VAE or None, latent scale, training config) from a train_dit.py checkpoint
-    (or an official file, see load_official)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    if ckpt.is_file():
-        return load_official(ckpt, ema, device, vae_name, **official)
-    state = T.read_trainer_state(ckpt)
-    if "model_config" not in state:
-        raise ConfigError(f"checkpoint {ckpt} has no model_config: it was not written by train_dit.py")
-    model = DiT3.from_config(state["model_config"])
-    weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
-    if not weights.is_file():
-        hint = " (trained without EMA: use --no-ema)" if ema else ""
-        raise ConfigError(f"checkpoint {ckpt} has no {weights.name}{hint}")
-    try:
-        load_model(model, str(weights), strict=True)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise ConfigError(f"cannot read the weights {weights}: {e}. The file is damaged; use another "
-                          "checkpoint") from None
-    config = state["config"]
-    name = vae_name if vae_name is not None else config["vae"]["name"]
-    vae = load_vae(name, device) if name else None
+def load_run(ckpt: Path, args: SampleConfig, device):
+    """(model in eval mode, VAE or None, latent scale, training config) of a checkpoint or official file."""
+    vae = load_vae(args.vae, device) if args.vae else None
+    # official files only: the model's flags where the file does not say, and the latent shape of --vae
+    official = dict(model_name=args.model or None, image_size=args.image_size or None,
+                    num_classes=args.num_classes or None)
+    if vae is not None:
+        official.update(in_channels=vae.config.latent_channels, downsample=vae_downsample(vae))
+    model, config = load_dit3(ckpt, ema=args.ema, **official)
+    if vae is None and config["vae"]["name"]:
+        vae = load_vae(config["vae"]["name"], device)
     return model.to(device).eval(), vae, config["vae"]["scale"], config
 
 
@@ -207,10 +170,10 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     # a restart may only continue the same drawing: other settings would mix two sample sets
-    spec = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()), "ema": not args.no_ema, "sampler": args.sampler,
+    spec = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()), "ema": args.ema, "sampler": args.sampler,
             "steps": args.steps, "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels,
-            "cfg_interval": args.cfg_interval, "seed": args.seed, "labels": args.labels,
-            "batch_size": args.batch_size, "vae": args.vae}
+            "cfg_interval": list(args.cfg_interval) if args.cfg_interval else None, "seed": args.seed,
+            "labels": args.labels, "batch_size": args.batch_size, "vae": args.vae or None}
     spec_path = out / "spec.json"
     if spec_path.is_file() and json.loads(spec_path.read_text()) != spec:
         old = json.loads(spec_path.read_text())
@@ -236,7 +199,7 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
         labels = labels_for(list(range(n)), model.num_classes, args.labels, args.seed)
         info = {"num_samples": n, "labels": labels, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
                 "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "cfg_interval": args.cfg_interval,
-                "ckpt": str(args.ckpt), "ema": not args.no_ema, "processes": state.num_processes,
+                "ckpt": str(args.ckpt), "ema": args.ema, "processes": state.num_processes,
                 "seconds_per_image_this_process": (time.time() - t0) / done if done else None}
         (out / "info.json").write_text(json.dumps(info, indent=2))
     state.wait_for_everyone()
@@ -247,9 +210,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     ckpt = resolve_checkpoint(args.ckpt)
-    model, vae, scale, config = load_run(ckpt, ema=not args.no_ema, device=state.device, vae_name=args.vae,
-                                         model_name=args.model, image_size=args.image_size,
-                                         num_classes=args.num_classes)
+    model, vae, scale, config = load_run(ckpt, args, state.device)
     run_dir = ckpt.parent if ckpt.is_file() else ckpt.parent.parent
     for c in args.classes or []:
         if not 0 <= c < model.num_classes:
@@ -349,8 +310,9 @@ def fidelity(out: Path, args, state: PartialState) -> dict:
     t0 = time.time()
     try:
         metrics = fidelity_metrics(out / "images", args.fid_ref, cuda=state.device.type == "cuda",
-                                   inception_weights=args.inception_weights, classifier=args.feature_extractor,
-                                   save_ref_stats=args.save_ref_stats)
+                                   inception_weights=args.inception_weights or None,
+                                   classifier=args.feature_extractor or None,
+                                   save_ref_stats=args.save_ref_stats or None)
     except ValueError as e:  # a reference file of the wrong kind
         raise ConfigError(str(e)) from None
     _update_metrics(out, {**metrics, "fid_ref": str(args.fid_ref)})

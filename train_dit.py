@@ -4,11 +4,13 @@
     python train_dit.py --config configs/dit3_demo.yaml             # digits demo, pixel space, CPU, minutes
     accelerate launch train_dit.py --config ... data.latents=/data/in256-latents --extract-latents
     python train_dit.py --config ... resume=latest                  # continue the newest run
+    python train_dit.py --help                                      # every key, its default, what it does
 
 Recipe (DiT): AdamW lr 1e-4, no weight decay, constant lr, global batch 256, EMA 0.9999 per
 update (initialised from the model, kept in float32), class dropout 0.1, the hybrid loss (epsilon
 MSE + the variational bound for the learned variance, `dit3.diffusion`), uniform timesteps,
-400K updates. Data: an ImageFolder with DiT's centre crop and horizontal flips, encoded by
+400K updates. Checkpoints hold the model and its EMA as diffusers folders (`DiT3.from_pretrained`).
+Data: an ImageFolder with DiT's centre crop and horizontal flips, encoded by
 Stable Diffusion's VAE on the fly, or read from pre-extracted latents (`data.latents`), or
 used as pixels (`vae.name=""`).
 
@@ -17,17 +19,14 @@ Everything runs inside main(argv) so tests can run a few CPU steps in-process.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dit3.diffusion import create_diffusion
@@ -42,11 +41,12 @@ from dit3.latents import (
     load_vae,
     vae_downsample,
 )
-from dit3.models import DiT3_models, load_official_checkpoint
+from dit3.models import DiT3_models
 from dit3.sampling import sample_ddpm, sample_seed, save_grid, save_pngs, to_uint8
-from vit3 import training as T
+from dit3.weights import load_dit3_weights
+from vit3 import engine
 from vit3.data import DataError, default_demo_path, open_image_folder, prepare_digits
-from vit3.training import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
+from vit3.engine import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig, TrainingDiverged
 
 
 @dataclasses.dataclass
@@ -122,10 +122,6 @@ FLAGS = {"--extract-latents": "extract_only=true"}
 ARCH_KEYS = ("name", "num_classes", "image_size", "kwargs")  # a checkpoint must match these to resume
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf."""
-
-
 # ----------------------------------------------------------------------------------------
 # Model and data
 # ----------------------------------------------------------------------------------------
@@ -166,49 +162,6 @@ def resolve_data(cfg: TrainConfig) -> DataConfig:
     return dataclasses.replace(cfg.data, path=str(root / "train"))
 
 
-def load_start_weights(model: nn.Module, path: str):
-    """Weights to start from: our .safetensors / checkpoint folder, or an official DiT³ / DiT file."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"weights={path} does not exist")
-    if p.is_file() and p.suffix != ".safetensors":
-        try:
-            load_official_checkpoint(model, p, ema=True)
-        except (RuntimeError, KeyError) as e:
-            raise ConfigError(f"weights {p} do not fit model.name / model.kwargs of this run: {e}") from None
-    else:
-        T.load_weights(model, p, key="model")
-
-
-# ----------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
-    """Train as the config and `key=value` overrides in argv say; returns a summary."""
-    cfg, cfg_path = T.load_config(TrainConfig, argv, flags=FLAGS)
-    name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name.replace("/", "-"))
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    if cfg.max_steps <= 0 and not cfg.extract_only:
-        raise ConfigError(f"max_steps must be positive (the number of updates to train), got {cfg.max_steps}")
-    if cfg.extract_only and not cfg.data.latents:
-        raise ConfigError("--extract-latents needs data.latents=FOLDER (where to write them)")
-    sc = cfg.sample
-    if sc.fid_every and not (sc.fid_ref and Path(sc.fid_ref).exists()):
-        raise ConfigError(f"sample.fid_every={sc.fid_every} needs sample.fid_ref: an existing image folder or .npz, "
-                          f"got {sc.fid_ref!r}")
-    for key in ("fid_inception_weights", "fid_classifier"):
-        if getattr(sc, key) and not Path(getattr(sc, key)).exists():
-            raise ConfigError(f"sample.{key}={getattr(sc, key)} does not exist")
-    if cfg.data.latents and not cfg.vae.name:
-        raise ConfigError("data.latents needs a VAE (vae.name); pixel-space training (vae.name='') reads images")
-    if cfg.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    return T.run_training(cfg, name, train, ARCH_KEYS)
-
-
 
 def build_data(cfg: TrainConfig, accelerator, vae, log):
     """Training dataset: latent shards (extracted first if needed) or an image folder."""
@@ -233,29 +186,126 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
     return open_image_folder(Path(data.path), image_transform(cfg.model.image_size, data.hflip), data.bad_images)
 
 
-def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, accelerator, log,
-          stop: T.StopSignal) -> dict:
-    world, rank, dev = accelerator.num_processes, accelerator.process_index, accelerator.device
+# ----------------------------------------------------------------------------------------
+# Samples during training (main process, EMA model)
+# ----------------------------------------------------------------------------------------
+def draw(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
+         autocast) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1]: DDPM with cfg.sample.steps respaced steps, decoded by the VAE."""
+    x = sample_ddpm(model, labels, shape, num_steps=cfg.sample.steps, cfg_scale=cfg_scale, generator=generator,
+                    autocast=autocast)
+    return decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1)
+
+
+def sample_grid(model, cfg: TrainConfig, vae, shape, path: Path, accelerator) -> Path:
+    """PNG grid of the fixed classes x per_class from fixed noise (the same images at every step)."""
+    sc = cfg.sample
+    labels = torch.tensor([c for c in sc.classes for _ in range(sc.per_class)], device=accelerator.device)
+    images = draw(model, labels, torch.Generator().manual_seed(sc.seed), sc.cfg_scale, cfg, vae, shape,
+                  accelerator.autocast)
+    return save_grid(images, path, nrow=sc.per_class * max(1, 8 // sc.per_class))
+
+
+def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, accelerator) -> dict:
+    """FID and friends of sample.fid_samples samples (balanced classes, seeded per sample); the images
+    are deleted after, the numbers kept."""
+    sc, dev = cfg.sample, accelerator.device
+    folder.mkdir(parents=True, exist_ok=True)
+    for lo in range(0, sc.fid_samples, batch):
+        idx = list(range(lo, min(lo + batch, sc.fid_samples)))
+        labels = torch.tensor([i % model.num_classes for i in idx], device=dev)
+        generators = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx]
+        images = to_uint8(draw(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape, accelerator.autocast))
+        save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
+    metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
+                               inception_weights=sc.fid_inception_weights or None, classifier=sc.fid_classifier or None)
+    shutil.rmtree(folder)
+    return {f"fid/{k}": v for k, v in metrics.items() if not isinstance(v, str)}
+
+
+def digits_accuracy(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
+    """Digits demo: the share of guided samples that an SVC trained on the real digits labels as asked."""
+    from dit3.evaluation import DigitsClassifier
+
+    t0 = time.time()
+    clf = DigitsClassifier(Path(cfg.data.path).parent)
+    n, sc = cfg.sample.digits_accuracy, cfg.sample
+    labels = torch.arange(model.num_classes, device=run.accelerator.device).repeat_interleave(n)
+    x = draw(model, labels, torch.Generator().manual_seed(sc.seed + 1), sc.cfg_scale, cfg, None, shape,
+             run.accelerator.autocast)
+    acc = clf.accuracy(x, labels)
+    run.log.info(f"digits sample accuracy {100 * acc:.1f}% ({len(labels)} guided samples, cfg {sc.cfg_scale}, "
+                 f"{sc.steps} steps; the SVC scores {100 * clf.val_accuracy:.1f}% on real val digits) "
+                 f"in {time.time() - t0:.1f} s")
+    engine.write_json(run.dir / "digits_accuracy.json", {
+        "accuracy": acc, "samples": len(labels), "cfg_scale": sc.cfg_scale, "steps": sc.steps,
+        "classifier_val_accuracy": clf.val_accuracy}, run.accelerator)
+    return acc
+
+
+def sample_during_training(model, cfg: TrainConfig, vae, shape, step: int, batch: int, run: engine.Run,
+                           metrics_file: engine.MetricsFile):
+    """The sample grid every sample.every updates and the FID every sample.fid_every, on the main process."""
+    acc, sc = run.accelerator, cfg.sample
+    if acc.is_main_process and sc.every and step % sc.every == 0 and step < cfg.max_steps:
+        grid = sample_grid(model, cfg, vae, shape, run.dir / "samples" / f"step-{step:07d}.png", acc)
+        run.log.info(f"sample grid {grid}")
+    if acc.is_main_process and sc.fid_every and step % sc.fid_every == 0:
+        t0 = time.time()
+        fid = periodic_fid(model, cfg, vae, shape, run.dir / "fid" / f"step-{step:07d}", batch, acc)
+        acc.log(fid, step=step)
+        metrics_file.write(step, fid)
+        run.log.info(f"(step {step:07d}) FID {fid['fid/frechet_inception_distance']:.3f} of {sc.fid_samples} "
+                     f"EMA samples ({time.time() - t0:.1f} s)")
+    if (sc.every and step % sc.every == 0) or (sc.fid_every and step % sc.fid_every == 0):
+        acc.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    """Train as the config and overrides in argv say; returns a summary."""
+    cfg, cfg_path = engine.load_config(TrainConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
+    name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name.replace("/", "-"))
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.max_steps <= 0 and not cfg.extract_only:
+        raise ConfigError(f"max_steps must be positive (the number of updates to train), got {cfg.max_steps}")
+    if cfg.extract_only and not cfg.data.latents:
+        raise ConfigError("--extract-latents needs data.latents=FOLDER (where to write them)")
+    sc = cfg.sample
+    if sc.fid_every and not (sc.fid_ref and Path(sc.fid_ref).exists()):
+        raise ConfigError(f"sample.fid_every={sc.fid_every} needs sample.fid_ref: an existing image folder or .npz, "
+                          f"got {sc.fid_ref!r}")
+    for key in ("fid_inception_weights", "fid_classifier"):
+        if getattr(sc, key) and not Path(getattr(sc, key)).exists():
+            raise ConfigError(f"sample.{key}={getattr(sc, key)} does not exist")
+    if cfg.data.latents and not cfg.vae.name:
+        raise ConfigError("data.latents needs a VAE (vae.name); pixel-space training (vae.name='') reads images")
+    if cfg.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with engine.start_run(cfg, name, ARCH_KEYS) as run:
+        return train(dataclasses.replace(cfg, name=name), run)
+
+
+def train(cfg: TrainConfig, run: engine.Run) -> dict:
+    acc, log, dev = run.accelerator, run.log, run.accelerator.device
     accum = cfg.optim.grad_accum_steps
-    if cfg.data.batch_size % (world * accum):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (global) is not divisible by processes x "
-                          f"optim.grad_accum_steps = {world} x {accum}; pick a multiple of {world * accum}")
-    micro = cfg.data.batch_size // (world * accum)
+    micro = engine.split_batch(cfg.data.batch_size, acc.num_processes, accum)  # per process, per forward
 
     # ---- VAE, data ----------------------------------------------------------------------------
     vae = load_vae(cfg.vae.name, dev) if cfg.vae.name else None
     downsample, channels = (vae_downsample(vae), vae.config.latent_channels) if vae else (1, 3)
     input_size, in_channels = model_input(cfg, downsample, channels)
-    with accelerator.main_process_first():
-        data_cfg = resolve_data(cfg)
-    cfg = dataclasses.replace(cfg, data=data_cfg)
-    dataset = build_data(cfg, accelerator, vae, log)
+    shape = (in_channels, input_size, input_size)
+    with acc.main_process_first():
+        cfg = dataclasses.replace(cfg, data=resolve_data(cfg))
+    dataset = build_data(cfg, acc, vae, log)
     if cfg.extract_only:  # not a training run: no run folder is kept
-        log.info(f"latents ready in {cfg.data.latents}")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        T.close_logging()
-        T.remove_unused_run(run_dir, accelerator)
+        engine.finish(run, f"latents ready in {cfg.data.latents}")
+        engine.discard(run)
         return {"latents": Path(cfg.data.latents)}
     num_classes = len(dataset.classes)
     if cfg.model.num_classes and cfg.model.num_classes != num_classes:
@@ -265,272 +315,119 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
     if bad:
         raise ConfigError(f"sample.classes {bad} are not class ids of this data (0 .. {num_classes - 1}); "
                           "set sample.classes=[...]")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes), name=name)
-    config = T.config_to_dict(cfg)
-
-    sampler = T.ResumableBatchSampler(len(dataset), micro, world, rank, seed=cfg.seed, accum_steps=accum)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+    config = engine.config_to_dict(cfg)
+    sampler = engine.ResumableBatchSampler(len(dataset), micro, acc.num_processes, acc.process_index,
+                                           seed=cfg.seed, accum_steps=accum)
     if sampler.updates_per_epoch == 0:
         raise DataError(f"{cfg.data.path} has {len(dataset)} images, fewer than one global batch "
                         f"({cfg.data.batch_size}); lower data.batch_size")
-    use_workers = cfg.data.num_workers > 0
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
-                        persistent_workers=use_workers, worker_init_fn=T.ignore_stop_signals if use_workers else None,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = engine.make_loader(dataset, sampler, cfg.data, cfg.seed)
 
     # ---- model, EMA, optimizer ---------------------------------------------------------------
-    T.seed_process(cfg.seed)  # same init on every process
+    engine.seed_process(cfg.seed)  # same init on every process
     raw_model = create_model(cfg, num_classes, input_size, in_channels).to(dev)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    ema = T.create_ema(raw_model, cfg.ema, cfg.data.batch_size)
-    epochs = math.ceil(cfg.max_steps / sampler.updates_per_epoch)
-    optimizer, scheduler = T.create_optimizer_and_scheduler(
-        raw_model, dataclasses.replace(cfg.optim, epochs=epochs), cfg.data.batch_size, sampler.updates_per_epoch)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
+        cfg.optim, epochs=math.ceil(cfg.max_steps / sampler.updates_per_epoch)))
+    model, ema, optimizer, scheduler = engine.build_optimization(raw_model, cfg, sampler.updates_per_epoch, acc)
     diffusion = create_diffusion("")
-    # the network's own config (diffusers ConfigMixin), so sample.py rebuilds it without the trainer
-    model_config = {k: v for k, v in raw_model.config.items() if not k.startswith("_")}
-
-    lr = T.scaled_lrs(cfg.optim, cfg.data.batch_size)[0]
-    info = T.write_run_info(run_dir, config, accelerator, cfg.seed, extra={
-        "global_batch": cfg.data.batch_size, "per_process_batch": micro, "grad_accum_steps": accum,
-        "updates_per_epoch": sampler.updates_per_epoch, "scaled_lr": lr, "ema_decay": ema.decay if ema else None,
-        "params": n_params, "train_images": len(dataset), "model_input": [in_channels, input_size, input_size],
-        "resumed_from": str(resume_ckpt or "")})
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    lr = engine.scaled_lrs(cfg.optim, cfg.data.batch_size)[0]
     space = f"latents {in_channels}x{input_size}x{input_size} ({cfg.vae.name})" if vae else \
         f"pixels 3x{input_size}x{input_size}"
-    log.info(f"run folder {run_dir} | git {info['git']} | {world} process(es) on {dev} | "
-             f"mixed precision {accelerator.mixed_precision}")
-    log.info(f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {num_classes} classes, {space} | "
-             f"{len(dataset)} images from {cfg.data.latents or cfg.data.path}")
-    log.info(f"global batch {cfg.data.batch_size} = {world} x {accum} x {micro} | lr {lr:.3g} | "
-             f"{sampler.updates_per_epoch} updates/epoch | {cfg.max_steps} updates")
-    metrics_file = T.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    metrics_file = engine.log_start(run, config, cfg.seed, extra={
+        "global_batch": cfg.data.batch_size, "per_process_batch": micro, "grad_accum_steps": accum,
+        "updates_per_epoch": sampler.updates_per_epoch, "scaled_lr": lr, "ema_decay": ema.decay if ema else None,
+        "params": n_params, "train_images": len(dataset), "model_input": list(shape)}, lines=[
+        f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {num_classes} classes, {space} | "
+        f"{len(dataset)} images from {cfg.data.latents or cfg.data.path}",
+        f"global batch {cfg.data.batch_size} = {acc.num_processes} x {accum} x {micro} | lr {lr:.3g} | "
+        f"{sampler.updates_per_epoch} updates/epoch | {cfg.max_steps} updates"])
 
-    # ---- resume -------------------------------------------------------------------------------
+    # ---- resume or start ----------------------------------------------------------------------
     state = {"epoch": 0, "updates_in_epoch": 0, "global_step": 0, "skipped_images": 0}
-    modules = {"model": raw_model, **({"ema": ema.module} if ema else {})}
-    states = {"optimizer": optimizer, "scheduler": scheduler, "scaler": accelerator.scaler}
-    if resume_ckpt:
-        old = T.load_checkpoint(accelerator, resume_ckpt, modules=modules, states=states, restore_rng=True)
-        state.update({k: old[k] for k in state if k in old})
-        log.info(f"resumed from {resume_ckpt}: step {state['global_step']} (epoch {state['epoch']}, "
-                 f"update {state['updates_in_epoch']} of it)")
+    ckpt = engine.Checkpointer(acc, run.dir, modules={"model": raw_model, **({"ema": ema.module} if ema else {})},
+                               states={"optimizer": optimizer, "scheduler": scheduler, "scaler": acc.scaler},
+                               config=config, keep_last=cfg.checkpoint.keep_last, resumed_from=run.resume)
+    if engine.resume(run, ckpt, state) is not None:
+        ckpt.last_saved = state["global_step"]
     else:
-        if cfg.weights:
-            load_start_weights(raw_model, cfg.weights)
+        if cfg.weights:  # an official file: its EMA weights; our checkpoint: its trained weights
+            load_dit3_weights(raw_model, cfg.weights, ema=Path(cfg.weights).suffix in (".pt", ".pth"))
             if ema is not None:
                 ema.set(raw_model)
-        T.seed_process(cfg.seed + 1 + rank)  # noise, timesteps, label dropout differ between processes
-
-    if accelerator.log_with:
-        accelerator.init_trackers(name, config=T.flat_config(config))
-
-    # ---- samples ------------------------------------------------------------------------------
-    sample_model = ema.module if ema is not None else raw_model
-
-    def sample_grid(tag: str) -> Path | None:
-        """PNG grid of the fixed classes x per_class from fixed noise (main process only)."""
-        if not accelerator.is_main_process:
-            return None
-        sc = cfg.sample
-        labels = torch.tensor([c for c in sc.classes for _ in range(sc.per_class)], device=dev)
-        x = sample_ddpm(sample_model, labels, (in_channels, input_size, input_size), num_steps=sc.steps,
-                        cfg_scale=sc.cfg_scale, generator=torch.Generator().manual_seed(sc.seed),
-                        autocast=accelerator.autocast)
-        images = decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1)
-        return save_grid(images, run_dir / "samples" / f"{tag}.png", nrow=sc.per_class * max(1, 8 // sc.per_class))
-
-    def periodic_fid(step: int) -> dict:
-        """FID and friends of sample.fid_samples EMA samples (balanced classes, seeded per sample)."""
-        if not accelerator.is_main_process:
-            return {}
-        sc = cfg.sample
-        folder = run_dir / "fid" / f"step-{step:07d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for lo in range(0, sc.fid_samples, micro):
-            idx = list(range(lo, min(lo + micro, sc.fid_samples)))
-            x = sample_ddpm(sample_model, torch.tensor([i % num_classes for i in idx], device=dev),
-                            (in_channels, input_size, input_size), num_steps=sc.steps, cfg_scale=sc.fid_cfg_scale,
-                            generator=[torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx],
-                            autocast=accelerator.autocast)
-            images = to_uint8(decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1))
-            save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
-        metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
-                                   inception_weights=sc.fid_inception_weights or None,
-                                   classifier=sc.fid_classifier or None)
-        shutil.rmtree(folder)  # the numbers are what is kept
-        return {f"fid/{k}": v for k, v in metrics.items() if not isinstance(v, str)}
+        engine.seed_process(cfg.seed + 1 + acc.process_index)  # noise, timesteps, label dropout differ per process
+    if acc.log_with:
+        acc.init_trackers(cfg.name, config=engine.flat_config(config))
 
     # ---- train --------------------------------------------------------------------------------
-    meters = T.RunningMeans(dev)
-    step = state["global_step"]
-    ckpt_root = run_dir / "checkpoints"
-    last_saved = step if resume_ckpt else None
-    last_good = resume_ckpt
-    first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss, no host sync
-    stopped = None
-    last_local: dict = {}
-
-    def check_finite():
-        """Raise TrainingDiverged (on every process) if any process saw a non-finite loss."""
-        bad_steps = accelerator.gather(first_bad.reshape(1)) if world > 1 else first_bad.reshape(1)
-        bad_steps = [s for s in bad_steps.tolist() if s >= 0]
-        if bad_steps:
-            raise TrainingDiverged(
-                f"the loss became NaN or inf at step {min(bad_steps)}; training stopped. Last good checkpoint: "
-                f"{last_good or 'none (no checkpoint was written before)'}. Resume from it (resume=<that folder>) "
-                "with a lower optim.lr, optim.clip_grad > 0, or mixed_precision=bf16 instead of fp16")
-
-    def save():
-        nonlocal last_saved, last_good
-        if last_saved == step:
-            return
-        check_finite()  # never write diverged weights
-        path = T.save_checkpoint(accelerator, ckpt_root, step, modules=modules, states=states,
-                                 trainer_state={**state, "global_step": step, "model_config": model_config},
-                                 config=config,
-                                 keep_last=cfg.checkpoint.keep_last)
-        last_saved, last_good = step, path
-        log.info(f"saved checkpoint {path}")
-
+    sample_model = ema.module if ema is not None else raw_model
+    tlog = engine.TrainLog(acc, metrics_file, cfg.log.every)
+    step, stopped = state["global_step"], None
     log.info(f"training to step {cfg.max_steps} from step {step}")
     model.train()
-    t_log, images_since, steps_since = time.time(), 0, 0
     while step < cfg.max_steps and stopped is None:
         epoch = state["epoch"]
         sampler.set_epoch(epoch, state["updates_in_epoch"] * accum)
-        accelerator.step = 0  # epochs hold whole updates, so accumulation restarts in phase
+        acc.step = 0  # epochs hold whole updates, so accumulation restarts in phase
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"step (epoch {epoch + 1})",
-                   disable=not (accelerator.is_main_process and cfg.log.progress), dynamic_ncols=True)
+                   disable=not (acc.is_main_process and cfg.log.progress), dynamic_ncols=True)
         for x, y, bad in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             skipped += bad.sum()
             if vae is not None and not cfg.data.latents:
                 with torch.no_grad():
                     x = vae.encode(x).latent_dist.sample() * cfg.vae.scale  # [B, 4, H/8, W/8]
-            with accelerator.accumulate(model):
+            with acc.accumulate(model):
                 t = diffusion.sample_timesteps(len(x), device=dev)
-                with accelerator.autocast():
+                with acc.autocast():
                     loss = diffusion.training_losses(model, x, t, dict(class_labels=y))["loss"].mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-                    meters.add("grad_norm", accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
-            meters.add("loss", loss)
-            images_since += len(x)
-            if not accelerator.sync_gradients:
+                engine.optimizer_step(acc, model, optimizer, loss, cfg.optim.clip_grad, tlog.meters)
+            tlog.add(loss, len(x), acc.sync_gradients)
+            if not acc.sync_gradients:
                 continue
 
             step += 1
-            steps_since += 1
             state["updates_in_epoch"] += 1
+            state["global_step"] = step
             bar.update(1)
-            if scheduler is not None:
-                scheduler.step_update(num_updates=step)
-            if ema is not None:
-                ema.update(raw_model)
-
-            if step % cfg.log.every == 0 or step == cfg.max_steps:
-                check_finite()
-                if cfg.log.debug_ranks:
-                    last_local = meters.local()
-                elapsed = max(time.time() - t_log, 1e-9)
-                m = meters.reduce(accelerator, extra_sums={"images_per_s": images_since / elapsed})
-                m.update(lr=optimizer.param_groups[0]["lr"], steps_per_s=steps_since / elapsed)
-                accelerator.log({f"train/{k}": v for k, v in m.items()}, step=step)
-                metrics_file.write(step, {f"train/{k}": v for k, v in m.items()})
-                log.info(f"(step {step:07d}) loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
-                         f"steps/s {m['steps_per_s']:.2f} images/s {m['images_per_s']:.1f}")
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
-                meters.reset()
-                t_log, images_since, steps_since = time.time(), 0, 0
+            ckpt.watch(loss, step)
+            engine.after_update(step, scheduler, ema, raw_model)
+            if tlog.due(step, cfg.max_steps):
+                ckpt.check()
+                tlog.write(step, optimizer, bar)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                save()
-            if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.max_steps:
-                t0 = time.time()
-                path = sample_grid(f"step-{step:07d}")
-                if path:
-                    log.info(f"sample grid {path} ({time.time() - t0:.1f} s)")
-                t_log += time.time() - t0  # throughput counts training time only
-                accelerator.wait_for_everyone()
-            if cfg.sample.fid_every and step % cfg.sample.fid_every == 0:
-                t0 = time.time()
-                fid = periodic_fid(step)
-                if fid:
-                    accelerator.log(fid, step=step)
-                    metrics_file.write(step, fid)
-                    log.info(f"(step {step:07d}) FID {fid['fid/frechet_inception_distance']:.3f} of "
-                             f"{cfg.sample.fid_samples} EMA samples ({time.time() - t0:.1f} s)")
-                t_log += time.time() - t0
-                accelerator.wait_for_everyone()
-            if step >= cfg.max_steps:
-                stopped = "done"
-            elif (world == 1 or step % cfg.checkpoint.stop_check_every == 0) and stop.should_stop(accelerator):
-                stopped = signal.Signals(stop.received).name if stop.received else "a signal on another process"
+                ckpt.save(step, state)
+            with tlog.paused():  # throughput counts training time only
+                sample_during_training(sample_model, cfg, vae, shape, step, micro, run, metrics_file)
+            stopped = "done" if step >= cfg.max_steps else run.stop.reason(acc, step, cfg.checkpoint.stop_check_every)
             if stopped:
                 break
         bar.close()
         if state["updates_in_epoch"] >= sampler.updates_per_epoch:  # the epoch ran out
             state["epoch"], state["updates_in_epoch"] = epoch + 1, 0
-            n_skipped = int(accelerator.reduce(skipped.to(dev), "sum").item()) if world > 1 else int(skipped)
+            n_skipped = engine.count_over_processes(skipped, acc)
             state["skipped_images"] += n_skipped
             if n_skipped:
                 log.warning(f"epoch {epoch + 1}: skipped {n_skipped} unreadable images (data.bad_images=skip)")
             if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
-                save()
-    state["global_step"] = step
+                ckpt.save(step, state)
     if stopped not in (None, "done"):
         log.info(f"stopping at step {step} ({stopped}): saving a checkpoint")
-    save()
+    ckpt.save(step, state)
 
-    result = {"run_dir": run_dir, "step": step, "state": state, "stopped": None if stopped == "done" else stopped,
-              "world_size": world}
-    if stopped == "done":
-        t0 = time.time()
-        grid = sample_grid("final")
-        if grid:
-            log.info(f"final sample grid {grid} ({time.time() - t0:.1f} s)")
-            result["grid"] = grid
-        if cfg.sample.digits_accuracy and accelerator.is_main_process:
-            result["digits_accuracy"] = digits_accuracy(cfg, sample_model, (in_channels, input_size, input_size),
-                                                        accelerator, log)
+    result = {"run_dir": run.dir, "step": step, "state": state, "stopped": None if stopped == "done" else stopped,
+              "world_size": acc.num_processes, "model": raw_model, "ema": ema.module if ema else None,
+              "local_train": tlog.meters.last_local}
+    if stopped == "done" and acc.is_main_process:
+        result["grid"] = sample_grid(sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc)
+        log.info(f"final sample grid {result['grid']}")
+        if cfg.sample.digits_accuracy:
+            result["digits_accuracy"] = digits_accuracy(sample_model, cfg, shape, run)
             metrics_file.write(step, {"samples/digits_accuracy": result["digits_accuracy"]})
-    if cfg.log.debug_ranks:
-        T.write_rank_debug(run_dir, accelerator, {
-            "model_digest": T.weights_digest(raw_model), "ema_digest": T.weights_digest(ema.module) if ema else None,
-            "step": step, "local_train": last_local})
-    log.info(f"done at step {step}" + (f" (stopped: {stopped})" if result["stopped"] else ""))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    engine.finish(run, f"done at step {step}" + (f" (stopped: {stopped})" if result["stopped"] else ""))
     return result
-
-
-def digits_accuracy(cfg: TrainConfig, model: nn.Module, shape, accelerator, log) -> float:
-    """Digits demo: the share of guided samples that an SVC trained on the real digits labels as asked."""
-    from dit3.evaluation import DigitsClassifier
-
-    t0 = time.time()
-    clf = DigitsClassifier(Path(cfg.data.path).parent)
-    n = cfg.sample.digits_accuracy
-    labels = torch.arange(model.num_classes, device=accelerator.device).repeat_interleave(n)
-    x = sample_ddpm(model, labels, shape, num_steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale,
-                    generator=torch.Generator().manual_seed(cfg.sample.seed + 1), autocast=accelerator.autocast)
-    acc = clf.accuracy(x.clamp(-1, 1), labels)
-    log.info(f"digits sample accuracy {100 * acc:.1f}% ({len(labels)} guided samples, cfg {cfg.sample.cfg_scale}, "
-             f"{cfg.sample.steps} steps; the SVC scores {100 * clf.val_accuracy:.1f}% on real val digits) "
-             f"in {time.time() - t0:.1f} s")
-    if accelerator.is_main_process:
-        (Path(accelerator.project_dir) / "digits_accuracy.json").write_text(json.dumps(
-            {"accuracy": acc, "samples": len(labels), "cfg_scale": cfg.sample.cfg_scale, "steps": cfg.sample.steps,
-             "classifier_val_accuracy": clf.val_accuracy}, indent=2))
-    return acc
 
 
 if __name__ == "__main__":

@@ -393,10 +393,6 @@ def measure_workers(args, mixers: list[str], n: int, mode: str, batch: int) -> d
     return points
 
 
-def ratio(a, b):
-    return a / b if a and b else float("nan")
-
-
 def targets(res: dict, device: str) -> list[tuple[str, float, bool]]:
     """The targets as (label, measured ratio, met): on CPU the TTT-core issue's (TTT fast), on CUDA the GPU
     issue's (TTT Triton; bf16, batches of at least 64K tokens). Forward+backward unless said."""

@@ -120,7 +120,7 @@ def load_classifier(path: str | Path):
     from safetensors.torch import load_model
 
     import vit3  # noqa: F401  registers the ViT³ models with timm
-    from vit3.training import find_latest_checkpoint
+    from vit3.engine import find_latest_checkpoint
 
     path = Path(path)
     ckpt = find_latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from vit3.data import DataError
-from vit3.training import ConfigError
+from vit3.engine import ConfigError
 
 LATENT_FORMAT = 1
 

@@ -13,13 +13,10 @@ how the baselines `DiT-*` are built.
 
 Parameter names and shapes equal the official DiT³ release (and, for the
 baselines, the official DiT release), so their checkpoints load with
-strict=True: see `load_official_checkpoint`.
+strict=True: see `dit3.weights`.
 """
-import argparse
 import math
-from collections.abc import Mapping
 from functools import partial
-from os import PathLike
 
 import torch
 import torch.nn as nn
@@ -322,33 +319,6 @@ class DiT3(ModelMixin, ConfigMixin):
         cond_eps, uncond_eps = eps.chunk(2)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
-
-
-#################################################################################
-#                             Official checkpoints                              #
-#################################################################################
-
-def load_official_checkpoint(model: DiT3, checkpoint: str | PathLike | Mapping, *, ema: bool = True) -> DiT3:
-    """Load official DiT³ (or DiT) weights into `model`, strictly; returns the model.
-
-    checkpoint: a file as the official train.py saves it ({'model', 'ema', 'opt', 'args'}; `ema` picks
-    'ema' or 'model'), or such a dict, or a bare state dict (DiT's released files are bare EMA weights).
-    Files load with weights_only=True, the argparse.Namespace under 'args' allow-listed for it.
-    A `pos_embed` stored for another latent size is replaced by the model's own (it is a fixed table).
-    """
-    if not isinstance(checkpoint, Mapping):
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "model" in checkpoint or "ema" in checkpoint:  # train.py's dict
-        key = "ema" if ema else "model"
-        if key not in checkpoint:
-            raise KeyError(f"the checkpoint has no {key!r} entry (keys: {sorted(checkpoint)})")
-        checkpoint = checkpoint[key]
-    state_dict = dict(checkpoint)
-    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != model.pos_embed.shape:
-        state_dict["pos_embed"] = model.pos_embed
-    model.load_state_dict(state_dict, strict=True)
-    return model
 
 
 #################################################################################

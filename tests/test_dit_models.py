@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit3.models import DiT3, DiT3_models, load_official_checkpoint, sincos_pos_embed_2d
+from dit3 import load_official_checkpoint
+from dit3.models import DiT3, DiT3_models, sincos_pos_embed_2d
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)

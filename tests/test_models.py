@@ -17,8 +17,9 @@ import timm
 import torch
 import torch.nn as nn
 
+from vit3 import complexity, load_official_checkpoint
 from vit3.mixers import Attention
-from vit3.models import MODEL_NAMES, HViT3, ViT3, complexity, create_model, load_official_checkpoint
+from vit3.models import MODEL_NAMES, HViT3, ViT3, create_model
 from vit3.ttt import TTT
 
 OFFICIAL = json.loads((Path(__file__).parent / "data" / "official_vit3.json").read_text())

@@ -16,8 +16,10 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
+from dit3 import load_dit3
+from vit3 import engine
 from vit3.data import prepare_digits
-from vit3.training import ConfigError
+from vit3.engine import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,7 @@ def test_export_is_a_pipeline_that_samples_as_the_run(run, tmp_path):
     loaded = DiT3Pipeline.from_pretrained(out)
     assert loaded.vae is None and loaded.scheduler.config.variance_type == "learned_range"  # pixels, DDPM
     assert loaded.config.id2label == {i: str(i) for i in range(10)}  # the digit folders
-    model, _, _, _ = sample_py.load_run(sample_py.resolve_checkpoint(str(run)), ema=True)
+    model, _ = load_dit3(sample_py.resolve_checkpoint(str(run)), ema=True)
     direct = DiT3Pipeline(transformer=model, scheduler=make_scheduler("ddpm"))
     kw = dict(class_labels=[0, 7], num_inference_steps=3, guidance_scale=2.0, output_type="np")
     images = []
@@ -136,10 +138,34 @@ def test_bad_input(run, tmp_path):
     # a damaged checkpoint: truncated weights
     bad = tmp_path / "bad"
     shutil.copytree(run / "checkpoints" / "step-00000002", bad)
-    w = bad / "ema.safetensors"
+    w = engine.module_weights_file(bad, "ema")
     w.write_bytes(w.read_bytes()[:100])
-    with pytest.raises(ConfigError, match=r"cannot read the weights .*ema.safetensors.*damaged"):
+    with pytest.raises(ConfigError, match=r"cannot read the weights .*ema.*safetensors.*damaged"):
         _sample("--ckpt", bad, "--classes", 1)
+
+
+def test_checkpoints_are_diffusers_folders_and_the_old_format_still_loads(run, tmp_path):
+    """model/ and ema/ are save_pretrained folders that DiT3.from_pretrained reads alone; a checkpoint of the
+    format before (model.safetensors, ema.safetensors, the model config in trainer_state.json) still samples
+    the same images."""
+    from dit3.models import DiT3
+
+    ckpt = run / "checkpoints" / "step-00000002"
+    assert (ckpt / "ema" / "config.json").is_file() and (ckpt / "model" / "config.json").is_file()
+    ema = DiT3.from_pretrained(ckpt / "ema")
+    old = tmp_path / "old"
+    shutil.copytree(ckpt, old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    state["model_config"] = {k: v for k, v in ema.config.items() if not k.startswith("_")}
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    for name in ("model", "ema"):
+        shutil.move(old / name / "diffusion_pytorch_model.safetensors", old / f"{name}.safetensors")
+        shutil.rmtree(old / name)
+    loaded, _ = load_dit3(old, ema=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()))
+    new = _sample("--ckpt", ckpt, "--classes", 1, 3, "--steps", 2, "--out", tmp_path / "new.png")["grid"]
+    again = _sample("--ckpt", old, "--classes", 1, 3, "--steps", 2, "--out", tmp_path / "old.png")["grid"]
+    assert Path(new).read_bytes() == Path(again).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------

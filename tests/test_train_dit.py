@@ -20,14 +20,16 @@ from trainer_helpers import (
     run_main,
     run_script,
     sigterm_at,
+    weights_digest,
     write_images,
 )
 
 from dit3 import diffusion as D
 from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
-from vit3 import training as T
+from dit3.weights import load_dit3_weights
+from vit3 import engine as T
 from vit3.data import DataError, prepare_digits
-from vit3.training import ConfigError
+from vit3.engine import ConfigError
 
 train_dit = load_script("train_dit")
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -122,7 +124,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
         assert all(torch.equal(wa[k], wc[k]) for k in wa), name
 
     # control: the same resume without restoring the RNG states ends elsewhere
-    monkeypatch.setattr(T, "restore_rng_state", lambda state: None)
+    monkeypatch.setattr(T.checkpoint, "restore_rng_state", lambda state: None)
     d = _run(data, tmp_path, f"resume={c['run_dir'] / 'checkpoints' / 'step-00000002'}", *common)
     wa, wd = checkpoint_weights(a["run_dir"], 4), checkpoint_weights(d["run_dir"], 4)
     assert not all(torch.equal(wa[k], wd[k]) for k in wa)
@@ -248,7 +250,7 @@ def test_two_processes_agree(data, vae_dir, tmp_path):
     in the checkpoint, the train loss all-reduced, each checkpoint written once."""
     latents = tmp_path / "latents"
     launch_two_processes("train_dit.py", _argv(
-        data, tmp_path, "run_name=ddp", "log.debug_ranks=true", "threads=0", f"vae.name={vae_dir}",
+        data, tmp_path, "run_name=ddp", "threads=0", f"vae.name={vae_dir}",
         "model.image_size=16", f"data.latents={latents}", "data.latent_shard_size=5", "data.latent_dtype=float32",
         "log.every=2"))
     run = tmp_path / "ddp"
@@ -263,8 +265,8 @@ def test_two_processes_agree(data, vae_dir, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints" / "step-00000004").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
     model = train_dit.create_model(train_dit.TrainConfig(model=train_dit.ModelConfig(
         name="DiT3-S/2", kwargs=yaml.safe_load(TINY))), 3, 8, 4)
-    T.load_weights(model, run / "checkpoints" / "step-00000004")
-    assert T.weights_digest(model) == ranks[0]["model_digest"]
+    load_dit3_weights(model, run / "checkpoints" / "step-00000004")
+    assert weights_digest(model) == ranks[0]["model_digest"]
 
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     local = [r["local_train"]["loss"] for r in ranks]

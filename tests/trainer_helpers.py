@@ -1,8 +1,9 @@
 """What the trainer tests (test_train_vit.py, test_train_dit.py) share: loading a top-level script as a
 module, tiny image folders, in-process runs that leave a fresh Accelerate state behind (conftest's
 `fresh_accelerate` fixture gives each test one), checkpoint weights, and the two subprocess scenarios
-(SIGTERM to the process group, two gloo processes through `accelerate launch`).
+(SIGTERM to the process group, two gloo processes through `accelerate launch`), and a weights digest.
 """
+import hashlib
 import importlib.util
 import os
 import signal
@@ -13,11 +14,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 
-from vit3 import training as T
+from vit3 import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +56,18 @@ def run_main(main, argv: list[str]):
 
 
 def checkpoint_weights(run_dir: Path, step: int, name: str = "model") -> dict:
-    return load_file(str(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / f"{name}.safetensors"))
+    """The weights of module `name` in checkpoint step-N (a safetensors file or a save_pretrained folder)."""
+    return load_file(str(engine.module_weights_file(Path(run_dir) / "checkpoints" / f"step-{step:08d}", name)))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes, bytes): equal digests, equal weights."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def subprocess_env() -> dict:
@@ -84,19 +97,20 @@ def sigterm_at(script: str, argv: list[str], marker: str) -> tuple[int, str]:
 
 
 def latest_checkpoint_step(checkpoints: Path, log: str) -> int:
-    ckpt = T.find_latest_checkpoint(checkpoints)
+    ckpt = engine.find_latest_checkpoint(checkpoints)
     assert ckpt is not None, log
-    return T.read_trainer_state(ckpt)["global_step"]
+    return engine.read_trainer_state(ckpt)["global_step"]
 
 
 def launch_two_processes(script: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """ROOT/script under `accelerate launch` with two CPU (gloo) processes; fails the test if it fails."""
+    """ROOT/script under `accelerate launch` with two CPU (gloo) processes, through tests/rank_debug.py (each
+    rank writes RUN/debug/rank<r>.json); fails the test if it fails."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), str(ROOT / script), *argv]
+           str(port), str(ROOT / "tests" / "rank_debug.py"), script, *argv]
     p = subprocess.run(cmd, cwd=ROOT, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

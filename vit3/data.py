@@ -21,7 +21,7 @@ from pathlib import Path
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .training import ConfigError, seeded_rng
+from .engine import ConfigError, seeded_rng
 
 
 class DataError(ValueError):

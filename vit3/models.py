@@ -32,29 +32,29 @@ load from a downloaded release file with
 `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`.
 """
 from collections import OrderedDict
-from collections.abc import Mapping
 from contextlib import nullcontext
-from os import PathLike
-from typing import NamedTuple
-from unittest.mock import patch
 
 import timm
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module,
-                         resolve_pretrained_cfg)
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_module,
+    resolve_pretrained_cfg,
+)
 from timm.models._features import feature_take_indices  # what timm's own models use; not re-exported
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .layers import ConvFFN, RoPE2d, TokenDWConv
 from .mixers import Attention, LinearAttention, build_mixer
 from .ttt import TTT
+from .weights import checkpoint_filter_fn, official_file_globals
 
-__all__ = ["ViT3", "HViT3", "MODEL_NAMES", "create_model", "load_official_checkpoint", "checkpoint_filter_fn",
-           "complexity", "Complexity"]
+__all__ = ["ViT3", "HViT3", "MODEL_NAMES", "create_model"]
 
 MODEL_NAMES = ("vit3_tiny", "vit3_small", "vit3_base", "hvit3_tiny", "hvit3_small", "hvit3_base")
 
@@ -452,101 +452,6 @@ class HViT3(_Classifier):
 
 
 #################################################################################
-#                         Official checkpoints, complexity                      #
-#################################################################################
-
-class _ConfigAsDict:
-    """Stands in for yacs' CfgNode, which the official trainer pickles into its checkpoints
-    under 'config': with it the file loads with weights_only=True (no code runs) and without
-    yacs installed, the config coming back as nested OrderedDicts."""
-
-    def __new__(cls, *args):
-        return OrderedDict()
-
-
-def load_official_checkpoint(model: nn.Module, checkpoint: str | PathLike | Mapping, *, ema: bool = False) -> nn.Module:
-    """Load official ViT³ / H-ViT³ weights into `model`, strictly; returns the model.
-
-    checkpoint: a file as saved by the official trainers ({'model': state_dict, 'optimizer': ...,
-    'config': ...}; H-ViT³'s main_ema.py adds the EMA weights as 'state_dict_ema'), or such a
-    dict, or a bare state dict. Files load with weights_only=True. `ema=True` takes
-    'state_dict_ema'. The stored RoPE tables (`*.rope.rotations`) are dropped: ours are
-    computed for each input. The head must match (num_classes=1000): load first, then
-    `reset_classifier` to fine-tune.
-    """
-    if not isinstance(checkpoint, Mapping):
-        with _official_file_globals():
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    key = "state_dict_ema" if ema else "model"
-    if ema and key not in checkpoint:
-        raise KeyError(f"ema=True but the checkpoint has no {key!r} entry (keys: {sorted(checkpoint)})")
-    model.load_state_dict(checkpoint_filter_fn(checkpoint.get(key, checkpoint), model), strict=True)
-    return model
-
-
-def _official_file_globals():
-    """The context in which an official file loads with weights_only=True (its pickled yacs config)."""
-    return torch.serialization.safe_globals([(_ConfigAsDict, "yacs.config.CfgNode")])
-
-
-def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module | None = None) -> dict:
-    """Official weights as our state dict: the stored RoPE tables (`*.rope.rotations`) are dropped.
-
-    timm's loader calls it (`pretrained_filter_fn`) after taking the weights out of the file, the EMA
-    ones ('state_dict_ema') where there are any, as timm does.
-    """
-    return {k: v for k, v in state_dict.items() if not k.endswith("rope.rotations")}
-
-
-class Complexity(NamedTuple):
-    params: int
-    macs: int  # multiply-accumulates, what the paper (like most vision papers) calls FLOPs
-
-    def __str__(self) -> str:
-        return f"{self.params / 1e6:.2f}M params, {self.macs / 1e9:.2f} GMACs"
-
-
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    # torch's counter knows the CUDA attention kernels but not the CPU one
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-@torch.no_grad()
-def complexity(model: nn.Module, img_size: int | tuple[int, int] | None = None, in_chans: int = 3) -> Complexity:
-    """Parameters and multiply-accumulates for one image (default size: the model's img_size).
-
-    Counted like the paper's FLOPs: torch's FlopCounterMode (every matmul, linear,
-    convolution and attention kernel of a forward) halved, except the TTT inner step,
-    which is hidden from the counter and counted analytically (TTT.inner_macs): its
-    kernels (batched GEMMs, grouped-convolution weight gradients) are counted differently
-    by different torch versions. Norms, activations and other elementwise work are not
-    counted. On the official models the counter gives 1.219 G for ViT³-T at 224 (it sees
-    the conv that applies the trained inner conv, not the elementwise inner gradient);
-    this count is 0.06% higher.
-    """
-    h, w = to_2tuple(img_size or model.img_size)
-    param = next(model.parameters())
-    x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
-    inner_macs = []
-
-    def counted_forward(module: TTT, x: torch.Tensor, h: int, w: int, rope=None) -> torch.Tensor:
-        qkv = module.qkv(x)
-        inner_macs.append(qkv.shape[0] * module.inner_macs(qkv.shape[1]))
-        return module.proj(qkv.new_zeros(*qkv.shape[:2], module.proj.in_features))
-
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
-    was_training = model.training
-    model.eval()  # BatchNorm statistics untouched, no stochastic depth
-    try:
-        with patch.object(TTT, "forward", counted_forward), counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return Complexity(sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2 + sum(inner_macs))
-
-
-#################################################################################
 #                                timm registry                                  #
 #################################################################################
 
@@ -584,7 +489,7 @@ def _create(variant: str, model_cls: type, pretrained: bool, model_args: dict, *
     kwargs = dict(model_args, **kwargs)
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     # parameters are made on `device` (meta too), not moved there
-    with torch.device(device) if device is not None else nullcontext(), _official_file_globals():
+    with torch.device(device) if device is not None else nullcontext(), official_file_globals():
         model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                      feature_cfg=dict(out_indices=4 if model_cls is HViT3 else 3, feature_cls="getter"),
                                      **kwargs)

@@ -1,4 +1,4 @@
-"""Unit tests of the shared trainer utilities (vit3/training.py): configs, sampler, RNG,
+"""Unit tests of the shared trainer engine (vit3/engine/): configs, sampler, RNG,
 checkpoints, optimizer / schedule, signals."""
 import dataclasses
 import json
@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from trainer_helpers import weights_digest
 
-from vit3 import training as T
-from vit3.training import ConfigError
+from vit3 import engine as T
+from vit3.engine import ConfigError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def test_config_yaml_and_overrides(tmp_path):
     assert cfg.kwargs == {"depth": 2, "dim": 16} and cfg.flag is True
     # the resolved config round-trips through yaml
     again, _ = T.load_config(Cfg, [])
-    again = T._merge(again, yaml.safe_load(yaml.safe_dump(T.config_to_dict(cfg))), "x")
+    again = T.merge_config(again, yaml.safe_load(yaml.safe_dump(T.config_to_dict(cfg))), "x")
     assert again == cfg
 
 
@@ -64,6 +65,36 @@ def test_config_errors_name_the_key(argv, words):
         T.load_config(Cfg, argv)
     for w in words:
         assert w in str(e.value)
+
+
+def test_config_option_styles():
+    """--key value, --key=value, key=value, dashes as underscores, lists up to the next option, bare bools."""
+    @dataclasses.dataclass
+    class Opts:
+        cfg_scale: float = 4.0
+        classes: list[int] | None = None
+        interval: tuple[float, float] | None = None
+        ema: bool = True
+        out: str = ""
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    cfg, _ = T.load_config(Opts, ["--cfg-scale", "2", "--classes", "1", "3", "7", "--interval", "0.1", "0.9",
+                                  "--out=x y", "--inner.steps", "3", "--no-ema"], flags={"--no-ema": "ema=false"})
+    assert (cfg.cfg_scale, cfg.classes, cfg.interval, cfg.ema, cfg.out, cfg.inner.steps) == (
+        2.0, [1, 3, 7], (0.1, 0.9), False, "x y", 3)
+    cfg, _ = T.load_config(Opts, ["--ema", "--classes", "5", "inner.lr=0.5"])
+    assert cfg.ema is True and cfg.classes == [5] and cfg.inner.lr == 0.5
+    with pytest.raises(ConfigError, match=r"unknown config key 'cfg_scal'.*Did you mean 'cfg_scale'"):
+        T.load_config(Opts, ["--cfg-scal", "2"])
+    with pytest.raises(ConfigError, match=r"--out needs a value"):
+        T.load_config(Opts, ["--out"])
+
+
+def test_config_yaml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n\tlr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not valid yaml.*spaces, not tabs"):
+        T.load_config(Cfg, ["--config", str(path)])
 
 
 def test_config_unknown_key_in_yaml(tmp_path):
@@ -168,7 +199,7 @@ def test_checkpoint_roundtrip_atomic_and_pruned(tmp_path):
     other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
     state = T.load_checkpoint(acc, root / "step-00000003", modules={"model": other}, states={"optimizer": other_opt})
     assert state["global_step"] == 3 and state["config"] == {"model": {"name": "x"}}
-    assert T.weights_digest(other) == T.weights_digest(model)
+    assert weights_digest(other) == weights_digest(model)
     assert other_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
 
     wrong = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))

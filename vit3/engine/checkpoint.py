@@ -1,0 +1,314 @@
+"""Checkpoints: the whole training state, written atomically, loaded with weights_only.
+
+A checkpoint is the folder `checkpoints/step-N`:
+
+    model.safetensors, ema.safetensors    weights (a timm classifier), or
+    model/, ema/                          diffusers `save_pretrained` folders (config.json +
+                                          safetensors; DiT³, loadable with `from_pretrained`)
+    optimizer.pt, scheduler.pt, scaler.pt state dicts (tensors and plain types only)
+    rng-<rank>.pt                         every RNG of each process
+    trainer_state.json, config.yaml       step, epoch, data position; the resolved config
+
+It is written as `.tmp-step-N`, fsynced and renamed, so a crash never leaves a partial folder that
+looks complete; the newest `keep_last` are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from .config import ConfigError
+
+logger = logging.getLogger("vit3.train")
+CKPT_RE = re.compile(r"^step-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------
+# RNG state of one process
+# ----------------------------------------------------------------------------------------
+def seed_process(seed: int):
+    """Seed python, numpy, torch (CPU and CUDA) for this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict:
+    """Every global RNG of this process, as tensors / plain types (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict):
+    random.setstate(_to_tuple(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------------------
+# Durable writes
+# ----------------------------------------------------------------------------------------
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path):
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(p)
+    _fsync_dir(path)
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_pretrained(module: nn.Module) -> bool:
+    """A diffusers model: saved with save_pretrained, as a folder."""
+    from diffusers import ModelMixin
+
+    return isinstance(module, ModelMixin)
+
+
+def pretrained_weights_file(folder: Path) -> Path:
+    """The safetensors file diffusers' save_pretrained writes into a model folder."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    return Path(folder) / SAFETENSORS_WEIGHTS_NAME
+
+
+# ----------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[str, nn.Module],
+                    states: dict[str, Any], trainer_state: dict, config: dict, keep_last: int = 3) -> Path:
+    """Write checkpoints/step-N atomically (see the module docstring); every process must call it."""
+    from safetensors.torch import save_model
+
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    torch.save(capture_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        for name, module in modules.items():
+            if _is_pretrained(module):
+                module.save_pretrained(tmp / name, safe_serialization=True)
+            else:
+                save_model(module, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
+        for name, obj in states.items():
+            if obj is not None:
+                torch.save(obj.state_dict(), tmp / f"{name}.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes, "config": config}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()  # every rng-<rank>.pt is written
+
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        trash = ckpt_root / f".trash-step-{step:08d}"
+        if final.exists():  # same step saved twice (step and epoch-end): the later one wins
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        shutil.rmtree(trash, ignore_errors=True)
+        prune_checkpoints(ckpt_root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int):
+    ckpts = sorted((int(m.group(1)), p) for p in Path(ckpt_root).iterdir() if (m := CKPT_RE.match(p.name)))
+    if keep_last > 0:
+        for _, p in ckpts[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in Path(ckpt_root).glob(".tmp-step-*"):  # left over by a crash during a save
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or inf."""
+
+
+class Checkpointer:
+    """Saves the training state; remembers the last save so that a second save of the same step (an
+    update that ends an epoch) is skipped, and refuses to save diverged weights.
+
+    Non-finite losses are recorded on the device (`watch`, no host sync) and checked at each log
+    and each save (`check`), on every process at once.
+    """
+
+    def __init__(self, accelerator, run_dir: Path, *, modules: dict[str, nn.Module], states: dict[str, Any],
+                 config: dict, keep_last: int, resumed_from: Path | None):
+        self.accelerator, self.root = accelerator, Path(run_dir) / "checkpoints"
+        self.modules, self.states, self.config, self.keep_last = modules, states, config, keep_last
+        self.last_good = resumed_from
+        self.last_saved = None
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+
+    def watch(self, loss: torch.Tensor, step: int):
+        """Remember `step` if `loss` is not finite (the first such step)."""
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad)
+
+    def check(self):
+        """TrainingDiverged on every process if any process saw a non-finite loss."""
+        acc = self.accelerator
+        bad = acc.gather(self.first_bad.reshape(1)) if acc.num_processes > 1 else self.first_bad.reshape(1)
+        bad = [s for s in bad.tolist() if s >= 0]
+        if bad:
+            raise TrainingDiverged(f"the loss became NaN or inf at step {min(bad)}; training stopped. {self._advice()}")
+
+    def _advice(self) -> str:
+        return (f"Last good checkpoint: {self.last_good or 'none (no checkpoint was written before)'}. Resume from it "
+                "(resume=<that folder>) with a lower optim.lr, optim.clip_grad > 0, or mixed_precision=bf16 "
+                "instead of fp16")
+
+    def save(self, step: int, trainer_state: dict, key=None) -> Path | None:
+        """checkpoints/step-N; `key` (default: step) identifies the state, a repeat is skipped."""
+        key = step if key is None else key
+        if self.last_saved == key:
+            return None
+        self.check()  # never write diverged weights
+        finite = torch.stack([torch.isfinite(p).all() for m in self.modules.values() for p in m.parameters()]).all()
+        if not bool(finite):
+            raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saved. {self._advice()}")
+        path = save_checkpoint(self.accelerator, self.root, step, modules=self.modules, states=self.states,
+                               trainer_state=trainer_state, config=self.config, keep_last=self.keep_last)
+        self.last_saved, self.last_good = key, path
+        logger.info(f"saved checkpoint {path}")
+        return path
+
+
+# ----------------------------------------------------------------------------------------
+# Find, check, load
+# ----------------------------------------------------------------------------------------
+def find_latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint (`step-N` folder with trainer_state.json) under ckpt_root."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return None
+    found = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    with open(Path(ckpt) / "trainer_state.json") as f:
+        return json.load(f)
+
+
+def check_same_model(ckpt_state: dict, model_config: dict, keys=("name", "num_classes", "img_size", "kwargs"),
+                     ckpt: Path | str = "", section: str = "model"):
+    """ConfigError if the checkpoint was written for another model than `model_config` describes.
+    num_classes 0 (= as in the data) takes the checkpoint's, so only explicit differences count."""
+    old = (ckpt_state.get("config") or {}).get(section, {})
+    now = dict(model_config)
+    if now.get("num_classes") == 0:
+        now["num_classes"] = old.get("num_classes")
+    diffs = [k for k in keys if old.get(k) != now.get(k)]
+    if diffs:
+        detail = "; ".join(f"{section}.{k}: checkpoint {old.get(k)!r} vs this run {now.get(k)!r}" for k in diffs)
+        raise ConfigError(
+            f"checkpoint {ckpt} is of another model ({detail}). Resume it with the config it was "
+            f"trained with (its config.yaml), or start a new run without resume")
+
+
+def module_weights_file(ckpt: Path, name: str) -> Path | None:
+    """The weights of module `name` in a checkpoint: its save_pretrained folder, or (classifiers, and
+    DiT³ checkpoints written before the diffusers format) `name.safetensors`."""
+    for path in (pretrained_weights_file(Path(ckpt) / name), Path(ckpt) / f"{name}.safetensors"):
+        if path.is_file():
+            return path
+    return None
+
+
+def load_checkpoint(accelerator, ckpt: Path, *, modules: dict[str, nn.Module], states: dict[str, Any],
+                    restore_rng: bool = True, optional: tuple[str, ...] = ("scaler",)) -> dict:
+    """Load what save_checkpoint wrote into `modules` and `states`; returns trainer_state.
+
+    Weights load strictly into the live modules (the optimizer holds their parameters); other files
+    with weights_only=True; the `optional` states may be missing (they then start fresh). Each
+    process restores its own RNG (rng-<rank>.pt); if the world size changed, rank r takes
+    rng-(r mod old size) and the run continues, but not bit-for-bit.
+    """
+    from safetensors.torch import load_model
+
+    ckpt = Path(ckpt)
+    trainer_state = read_trainer_state(ckpt)
+    for name, module in modules.items():
+        path = module_weights_file(ckpt, name)
+        if path is None:
+            raise ConfigError(f"checkpoint {ckpt} has no weights for {name} ({name}/ or {name}.safetensors)")
+        try:
+            load_model(module, str(path), strict=True, device=str(next(module.parameters()).device))
+        except RuntimeError as e:
+            raise ConfigError(f"checkpoint {ckpt} does not fit this model ({name}): {e}") from None
+    for name, obj in states.items():
+        path = ckpt / f"{name}.pt"
+        if obj is None:
+            continue
+        if not path.is_file():
+            if name in optional:  # e.g. a bf16 checkpoint resumed in fp16: a fresh grad scaler
+                logger.warning(f"checkpoint {ckpt} has no {path.name}; {name} starts fresh")
+                continue
+            raise ConfigError(f"checkpoint {ckpt} has no {path.name}")
+        obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if restore_rng:
+        old_world = trainer_state.get("world_size", 1)
+        rank = accelerator.process_index % old_world
+        if old_world != accelerator.num_processes:
+            logger.warning(f"checkpoint was written by {old_world} processes, resuming with "
+                           f"{accelerator.num_processes}: training continues but not bit-for-bit")
+        restore_rng_state(torch.load(ckpt / f"rng-{rank}.pt", map_location="cpu", weights_only=True))
+    return trainer_state
+

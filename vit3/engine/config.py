@@ -1,0 +1,377 @@
+"""Configs: nested dataclasses filled from a yaml file and command-line overrides.
+
+One command-line style for every script (train_vit.py, train_dit.py, sample.py):
+
+    script.py [--config FILE] [key=value | --key value | --key=value | --flag] ...
+
+Keys are the dataclass fields, dotted for sections (`optim.lr=1e-3`, `--optim.lr 1e-3`); dashes
+read as underscores (`--cfg-scale 2` is `cfg_scale=2`). A list key takes every value up to the
+next option (`--classes 1 3 7`), a bool key alone means true (`--eval-only`). Later wins. Unknown
+keys are errors with a "did you mean"; `--help` lists every key with its default and the comment
+beside it in the dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config, CLI value or checkpoint that does not fit; the message names the fix."""
+
+
+# ----------------------------------------------------------------------------------------
+# Sections both trainers share
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW + warm-up + cosine, stepped every optimizer update (official ViT³ recipe)."""
+
+    opt: str = "adamw"  # any timm optimizer name
+    lr: float = 5e-4  # base lr for a global batch of `lr_batch` images
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+    lr_batch: int = 512  # lr, warmup_lr, min_lr are scaled by global_batch / lr_batch; 0 = no scaling
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # not applied to 1-D params, biases and model.no_weight_decay()
+    sched: str = "cosine"  # any timm scheduler name, or "constant"
+    epochs: int = 300
+    warmup_epochs: int = 20
+    cooldown_epochs: int = 0
+    clip_grad: float = 5.0  # max global grad norm; 0 = no clipping
+    grad_accum_steps: int = 1  # micro-batches per optimizer update
+
+
+@dataclasses.dataclass
+class EMAConfig:
+    enabled: bool = True  # keep an EMA of the weights (evaluated, sampled, exported)
+    decay: float = 0.9996
+    # decay is per `decay_batch` images: the per-update decay is decay ** (global_batch / decay_batch),
+    # as the official main_ema.py does (0.9996 per 4096 -> 0.9999 per update at batch 1024); 0 = as given
+    decay_batch: int = 4096
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also save every N optimizer updates (0 = only at epoch ends and on stop)
+    every_epochs: int = 1  # save every N epochs (0 = never at epoch ends)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted (0 = keep all)
+    # with several processes, updates between the all-reduce that agrees on a SIGTERM / SIGUSR1
+    # (one process alone checks every update, for free)
+    stop_check_every: int = 10
+
+
+@dataclasses.dataclass
+class LogConfig:
+    every: int = 50  # optimizer updates between logged (all-reduced) train metrics
+    log_with: str = "tensorboard"  # Accelerate trackers, comma separated ("tensorboard,wandb"); "none"
+    progress: bool = True  # tqdm bar on the main process
+
+
+# ----------------------------------------------------------------------------------------
+# Dataclass <-> plain dicts
+# ----------------------------------------------------------------------------------------
+def config_to_dict(cfg) -> dict:
+    """Plain nested dict of a config dataclass (tuples as lists), ready for yaml/json."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """Flat {"a/b": scalar} of a nested config for tracker hparams (lists as strings)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def config_diffs(old: dict, new: dict, prefix: str = "",
+                 ignore=("resume", "run_name", "max_steps", "eval_only")) -> list[str]:
+    """'key: old -> new' for each leaf that differs (a resumed run warns with these)."""
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and k != "kwargs":
+            diffs += config_diffs(a, b, f"{prefix}{k}.", ignore)
+        elif a != b and k not in ignore:
+            diffs.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str, where: str, cls, source: str) -> ConfigError:
+    valid = _field_names(cls)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' (from {source}).{hint} Valid keys{where}: {', '.join(valid)}")
+
+
+def _coerce(value, tp, key: str, source: str):
+    """Check / convert one yaml or CLI value to the field's annotated type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad(expected):
+        return ConfigError(f"config key '{key}' (from {source}) must be {expected}, got {value!r}")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # yaml 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise bad(f"a list of {len(args)} items")
+            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+        inner = args[0] if args else typing.Any
+        items = [v if inner is typing.Any else _coerce(v, inner, key, source) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    return value
+
+
+def merge_config(cfg, data: dict, source: str, prefix: str = ""):
+    """A copy of dataclass `cfg` with the (nested) mapping `data` applied, strictly."""
+    if not isinstance(data, dict):
+        section = prefix.rstrip(".") or "<top>"
+        raise ConfigError(f"config section '{section}' (from {source}) must be a mapping, got {data!r}")
+    cls = type(cfg)
+    hints = typing.get_type_hints(cls)
+    updates = {}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in _field_names(cls):
+            raise _unknown_key(full, f" in '{prefix.rstrip('.')}'" if prefix else "", cls, source)
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            updates[key] = merge_config(current, value, source, full + ".")
+        else:
+            updates[key] = _coerce(value, hints[key], full, source)
+    return dataclasses.replace(cfg, **updates)
+
+
+def _field(cfg, dotted: str, source: str):
+    """(type hint, current value, whether a free-form mapping holds the rest) of a dotted key."""
+    obj, prefix = cfg, ""
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        cls = type(obj)
+        if part not in _field_names(cls):
+            raise _unknown_key(dotted, f" in '{prefix.rstrip('.')}'" if prefix else "", cls, source)
+        hint, value = typing.get_type_hints(cls)[part], getattr(obj, part)
+        rest = parts[i + 1:]
+        if dataclasses.is_dataclass(value):
+            if not rest:
+                raise ConfigError(f"'{dotted}' is a config section; set one of its keys: "
+                                  + ", ".join(f"{dotted}.{k}" for k in _field_names(type(value))))
+            obj, prefix = value, prefix + part + "."
+            continue
+        if rest and not isinstance(value, dict):
+            raise _unknown_key(dotted, f" in '{prefix + part}'", cls, source)
+        return parts[:i + 1], rest, hint, value
+    raise ConfigError(f"empty config key '{dotted}'")
+
+
+def _set_path(cfg, parts, value):
+    if len(parts) == 1:
+        return dataclasses.replace(cfg, **{parts[0]: value})
+    return dataclasses.replace(cfg, **{parts[0]: _set_path(getattr(cfg, parts[0]), parts[1:], value)})
+
+
+def override(cfg, dotted: str, value, source: str = "command line"):
+    """Apply one override. `value` is the raw text (read as yaml unless the field is a string) or, for
+    `--key v1 v2 ...`, the list of raw texts."""
+    path, rest, hint, current = _field(cfg, dotted, source)
+
+    def parse(raw):
+        return raw if hint is str or not isinstance(raw, str) else yaml.safe_load(raw)
+
+    parsed = [parse(v) for v in value] if isinstance(value, list) else parse(value)
+    if rest:  # a key inside a free-form mapping field, e.g. model.kwargs.depth=4
+        new = dict(current)
+        node = new
+        for p in rest[:-1]:
+            node = node.setdefault(p, {})
+        node[rest[-1]] = parsed
+        parsed = new
+    return _set_path(cfg, path, _coerce(parsed, hint, dotted, source))
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+def _comments(cls) -> dict[str, str]:
+    """field name -> the comment beside it (or on the lines just above it) in the class source."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    found, above = {}, []
+    for line in lines:
+        s = line.strip()
+        if s.startswith("#"):
+            above.append(s.lstrip("# "))
+            continue
+        m = re.match(r"^(\w+)\s*:[^=]*(?:=.*?)?(?:\s+#\s*(.*))?$", s)
+        if m and not s.startswith(("def ", "class ")):
+            found[m.group(1)] = " ".join(above + ([m.group(2)] if m.group(2) else []))
+        above = []
+    return found
+
+
+def config_help(cfg, prefix: str = "") -> str:
+    """One line per key: `key=default  # comment`, sections in order."""
+    comments = _comments(type(cfg))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            lines.append(f"\n  [{prefix}{f.name}]" + (f"  # {comments[f.name]}" if comments.get(f.name) else ""))
+            lines.append(config_help(v, prefix + f.name + "."))
+        else:
+            item = f"  {prefix}{f.name}={v!r}"
+            lines.append(f"{item:<44}  # {comments[f.name]}" if comments.get(f.name) else item)
+    return "\n".join(lines)
+
+
+def _is_list(cfg, key: str) -> bool:
+    try:
+        _, rest, hint, _ = _field(cfg, key, "command line")
+    except ConfigError:
+        return False
+    if rest:
+        return False
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    return origin in (list, tuple)
+
+
+def _is_bool(cfg, key: str) -> bool:
+    try:
+        _, rest, hint, _ = _field(cfg, key, "command line")
+    except ConfigError:
+        return False
+    return not rest and hint is bool
+
+
+def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None = None,
+                usage: str = ""):
+    """Build a `cls` config from `--config FILE` and overrides (see the module docstring).
+
+    `flags` maps extra bare options to overrides, e.g. {"--no-ema": "ema=false"}. Returns
+    (config, path of the yaml or None).
+    """
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    flags = flags or {}
+    defaults = cls()
+    path, overrides = None, []  # overrides: (key, raw text or list of raw texts)
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok in ("-h", "--help"):
+            print((usage + "\n\n" if usage else "")
+                  + "options: --config FILE, then key=value or --key value (dashes read as underscores)"
+                  + (f"; flags: {', '.join(flags)}" if flags else "") + "\nkeys and defaults:\n" + config_help(defaults))
+            raise SystemExit(0)
+        if tok in ("--config", "--cfg"):
+            if i >= len(argv):
+                raise ConfigError("--config needs a yaml file")
+            path, i = argv[i], i + 1
+        elif tok.startswith("--config="):
+            path = tok.split("=", 1)[1]
+        elif tok in flags:
+            overrides.append(tuple(flags[tok].split("=", 1)))
+        elif tok.startswith("--"):
+            key, eq, raw = tok[2:].partition("=")
+            key = key.replace("-", "_")
+            if eq:
+                overrides.append((key, raw))
+            elif _is_bool(defaults, key) and (i >= len(argv) or argv[i].lower() not in ("true", "false")):
+                overrides.append((key, "true"))
+            elif _is_list(defaults, key):
+                values = []
+                while i < len(argv) and not argv[i].startswith("--") and "=" not in argv[i]:
+                    values.append(argv[i])
+                    i += 1
+                overrides.append((key, values))
+            elif i < len(argv) and not argv[i].startswith("--"):
+                overrides.append((key, argv[i]))
+                i += 1
+            else:
+                _field(defaults, key, "command line")  # an unknown key gets its "did you mean"
+                raise ConfigError(f"--{tok[2:]} needs a value")
+        elif "=" in tok:
+            overrides.append(tuple(tok.split("=", 1)))
+        else:
+            raise ConfigError(f"cannot read argument {tok!r}: use --config FILE, key=value or --key value")
+
+    cfg = defaults
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid yaml{where}: {getattr(e, 'problem', None) or e}. "
+                              "Indent with spaces, not tabs") from None
+        cfg = merge_config(cfg, data, source=str(path))
+    for key, raw in overrides:
+        cfg = override(cfg, key.strip(), raw)
+    return cfg, path

@@ -1,0 +1,118 @@
+"""Loading classifier weights: one loader for every file a ViT³ / H-ViT³ comes in.
+
+`load_weights` takes our train_vit.py checkpoints (model or EMA), a run's timm/ folder, a
+.safetensors file, and the official release files, through timm's checkpoint loading
+(`timm.models.load_checkpoint`, weights_only) with `checkpoint_filter_fn`; a file that is not a
+checkpoint gets an error naming it. `load_official_checkpoint` maps an official file (or its
+dict) onto our names, which are the official ones.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .engine.config import ConfigError
+
+
+class _ConfigAsDict:
+    """Stands in for yacs' CfgNode, which the official trainer pickles into its checkpoints
+    under 'config': with it the file loads with weights_only=True (no code runs) and without
+    yacs installed, the config coming back as nested OrderedDicts."""
+
+    def __new__(cls, *args):
+        return OrderedDict()
+
+
+def load_official_checkpoint(model: nn.Module, checkpoint: str | PathLike | Mapping, *, ema: bool = False) -> nn.Module:
+    """Load official ViT³ / H-ViT³ weights into `model`, strictly; returns the model.
+
+    checkpoint: a file as saved by the official trainers ({'model': state_dict, 'optimizer': ...,
+    'config': ...}; H-ViT³'s main_ema.py adds the EMA weights as 'state_dict_ema'), or such a
+    dict, or a bare state dict. Files load with weights_only=True. `ema=True` takes
+    'state_dict_ema'. The stored RoPE tables (`*.rope.rotations`) are dropped: ours are
+    computed for each input. The head must match (num_classes=1000): load first, then
+    `reset_classifier` to fine-tune.
+    """
+    if not isinstance(checkpoint, Mapping):
+        with official_file_globals():
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    key = "state_dict_ema" if ema else "model"
+    if ema and key not in checkpoint:
+        raise KeyError(f"ema=True but the checkpoint has no {key!r} entry (keys: {sorted(checkpoint)})")
+    model.load_state_dict(checkpoint_filter_fn(checkpoint.get(key, checkpoint), model), strict=True)
+    return model
+
+
+def official_file_globals():
+    """The context in which an official file loads with weights_only=True (its pickled yacs config)."""
+    return torch.serialization.safe_globals([(_ConfigAsDict, "yacs.config.CfgNode")])
+
+
+def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module | None = None) -> dict:
+    """Official weights as our state dict: the stored RoPE tables (`*.rope.rotations`) are dropped.
+
+    timm's loader calls it (`pretrained_filter_fn`) after taking the weights out of the file, the EMA
+    ones ('state_dict_ema') where there are any, as timm does.
+    """
+    return {k: v for k, v in state_dict.items() if not k.endswith("rope.rotations")}
+
+
+def _top_keys(file: Path) -> list[str]:
+    """The top-level entries of a weights file (read with weights_only); ConfigError if it is none."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as f:
+                return list(f.keys())
+        with official_file_globals():
+            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError, RuntimeError, EOFError, OSError) as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ConfigError(f"cannot read {file} ({type(e).__name__}: {first}): expected classifier weights, a "
+                          ".safetensors file or a torch checkpoint (train_vit.py, timm or the official release)"
+                          ) from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{file} holds a {type(data).__name__}, not a state dict or checkpoint dict")
+    return list(data)
+
+
+def load_weights(model: nn.Module, path: str | PathLike, *, ema: bool = False) -> bool:
+    """Load weights into `model` strictly; returns False (loading nothing) when `ema` asks for EMA
+    weights that the source does not have.
+
+    path: a train_vit.py checkpoint folder (model.safetensors, ema.safetensors), a run's timm/ folder,
+    a .safetensors file, or a torch file: the official release ('model', and 'state_dict_ema' from
+    H-ViT³'s main_ema.py) or timm's train.py ('state_dict', 'state_dict_ema').
+    """
+    from timm.models import load_checkpoint
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"weights {path} do not exist")
+    if path.is_dir():
+        file = path / ("ema.safetensors" if ema else "model.safetensors")
+        if not file.is_file():
+            if ema:
+                return False
+            raise ConfigError(f"{path} holds no model.safetensors: pass a checkpoint folder (checkpoints/step-N), a "
+                              "run's timm/ folder, a .safetensors file or an official .pth")
+    else:
+        file = path
+    keys = _top_keys(file)
+    if ema and not {"state_dict_ema", "model_ema"} & set(keys) and file.name != "ema.safetensors":
+        return False
+    try:
+        with official_file_globals():
+            load_checkpoint(model, str(file), use_ema=ema, strict=True, filter_fn=checkpoint_filter_fn,
+                            weights_only=True)
+    except RuntimeError as e:  # missing / unexpected names, other shapes
+        raise ConfigError(f"weights {file} do not fit this model (model.name / model.kwargs): {e}") from None
+    return True
