@@ -54,7 +54,7 @@ class SampleConfig:
     image_size: int = 0  # official file: image size (256)
     num_classes: int = 0  # official file: classes (1000)
     vae: str = ""  # VAE folder or hub name, instead of the one the run trained with
-    sampler: str = "ddpm"  # ddpm (respaced as DiT), ddim, dpm++ (DPMSolver++), euler (diffusers schedulers)
+    sampler: str = "ddpm"  # ddpm (DiT's, respaced), ddim, dpm (DPM-Solver++): diffusers schedulers
     steps: int = 250  # sampling steps
     cfg_scale: float = 4.0  # classifier-free guidance scale (1 = none)
     cfg_channels: int | None = None  # guide only these leading channels (DiT: 3); None = all of epsilon
