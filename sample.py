@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -340,8 +339,4 @@ def digits_accuracy(config: dict, out: Path, args) -> float:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    engine.run_script(main)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from dit3.sampling import sample_ddpm, sample_seed, save_grid, save_pngs, to_uin
 from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import DataError, default_demo_path, open_image_folder, prepare_digits
-from vit3.engine import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig, TrainingDiverged
+from vit3.engine import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
 
 
 @dataclasses.dataclass
@@ -413,13 +412,15 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                 log.warning(f"epoch {epoch + 1}: skipped {n_skipped} unreadable images (data.bad_images=skip)")
             if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
                 ckpt.save(step, state)
-    if stopped not in (None, "done"):
+    if step >= cfg.max_steps:  # also a run resumed from its last checkpoint: the final grid is drawn again
+        stopped = "done"
+    elif stopped:
         log.info(f"stopping at step {step} ({stopped}): saving a checkpoint")
     ckpt.save(step, state)
 
     result = {"run_dir": run.dir, "step": step, "state": state, "stopped": None if stopped == "done" else stopped,
-              "world_size": acc.num_processes, "model": raw_model, "ema": ema.module if ema else None,
-              "local_train": tlog.meters.last_local}
+              "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,
+              "ema": ema.module if ema else None, "local_train": tlog.meters.last_local}
     if stopped == "done" and acc.is_main_process:
         result["grid"] = sample_grid(sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc)
         log.info(f"final sample grid {result['grid']}")
@@ -431,11 +432,4 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    engine.run_script(main)

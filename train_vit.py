@@ -22,7 +22,6 @@ Everything runs inside main(argv) so tests can run a few CPU steps in-process.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vit3 import engine, load_weights
 from vit3.data import DataConfig, DataError, build_datasets, build_mixup, prepare_demo
-from vit3.engine import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig, TrainingDiverged
+from vit3.engine import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
 
 
 @dataclasses.dataclass
@@ -353,16 +352,9 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         export_timm(ema.module if ema is not None else raw_model, run.dir / "timm")
     engine.finish(run, f"done at step {step}" + (f" (stopped: {stopped})" if stopped else ""))
     return {"run_dir": run.dir, "step": step, "state": state, "eval": last_eval, "stopped": stopped,
-            "world_size": acc.num_processes, "model": raw_model, "ema": ema.module if ema else None,
-            "local_train": tlog.meters.last_local}
+            "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,
+            "ema": ema.module if ema else None, "local_train": tlog.meters.last_local}
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    engine.run_script(main)

@@ -190,7 +190,8 @@ def test_checkpoint_roundtrip_atomic_and_pruned(tmp_path):
     (root / "step-00000010").mkdir()  # nor a folder without trainer_state.json
     assert T.find_latest_checkpoint(root).name == "step-00000003"
     files = sorted(p.name for p in (root / "step-00000003").iterdir())
-    assert files == ["config.yaml", "model.safetensors", "optimizer.pt", "rng-0.pt", "trainer_state.json"]
+    assert files == ["config.yaml", "manifest.json", "model.safetensors", "optimizer.pt", "rng-0.pt",
+                     "trainer_state.json"]
 
     other, other_opt = _tiny(), None
     with torch.no_grad():
@@ -220,7 +221,7 @@ def test_resolve_run_numbering_and_latest(tmp_path):
     run0, ck = T.resolve_run(str(out), "exp")
     run1, _ = T.resolve_run(str(out), "exp")
     assert (run0.name, run1.name, ck) == ("000-exp", "001-exp", None)
-    with pytest.raises(ConfigError, match="resume=latest found no checkpoint"):
+    with pytest.raises(ConfigError, match="resume=latest found no usable checkpoint"):
         T.resolve_run(str(out), "exp", resume="latest")
     assert T.resolve_run(str(out), "exp", resume="auto")[0].name == "002-exp"  # auto: fresh if none
     T.save_checkpoint(_OneProcess(), run0 / "checkpoints", 5, modules={}, states={}, trainer_state={}, config={})
@@ -284,3 +285,137 @@ def test_write_run_info(tmp_path):
     assert saved["seed"] == 3 and saved["environment"]["world_size"] == 1
     assert {"torch", "timm", "accelerate"} <= set(saved["environment"]) and info["git"]
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"a": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing lost: crashes during a save, damaged checkpoints, rollbacks, full disks, two writers
+# ---------------------------------------------------------------------------------------------
+def _save(root, step, model=None, keep_last=3, **state):
+    return T.save_checkpoint(_OneProcess(), root, step, modules={"model": model or _tiny()}, states={},
+                             trainer_state={"global_step": step, **state}, config={}, keep_last=keep_last)
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_crash_between_the_renames_of_a_resaved_step_keeps_a_checkpoint(tmp_path, monkeypatch, crash_at):
+    """The second save of a step (an update that ends an epoch) swaps folders with two renames; a crash after
+    either leaves a complete checkpoint of that step, found by the next resume (keep_last=1: the only one)."""
+    root = tmp_path / "checkpoints"
+    _save(root, 7, keep_last=1, where="mid-epoch")
+    real, calls = os.replace, []
+
+    def crashing(src, dst):
+        calls.append((src, dst))
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt("killed")  # what a kill between the renames leaves on disk
+        return real(src, dst)
+
+    monkeypatch.setattr(T.checkpoint.os, "replace", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _save(root, 7, keep_last=1, where="epoch end")
+    monkeypatch.setattr(T.checkpoint.os, "replace", real)
+    latest = T.find_latest_checkpoint(root)
+    assert latest is not None and latest.name == "step-00000007" and T.verify_checkpoint(latest) is None
+    # before the second rename the first copy was put aside: it comes back; nothing is half-written
+    assert T.read_trainer_state(latest)["where"] == "mid-epoch"
+
+
+def test_damaged_checkpoints_are_skipped_with_a_warning(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3):
+        _save(root, step)
+    (root / "step-00000003" / "trainer_state.json").write_text('{"step": 3, "glob')  # a copy cut short
+    weights = root / "step-00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated: the manifest knows its size
+    with pytest.warns(UserWarning) as seen:
+        assert T.find_latest_checkpoint(root).name == "step-00000001"
+    text = " ".join(str(w.message) for w in seen)
+    assert "step-00000003: trainer_state.json is unreadable" in text
+    assert "step-00000002: model.safetensors has" in text and "the manifest says" in text
+    with pytest.warns(UserWarning):
+        run, ckpt = T.resolve_run(str(tmp_path), "x", run_name="run", resume="latest")
+    assert ckpt.name == "step-00000001"
+    with pytest.raises(ConfigError, match=r"step-00000002 is damaged \(model.safetensors has"):
+        T.resolve_run(str(tmp_path), "x", resume=str(root / "step-00000002"))
+
+
+def test_resume_auto_says_when_no_checkpoint_can_be_used(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    _save(root, 1)
+    (root / "step-00000001" / "trainer_state.json").write_text("")
+    with pytest.warns(UserWarning, match=r"resume=auto: none of the 1 checkpoints .* starting a fresh run"):
+        run, ckpt = T.resolve_run(str(tmp_path), "x", run_name="run", resume="auto")
+    assert run.name == "run" and ckpt is None  # a fresh start in the same folder
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"no usable checkpoint.*1 damaged"):
+        T.resolve_run(str(tmp_path), "x", run_name="run", resume="latest")
+
+
+def test_rolling_back_keeps_the_newer_line(tmp_path):
+    """Resuming an older checkpoint of a run branches into a new folder; the newer checkpoints stay, and
+    resuming it inside its own run by name is refused with the choices named."""
+    out = tmp_path / "results"
+    run0, _ = T.resolve_run(str(out), "exp")
+    for step in (10, 20, 30):
+        _save(run0 / "checkpoints", step)
+    with pytest.warns(UserWarning, match=r"rolls back run .*000-exp \(its newest is step-00000030\).*kept"):
+        run, ckpt = T.resolve_run(str(out), "exp", resume=str(run0 / "checkpoints" / "step-00000010"))
+    assert run.name == "001-exp" and ckpt.name == "step-00000010"
+    assert sorted(p.name for p in (run0 / "checkpoints").iterdir()) == [
+        "step-00000010", "step-00000020", "step-00000030"]
+    with pytest.raises(ConfigError, match=r"older than step-00000030.*resume=latest.*another run_name"):
+        T.resolve_run(str(out), "exp", run_name="000-exp", resume=str(run0 / "checkpoints" / "step-00000010"))
+    run, _ = T.resolve_run(str(out), "exp", resume=str(run0 / "checkpoints" / "step-00000030"))
+    assert run == run0  # the newest continues in place
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")])
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error):
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(T.checkpoint.torch, "save", full)
+    with pytest.raises(T.CheckpointWriteError, match=r"cannot write a checkpoint into .*checkpoints: the disk is full"
+                                                     r".*needs about .* GiB are free.*previous checkpoints are intact"):
+        _save(root, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no .tmp folder left
+    assert T.verify_checkpoint(root / "step-00000001") is None
+
+
+def test_one_writer_per_folder(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    lock = folder / ".lock"
+    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": os.getppid(), "since": "x"}))
+    with pytest.raises(ConfigError, match=rf"run folder .*run is in use by process {os.getppid()} on .*delete"):
+        T.acquire_lock(folder, "run folder")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": int(dead.stdout)}))
+    with pytest.warns(UserWarning, match=r"taking over the lock of process .* which is gone"):
+        assert T.acquire_lock(folder, "run folder") == lock
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert T.acquire_lock(folder, "run folder") == lock  # again: this process holds it
+    T.release_lock(lock)
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("raised, code", [
+    (None, 0), ("preempted", 4), (ConfigError("bad key"), 2), (T.DataError("no images"), 2),
+    (T.TrainingDiverged("nan"), 3), (T.CheckpointWriteError(28, "full"), 5), (KeyError("bug"), 1),
+])
+def test_exit_codes(raised, code, capsys):
+    def main():
+        if isinstance(raised, Exception):
+            raise raised
+        return {"preempted": raised == "preempted"}
+
+    with pytest.raises(SystemExit) as e:
+        T.run_script(main)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert ("Traceback" in err) == (code == 1)

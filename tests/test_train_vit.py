@@ -4,6 +4,8 @@ Tiny models (16-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images: e
 run takes well under a second; the subprocess tests pay for Python / torch start-up.
 """
 import json
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from timm.loss import SoftTargetCrossEntropy
 from trainer_helpers import (
     ROOT,
     checkpoint_weights,
@@ -132,18 +135,60 @@ def test_hvit3_mesa_bf16_two_steps(data, tmp_path):
     assert all(np.isfinite(loss))
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
-    """SIGTERM to the whole process group (as a cluster's scancel does, loader worker included)
-    after the first update: a checkpoint, exit code 0, and the run resumes from it."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path, sig):
+    """SIGTERM (or Ctrl-C's SIGINT) to the whole process group (as a cluster's scancel, or a terminal,
+    does: loader worker included) after the first update: a checkpoint, the preempted exit code, and the run
+    resumes from it."""
     argv = _argv(data, tmp_path, "run_name=sig", "optim.epochs=200", "checkpoint.every_epochs=1000",
                  "data.num_workers=1")
-    code, log = sigterm_at("train_vit.py", argv, "(step 0000001)")
-    assert code == 0, log
-    assert "stopping at step" in log and "SIGTERM" in log
+    code, log = sigterm_at("train_vit.py", argv, "(step 0000001)", sig)
+    assert code == T.run.EXIT_PREEMPTED, log  # saved, and distinct from done: a job script requeues
+    assert "stopping at step" in log and signal.Signals(sig).name in log
     step = latest_checkpoint_step(tmp_path / "sig" / "checkpoints", log)
     assert 1 <= step < 600
     r = _run(data, tmp_path, "run_name=sig", "optim.epochs=200", "resume=latest", f"max_steps={step + 1}")
     assert r["step"] == step + 1
+
+
+def test_nan_loss_stops_naming_the_step_and_last_good_checkpoint(data, tmp_path, monkeypatch):
+    real, calls = SoftTargetCrossEntropy.forward, []
+
+    def poisoned(self, x, target):
+        calls.append(1)
+        out = real(self, x, target)
+        return out * float("nan") if len(calls) >= 3 else out  # the third update goes bad
+
+    monkeypatch.setattr(SoftTargetCrossEntropy, "forward", poisoned)
+    with pytest.raises(T.TrainingDiverged, match=r"NaN or inf at step 3.*Last good checkpoint: .*step-00000002"):
+        _run(data, tmp_path, "run_name=nan", "optim.epochs=3", "log.every=4", "checkpoint.every_steps=2")
+    # the check runs before every save: the epoch-end checkpoint of step 3 (bad weights) was never written
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_a_failing_step_with_loader_workers_exits_promptly(tmp_path):
+    """An error inside the loop (here a zero-byte image read by one of two workers) exits with its code at
+    once: the workers, which ignore stop signals, are killed rather than waited for."""
+    write_images(tmp_path / "d" / "train", "abc", 8)
+    write_images(tmp_path / "d" / "val", "abc", 2)
+    (tmp_path / "d" / "train" / "b" / "3.png").write_bytes(b"")
+    t0 = time.time()
+    p = run_script("train_vit.py", _argv(tmp_path / "d", tmp_path / "out", "optim.epochs=2", "data.num_workers=2"))
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "cannot read image" in p.stderr and "Traceback" not in p.stderr
+    assert time.time() - t0 < 60
+
+
+def test_rolling_back_branches_and_keeps_the_newer_checkpoints(data, tmp_path):
+    first = _run(data, tmp_path, "max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=5")
+    newer = {s: checkpoint_weights(first["run_dir"], s) for s in (2, 3)}
+    with pytest.warns(UserWarning, match="rolls back"):
+        branch = _run(data, tmp_path, f"resume={first['run_dir'] / 'checkpoints' / 'step-00000001'}", "max_steps=3",
+                      "checkpoint.every_steps=1", "checkpoint.keep_last=5")
+    assert branch["run_dir"] != first["run_dir"] and branch["step"] == 3
+    for s, w in newer.items():  # the newer line is untouched
+        assert all(torch.equal(w[k], checkpoint_weights(first["run_dir"], s)[k]) for k in w)
+    assert _run(data, tmp_path, "resume=latest", "max_steps=4")["run_dir"] == branch["run_dir"]
 
 
 def test_two_processes_agree(data, tmp_path):

@@ -80,16 +80,17 @@ def run_script(script: str, argv: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def sigterm_at(script: str, argv: list[str], marker: str) -> tuple[int, str]:
-    """Run ROOT/script in its own process group and send SIGTERM to the whole group (as a cluster's
-    scancel does, loader workers included) once a log line contains marker; (exit code, whole log)."""
+def sigterm_at(script: str, argv: list[str], marker: str, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """Run ROOT/script in its own process group and send SIGTERM (or `sig`) to the whole group (as a cluster's
+    scancel, or a terminal's Ctrl-C, does: loader workers included) once a log line contains marker;
+    (exit code, whole log)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, deadline = [], time.time() + 120
     for line in proc.stdout:
         lines.append(line)
         if marker in line:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
             break
         assert time.time() < deadline, "".join(lines)
     rest, _ = proc.communicate(timeout=120)

@@ -11,6 +11,7 @@ Nothing here knows about ViT³ or DiT³.
 """
 from .checkpoint import (
     Checkpointer,
+    CheckpointWriteError,
     TrainingDiverged,
     capture_rng_state,
     check_same_model,
@@ -22,10 +23,12 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
     seed_process,
+    verify_checkpoint,
 )
 from .config import (
     CheckpointConfig,
     ConfigError,
+    DataError,
     EMAConfig,
     LogConfig,
     OptimConfig,
@@ -51,11 +54,23 @@ from .loop import (
     split_batch,
     write_json,
 )
-from .run import MetricsFile, Run, discard, finish, resolve_run, start_run, write_run_info
+from .run import (
+    MetricsFile,
+    Run,
+    acquire_lock,
+    discard,
+    finish,
+    release_lock,
+    resolve_run,
+    run_script,
+    start_run,
+    write_run_info,
+)
 from .signals import StopSignal, ignore_stop_signals
 
 __all__ = [
     "Checkpointer",
+    "CheckpointWriteError",
     "TrainingDiverged",
     "capture_rng_state",
     "check_same_model",
@@ -67,8 +82,10 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "seed_process",
+    "verify_checkpoint",
     "CheckpointConfig",
     "ConfigError",
+    "DataError",
     "EMAConfig",
     "LogConfig",
     "OptimConfig",
@@ -77,6 +94,10 @@ __all__ = [
     "flat_config",
     "load_config",
     "merge_config",
+    "ResumableBatchSampler",
+    "ShardedEvalSampler",
+    "make_loader",
+    "seeded_rng",
     "RunningMeans",
     "TrainLog",
     "after_update",
@@ -90,15 +111,14 @@ __all__ = [
     "scaled_lrs",
     "split_batch",
     "write_json",
-    "ResumableBatchSampler",
-    "ShardedEvalSampler",
-    "make_loader",
-    "seeded_rng",
     "MetricsFile",
     "Run",
+    "acquire_lock",
     "discard",
     "finish",
+    "release_lock",
     "resolve_run",
+    "run_script",
     "start_run",
     "write_run_info",
     "StopSignal",

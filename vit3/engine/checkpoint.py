@@ -8,18 +8,25 @@ A checkpoint is the folder `checkpoints/step-N`:
     optimizer.pt, scheduler.pt, scaler.pt state dicts (tensors and plain types only)
     rng-<rank>.pt                         every RNG of each process
     trainer_state.json, config.yaml       step, epoch, data position; the resolved config
+    manifest.json                         every file's size: damage is detected, not guessed
 
 It is written as `.tmp-step-N`, fsynced and renamed, so a crash never leaves a partial folder that
-looks complete; the newest `keep_last` are kept.
+looks complete; the newest `keep_last` are kept. A step saved twice (an update that ends an epoch)
+moves the first copy aside as `.trash-step-N` for the instant of the swap; a crash in that instant
+leaves it there, and `find_latest_checkpoint` puts it back. So at every instant one complete
+checkpoint of each saved step's line exists. A checkpoint that fails its manifest (a disk fault, a
+copy cut short) is skipped with a warning when the newest is looked for.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +129,68 @@ def pretrained_weights_file(folder: Path) -> Path:
 # ----------------------------------------------------------------------------------------
 # Save
 # ----------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[str, nn.Module],
-                    states: dict[str, Any], trainer_state: dict, config: dict, keep_last: int = 3) -> Path:
-    """Write checkpoints/step-N atomically (see the module docstring); every process must call it."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous ones are intact."""
+
+
+def _write_error(e: OSError, tmp: Path, root: Path) -> CheckpointWriteError:
+    """Remove the partial folder; the error names the folder, the space it took and the space left."""
+    written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    previous = [p for p in sorted(root.glob("step-*")) if p.is_dir()]
+    need = max((sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0), written)
+    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{e.strerror or e}"
+    return CheckpointWriteError(
+        e.errno, f"cannot write a checkpoint into {root}: {what}. A checkpoint needs about {need / 2**30:.2f} GiB "
+        f"({written / 2**30:.2f} GiB were written before the failure, then removed); {free / 2**30:.2f} GiB are free. "
+        f"The previous checkpoints are intact: free space (or lower checkpoint.keep_last) and resume=latest")
+
+
+def _as_write_error(e: Exception) -> OSError | None:
+    """The OSError behind a failed write, or None for any other failure. torch.save reports a full disk as
+    a RuntimeError of its zip writer ("unexpected pos"), safetensors as a SafetensorError ("IoError")."""
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    first = (text.splitlines() or [type(e).__name__])[0][:300]
+    if "No space left" in text or "code: 28" in text or "unexpected pos" in text:
+        return OSError(errno.ENOSPC, first)
+    if "IoError" in text or "PytorchStreamWriter" in text:
+        return OSError(errno.EIO, first)
+    return None
+
+
+def _write_files(tmp: Path, accelerator, modules, states, trainer_state: dict, config: dict, step: int):
     from safetensors.torch import save_model
 
+    torch.save(capture_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if not accelerator.is_main_process:
+        return
+    for name, module in modules.items():
+        if _is_pretrained(module):
+            module.save_pretrained(tmp / name, safe_serialization=True)
+        else:
+            save_model(module, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
+    for name, obj in states.items():
+        if obj is not None:
+            torch.save(obj.state_dict(), tmp / f"{name}.pt")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    state = {**trainer_state, "step": step, "world_size": accelerator.num_processes, "config": config}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+def _write_manifest(folder: Path):
+    """manifest.json: the size of every other file (rng files of all processes included)."""
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
+    (folder / "manifest.json").write_text(json.dumps({"sizes": sizes}, indent=1))
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[str, nn.Module],
+                    states: dict[str, Any], trainer_state: dict, config: dict, keep_last: int = 3) -> Path:
+    """Write checkpoints/step-N atomically (see the module docstring); every process must call it.
+    A write error (disk full, ...) removes the partial folder and raises CheckpointWriteError."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}"
@@ -135,20 +199,26 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[st
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    torch.save(capture_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    failed = None
+    try:
+        _write_files(tmp, accelerator, modules, states, trainer_state, config, step)
+    except Exception as e:
+        failed = _as_write_error(e)
+        if failed is None:
+            raise
+    if accelerator.num_processes > 1:  # every process must leave the save together, failed or not
+        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+        if accelerator.reduce(flag, "sum").item() > 0 and failed is None:
+            failed = OSError(errno.EIO, "another process failed to write its part")
+    if failed is not None:
+        accelerator.wait_for_everyone()
+        raise _write_error(failed, tmp, ckpt_root) if accelerator.is_main_process else CheckpointWriteError(
+            failed.errno, f"cannot write a checkpoint into {ckpt_root}: {failed}")
     if accelerator.is_main_process:
-        for name, module in modules.items():
-            if _is_pretrained(module):
-                module.save_pretrained(tmp / name, safe_serialization=True)
-            else:
-                save_model(module, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
-        for name, obj in states.items():
-            if obj is not None:
-                torch.save(obj.state_dict(), tmp / f"{name}.pt")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        state = {**trainer_state, "step": step, "world_size": accelerator.num_processes, "config": config}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()  # every rng-<rank>.pt is written
+        try:
+            _write_manifest(tmp)
+        except OSError as e:
+            raise _write_error(e, tmp, ckpt_root) from None
 
     if accelerator.is_main_process:
         _fsync_tree(tmp)
@@ -159,13 +229,16 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[st
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
         shutil.rmtree(trash, ignore_errors=True)
-        prune_checkpoints(ckpt_root, keep_last)
+        prune_checkpoints(ckpt_root, keep_last, step)
     accelerator.wait_for_everyone()
     return final
 
 
-def prune_checkpoints(ckpt_root: Path, keep_last: int):
-    ckpts = sorted((int(m.group(1)), p) for p in Path(ckpt_root).iterdir() if (m := CKPT_RE.match(p.name)))
+def prune_checkpoints(ckpt_root: Path, keep_last: int, newest: int):
+    """Keep the `keep_last` newest checkpoints up to step `newest` (0: keep all). Folders of later steps are
+    not this line's (damaged ones a resume skipped): they are left alone."""
+    ckpts = sorted((s, p) for p in Path(ckpt_root).iterdir()
+                   if (m := CKPT_RE.match(p.name)) and (s := int(m.group(1))) <= newest)
     if keep_last > 0:
         for _, p in ckpts[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
@@ -229,17 +302,60 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------
 # Find, check, load
 # ----------------------------------------------------------------------------------------
-def find_latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint (`step-N` folder with trainer_state.json) under ckpt_root."""
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be used (a missing, unreadable or truncated file), or None if it is whole."""
+    ckpt = Path(ckpt)
+    try:
+        state = read_trainer_state(ckpt)
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(state, dict) or "step" not in state:
+        return "trainer_state.json holds no step"
+    manifest = ckpt / "manifest.json"
+    if not manifest.is_file():  # written before manifests: the files that must be there
+        return None if any(ckpt.glob("model*")) else "no model weights"
+    try:
+        sizes = json.loads(manifest.read_text())["sizes"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__})"
+    for name, size in sizes.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def _recover(root: Path):
+    """Put back a `.trash-step-N` whose replacement never arrived (a crash between the two renames)."""
+    for trash in root.glob(".trash-step-*"):
+        final = root / trash.name.removeprefix(".trash-")
+        if not final.exists():
+            try:
+                os.replace(trash, final)
+            except OSError:  # another process got there first
+                pass
+
+
+def find_latest_checkpoint(ckpt_root: str | os.PathLike, warn: bool = True) -> Path | None:
+    """Newest usable checkpoint (`step-N` folder that passes `verify_checkpoint`) under ckpt_root; the
+    damaged ones on the way are skipped, each with a warning naming it and the reason."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return None
-    found = []
-    for p in root.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    _recover(root)
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()),
+                   reverse=True)
+    for _, p in found:
+        reason = verify_checkpoint(p)
+        if reason is None:
+            return p
+        if warn:
+            warnings.warn(f"skipping checkpoint {p}: {reason}", stacklevel=2)
+    return None
 
 
 def read_trainer_state(ckpt: Path) -> dict:

@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A config, CLI value or checkpoint that does not fit; the message names the fix."""
 
 
+class DataError(ValueError):
+    """Missing, empty, inconsistent or unreadable data; the message names the fix."""
+
+
 # ----------------------------------------------------------------------------------------
 # Sections both trainers share
 # ----------------------------------------------------------------------------------------
@@ -326,7 +330,8 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
         if tok in ("-h", "--help"):
             print((usage + "\n\n" if usage else "")
                   + "options: --config FILE, then key=value or --key value (dashes read as underscores)"
-                  + (f"; flags: {', '.join(flags)}" if flags else "") + "\nkeys and defaults:\n" + config_help(defaults))
+                  + (f"; flags: {', '.join(flags)}" if flags else "")
+                  + "\nkeys and defaults:\n" + config_help(defaults))
             raise SystemExit(0)
         if tok in ("--config", "--cfg"):
             if i >= len(argv):

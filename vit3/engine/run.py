@@ -10,20 +10,31 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from .checkpoint import atomic_write_text, check_same_model, find_latest_checkpoint, read_trainer_state
-from .config import ConfigError
+from .checkpoint import (
+    CKPT_RE,
+    atomic_write_text,
+    check_same_model,
+    find_latest_checkpoint,
+    read_trainer_state,
+    verify_checkpoint,
+)
+from .config import ConfigError, DataError
 from .signals import StopSignal
 
 logger = logging.getLogger("vit3.train")
@@ -42,18 +53,32 @@ def _numbered_runs(output_dir: Path, name: str) -> list[tuple[int, Path]]:
     return sorted(runs)
 
 
+def _step_folders(ckpt_root: Path) -> list[Path]:
+    return sorted(p for p in ckpt_root.iterdir() if CKPT_RE.match(p.name)) if ckpt_root.is_dir() else []
+
+
 def _find_resume(out: Path, name: str, run_name: str, resume: str) -> tuple[Path | None, Path | None]:
-    """(run folder to continue or None, checkpoint or None) for a resume setting."""
+    """(run folder to continue or None for a new one, checkpoint or None) for a resume setting.
+
+    An explicit checkpoint older than the newest usable one of its run is a rollback: the newer
+    checkpoints are kept and the run continues as a branch in a new folder (run_name if given, else
+    the next number), so that neither pruning nor re-saving a step can touch the newer line.
+    """
     if resume in ("latest", "auto"):
         candidates = [out / run_name] if run_name else [p for _, p in reversed(_numbered_runs(out, name))]
         for run in candidates:
             ckpt = find_latest_checkpoint(run / "checkpoints")
             if ckpt is not None:
                 return run, ckpt
+        unusable = [p for run in candidates for p in _step_folders(run / "checkpoints")]
+        where = out / run_name if run_name else out / f"NNN-{name}"
         if resume == "latest":
-            where = out / run_name if run_name else out / f"NNN-{name}"
-            raise ConfigError(f"resume=latest found no checkpoint under {where}/checkpoints; "
-                              "start without resume, use resume=auto, or pass resume=PATH")
+            raise ConfigError(f"resume=latest found no usable checkpoint under {where}/checkpoints"
+                              + (f" ({len(unusable)} damaged: see the warnings)" if unusable else "")
+                              + "; start without resume, use resume=auto, or pass resume=PATH")
+        if unusable:
+            warnings.warn(f"resume=auto: none of the {len(unusable)} checkpoints under {where} can be used (see the "
+                          "warnings above); starting a fresh run", stacklevel=2)
         return None, None
     if not resume:
         return None, None
@@ -61,13 +86,27 @@ def _find_resume(out: Path, name: str, run_name: str, resume: str) -> tuple[Path
     if (ckpt / "checkpoints").is_dir():  # a run folder: its newest checkpoint
         latest = find_latest_checkpoint(ckpt / "checkpoints")
         if latest is None:
-            raise ConfigError(f"resume={resume}: run folder has no complete checkpoint")
+            raise ConfigError(f"resume={resume}: run folder has no usable checkpoint")
         ckpt = latest
     if not (ckpt / "trainer_state.json").is_file():
         raise ConfigError(f"resume={resume} is not a checkpoint folder (no trainer_state.json); "
                           "pass a checkpoints/step-N folder, a run folder, or resume=latest")
-    if ckpt.parent.name == "checkpoints":  # continue in the run it came from
-        return ckpt.parent.parent, ckpt
+    reason = verify_checkpoint(ckpt)
+    if reason:
+        raise ConfigError(f"checkpoint {ckpt} is damaged ({reason}); resume an older one, or resume=latest to "
+                          "take the newest usable one")
+    if ckpt.parent.name != "checkpoints":
+        return None, ckpt
+    run = ckpt.parent.parent
+    newer = find_latest_checkpoint(ckpt.parent, warn=False)
+    if newer is None or newer.name <= ckpt.name:  # step-%08d: names sort as steps
+        return run, ckpt  # continue in the run it came from
+    if run_name == run.name:
+        raise ConfigError(f"resume={resume} is older than {newer.name} of run {run}: continuing it there would prune "
+                          f"and overwrite the newer checkpoints. Continue the newest with resume=latest, or branch "
+                          f"off with resume={resume} and another run_name (or none: a new numbered run)")
+    warnings.warn(f"resume={resume} rolls back run {run} (its newest is {newer.name}): the newer checkpoints are "
+                  "kept and this run continues as a branch in a new folder", stacklevel=2)
     return None, ckpt
 
 
@@ -96,7 +135,67 @@ def _resolve_run_local(output_dir: str, name: str, run_name: str, resume: str, n
     run, ckpt = _find_resume(out, name, run_name, resume)
     if run is None or new_run:
         run = _new_run_dir(out, name + ("-eval" if new_run else ""), "" if new_run else run_name)
+    acquire_lock(run, "run folder")
     return run, ckpt
+
+
+# ----------------------------------------------------------------------------------------
+# One writer per folder
+# ----------------------------------------------------------------------------------------
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def acquire_lock(folder: Path, what: str) -> Path:
+    """folder/.lock, holding this process's host and pid, created atomically (O_EXCL). A lock of a dead
+    process on this host is taken over with a warning; a live one (or one on another host, which cannot
+    be checked) stops this process with an error naming the holder. Taking it again is a no-op."""
+    path = Path(folder) / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written this instant, or damaged
+                time.sleep(0.2)
+                holder = {}
+            if (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):  # this process already
+                return path
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                warnings.warn(f"{path}: taking over the lock of process {holder['pid']} on {holder['host']}, which "
+                              "is gone (it crashed or was killed)", stacklevel=2)
+                path.unlink(missing_ok=True)
+                continue
+            if not holder:
+                continue
+            raise ConfigError(f"the {what} {folder} is in use by process {holder.get('pid')} on "
+                              f"{holder.get('host')} (since {holder.get('since')}): two processes writing it would mix "
+                              f"their outputs. Wait for it to end, choose another folder, or delete {path} if that "
+                              "process is gone")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise ConfigError(f"cannot take the lock {path}: it keeps changing; is another process starting on {folder}?")
+
+
+def release_lock(path: Path):
+    """Remove a lock this process holds."""
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+            Path(path).unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = "",
@@ -155,6 +254,7 @@ def start_run(cfg, name: str, arch_keys: tuple[str, ...], new_run: bool = False)
     threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    run_dir = None
     try:
         run_dir, resume_ckpt = resolve_run(cfg.output_dir, name, cfg.run_name, cfg.resume, new_run=new_run)
         if resume_ckpt:
@@ -174,6 +274,8 @@ def start_run(cfg, name: str, arch_keys: tuple[str, ...], new_run: bool = False)
             raise
     finally:
         close_logging()
+        if run_dir is not None:
+            release_lock(run_dir / LOCK)
         torch.set_num_threads(threads_before)
 
 
@@ -196,7 +298,7 @@ def remove_unused_run(run_dir: Path, accelerator=None):
     if accelerator is not None and not accelerator.is_main_process:
         return
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"log.txt", "config.yaml", "run.json"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"log.txt", "config.yaml", "run.json", LOCK}:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -293,3 +395,57 @@ class MetricsFile:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Exit codes
+# ----------------------------------------------------------------------------------------
+EXIT_DONE, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # a second Ctrl-C, as shells report it
+
+
+def _kill_children():
+    """Kill this process's children (DataLoader workers): they ignore SIGTERM, so the interpreter's exit,
+    which terminates and then joins them, would wait forever."""
+    import multiprocessing
+
+    if hasattr(signal, "SIGCHLD"):  # the DataLoader's SIGCHLD handler would raise at each death
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+
+
+def run_script(main):
+    """The `__main__` of train_vit.py, train_dit.py and sample.py: run main(), turn the errors a user can act
+    on into one line on stderr, and exit with a code that says what happened (README, "Exit codes"):
+
+        0 done · 1 crash (a traceback) · 2 bad input · 3 diverged (NaN / inf) · 4 stopped by a signal
+        after saving (requeue the job) · 5 a checkpoint or output could not be written (disk full)
+    """
+    from .checkpoint import CheckpointWriteError, TrainingDiverged
+
+    code = EXIT_CRASH
+    try:
+        result = main()
+        code = EXIT_PREEMPTED if isinstance(result, dict) and result.get("preempted") else EXIT_DONE
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_DIVERGED
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_WRITE_FAILED
+    except KeyboardInterrupt:
+        print("interrupted (a second Ctrl-C): stopped without a checkpoint", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _kill_children()
+    sys.exit(code)

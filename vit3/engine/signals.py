@@ -1,4 +1,4 @@
-"""SIGTERM / SIGUSR1 (a cluster's preemption or time limit) turned into "save and stop"."""
+"""SIGTERM / SIGUSR1 (a cluster's preemption or time limit) and Ctrl-C turned into "save and stop"."""
 from __future__ import annotations
 
 import signal
@@ -8,19 +8,24 @@ import torch
 
 
 class StopSignal:
-    """Context manager: SIGTERM / SIGUSR1 set a flag that the training loop polls to save and stop.
+    """Context manager: SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) set a flag that the training loop polls to save
+    and stop; a second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint.
 
     With several processes the flag is agreed on with an all-reduce (`should_stop`), so every rank
-    stops at the same update even if only one got the signal.
+    stops at the same update even if only one got the signal. `fired` says a signal stopped the run.
     """
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT)
+                    if s)
 
     def __init__(self):
         self.received: int | None = None
+        self.fired = False
         self._previous = {}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
 
     def __enter__(self):
@@ -48,11 +53,13 @@ class StopSignal:
             return None
         if not self.should_stop(accelerator):
             return None
+        self.fired = True
         return signal.Signals(self.received).name if self.received else "a signal on another process"
 
 
 def ignore_stop_signals(worker_id: int = 0):
-    """DataLoader worker_init_fn: workers ignore SIGTERM / SIGUSR1 (a cluster's scancel signals
-    every process), so the main process can finish its checkpoint before shutting them down."""
+    """DataLoader worker_init_fn: workers ignore SIGTERM / SIGUSR1 / SIGINT (a cluster's scancel and a
+    terminal's Ctrl-C signal every process), so the main process can finish its checkpoint before
+    shutting them down. A failing main process kills them (`run_script`), which they cannot ignore."""
     for s in StopSignal.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
