@@ -45,7 +45,8 @@ from dit3.latents import (
 from dit3.models import DiT3_models, load_official_checkpoint
 from dit3.sampling import sample_ddpm, sample_seed, save_grid, save_pngs, to_uint8
 from vit3 import training as T
-from vit3.data import DataError, default_demo_path, open_image_folder, prepare_digits
+from vit3.data import DataError, open_image_folder
+from vit3.digits import DigitsClassifier, default_demo_path, prepare_digits
 from vit3.training import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
 
 
@@ -514,8 +515,6 @@ def train(cfg: TrainConfig, name: str, run_dir: Path, resume_ckpt: Path | None, 
 
 def digits_accuracy(cfg: TrainConfig, model: nn.Module, shape, accelerator, log) -> float:
     """Digits demo: the share of guided samples that an SVC trained on the real digits labels as asked."""
-    from dit3.evaluation import DigitsClassifier
-
     t0 = time.time()
     clf = DigitsClassifier(Path(cfg.data.path).parent)
     n = cfg.sample.digits_accuracy

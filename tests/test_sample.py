@@ -16,7 +16,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from vit3.data import prepare_digits
+from vit3.digits import prepare_digits
 from vit3.training import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

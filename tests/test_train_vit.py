@@ -25,7 +25,8 @@ from trainer_helpers import (
 )
 
 from vit3 import training as T
-from vit3.data import DataError, prepare_digits
+from vit3.data import DataError
+from vit3.digits import prepare_digits
 from vit3.training import ConfigError
 
 train_vit = load_script("train_vit")
