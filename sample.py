@@ -321,7 +321,7 @@ def fidelity(out: Path, args, state: PartialState) -> dict:
 
 
 def digits_accuracy(config: dict, out: Path, args) -> float:
-    from dit3.evaluation import DigitsClassifier
+    from vit3.digits import DigitsClassifier
 
     if "data" not in config:
         raise ConfigError("--digits-accuracy needs a run trained by train_dit.py on the digits demo")

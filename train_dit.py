@@ -44,8 +44,9 @@ from dit3.models import DiT3_models
 from dit3.sampling import sample_ddpm, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3_weights
 from vit3 import engine
-from vit3.data import DataError, default_demo_path, open_image_folder, prepare_digits
-from vit3.engine import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
+from vit3.data import open_image_folder
+from vit3.digits import DigitsClassifier, default_demo_path, prepare_digits
+from vit3.engine import CheckpointConfig, ConfigError, DataError, EMAConfig, LogConfig, OptimConfig
 
 
 @dataclasses.dataclass
@@ -224,8 +225,6 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
 
 def digits_accuracy(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
     """Digits demo: the share of guided samples that an SVC trained on the real digits labels as asked."""
-    from dit3.evaluation import DigitsClassifier
-
     t0 = time.time()
     clf = DigitsClassifier(Path(cfg.data.path).parent)
     n, sc = cfg.sample.digits_accuracy, cfg.sample

@@ -31,8 +31,8 @@ from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
 from vit3 import engine, load_weights
-from vit3.data import DataConfig, DataError, build_datasets, build_mixup, prepare_demo
-from vit3.engine import CheckpointConfig, ConfigError, EMAConfig, LogConfig, OptimConfig
+from vit3.data import DataConfig, build_datasets, build_mixup, prepare_demo
+from vit3.engine import CheckpointConfig, ConfigError, DataError, EMAConfig, LogConfig, OptimConfig
 
 
 @dataclasses.dataclass

@@ -1,74 +1,45 @@
-"""Judging samples: the digits demo's classifier, and FID / IS / KID / precision / recall.
+"""FID, IS, KID, precision / recall of sample images, with torch-fidelity.
 
-Digits demo: the samples of a model trained on scikit-learn's digits are scored by a classifier
-that has never seen the model: an RBF support-vector machine fitted on the real training digits.
-Real and generated images go through the same reduction (grey, average-pooled to the digits'
-native 8x8, grey levels 0..16), so the classifier sees generated digits exactly as it saw real
-ones. The fraction of guided samples it labels as the class they were asked for is the demo's
-sample accuracy.
+The features come from torch-fidelity's InceptionV3 (the layers ADM's evaluator uses) or, for a
+domain FID, from a classifier trained by train_vit.py. Against a reference with images (a folder,
+or an ADM-style .npz) all five metrics are torch-fidelity's `calculate_metrics`; against saved
+statistics (mu, sigma) FID and IS come from its lower-level functions, as `calculate_metrics`
+takes no precomputed statistics.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def digits_features(images: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] images in [-1, 1] (H, W multiples of 8) -> [B, 64] 8x8 grey levels in 0..16."""
-    grey = images.float().mean(dim=1, keepdim=True)  # [B, 1, H, W]
-    pooled = F.adaptive_avg_pool2d(grey, 8)  # [B, 1, 8, 8]
-    return ((pooled.clamp(-1, 1) + 1) * 8).flatten(1).cpu().numpy()
-
-
-def _load_split(folder: Path) -> tuple[torch.Tensor, np.ndarray]:
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import to_tensor
-
-    ds = ImageFolder(str(folder))
-    images = torch.stack([to_tensor(ds.loader(p)) * 2 - 1 for p, _ in ds.samples])  # [N, 3, H, W]
-    labels = np.array([int(ds.classes[y]) for _, y in ds.samples])
-    return images, labels
-
-
-class DigitsClassifier:
-    """SVC on the real digits of a `vit3.data.prepare_digits` folder (train split); val accuracy kept."""
-
-    def __init__(self, root: str | Path):
-        from sklearn.svm import SVC
-
-        root = Path(root)
-        x_train, y_train = _load_split(root / "train")
-        x_val, y_val = _load_split(root / "val")
-        self.svc = SVC(C=10.0, gamma=0.001).fit(digits_features(x_train), y_train)
-        self.val_accuracy = float((self.svc.predict(digits_features(x_val)) == y_val).mean())
-
-    def predict(self, images: torch.Tensor) -> np.ndarray:
-        return self.svc.predict(digits_features(images))
-
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Fraction of `images` [B, C, H, W] in [-1, 1] classified as `labels` [B]."""
-        return float((self.predict(images) == labels.cpu().numpy()).mean())
-
-
-# ----------------------------------------------------------------------------------------
-# FID, IS, KID, precision / recall with torch-fidelity
-# ----------------------------------------------------------------------------------------
 FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's InceptionV3 layers (as ADM's evaluator)
+INCEPTION = "inception-v3-compat"
 CLASSIFIER_EXTRACTOR = "vit3-classifier"
 
 
-def inception(cuda: bool, weights: str | Path | None = None):
-    """torch-fidelity's InceptionV3 ('inception-v3-compat'), from its default download or a local weights
-    file (clusters without internet: copy the file torch-fidelity downloads, pt_inception-2015-12-05-*.pth)."""
-    from torch_fidelity.utils import create_feature_extractor
+# ----------------------------------------------------------------------------------------
+# Feature extractors
+# ----------------------------------------------------------------------------------------
+def load_classifier(path: str | Path):
+    """(timm model, its image size) from a train_vit.py run folder or checkpoint (EMA weights if present)."""
+    import timm
+    import yaml
 
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"Inception weights file {weights} does not exist")
-    return create_feature_extractor("inception-v3-compat", [FID_LAYER, ISC_LAYER], cuda=cuda, verbose=False,
-                                    feature_extractor_weights_path=str(weights) if weights else None)
+    from vit3 import load_weights  # also registers the ViT³ models with timm
+    from vit3.engine import find_latest_checkpoint
+
+    path = Path(path)
+    ckpt = find_latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
+    if ckpt is None or not (ckpt / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path} is not a train_vit.py run folder or checkpoint (no config.yaml)")
+    mc = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
+    model = timm.create_model(mc["name"], num_classes=mc["num_classes"], img_size=mc["img_size"], **mc["kwargs"])
+    if not load_weights(model, ckpt, ema=True):
+        load_weights(model, ckpt)
+    return model.eval(), mc["img_size"]
 
 
 def _classifier_extractor_class():
@@ -113,50 +84,70 @@ def _classifier_extractor_class():
     return ClassifierFeatures
 
 
-def load_classifier(path: str | Path):
-    """(timm model, its image size) from a train_vit.py run folder or checkpoint (EMA weights if present)."""
-    import timm
-    import yaml
-    from safetensors.torch import load_model
+def extractor_kwargs(inception_weights=None, classifier=None) -> dict:
+    """torch-fidelity's keywords for the feature extractor: its name, weights and layer per metric.
 
-    import vit3  # noqa: F401  registers the ViT³ models with timm
-    from vit3.engine import find_latest_checkpoint
+    Inception ('inception-v3-compat') comes from torch-fidelity's download, or from a local weights
+    file (clusters without internet: copy the file torch-fidelity downloads,
+    pt_inception-2015-12-05-*.pth). A classifier (a train_vit.py run or checkpoint) is registered
+    with torch-fidelity on first use. KID and precision / recall use the FID layer.
+    """
+    if classifier is None:
+        if inception_weights is not None and not Path(inception_weights).is_file():
+            raise FileNotFoundError(f"Inception weights file {inception_weights} does not exist")
+        name, weights, fid_layer, isc_layer = INCEPTION, inception_weights, FID_LAYER, ISC_LAYER
+    else:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-    path = Path(path)
-    ckpt = find_latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
-    if ckpt is None or not (ckpt / "config.yaml").is_file():
-        raise FileNotFoundError(f"{path} is not a train_vit.py run folder or checkpoint (no config.yaml)")
-    mc = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
-    model = timm.create_model(mc["name"], num_classes=mc["num_classes"], img_size=mc["img_size"], **mc["kwargs"])
-    weights = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").is_file() else ckpt / "model.safetensors"
-    load_model(model, str(weights), strict=True)
-    return model.eval(), mc["img_size"]
+        if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(CLASSIFIER_EXTRACTOR, _classifier_extractor_class())
+        name, weights, fid_layer, isc_layer = CLASSIFIER_EXTRACTOR, classifier, "prelogits", "logits"
+    return {"feature_extractor": name, "feature_extractor_weights_path": str(weights) if weights else None,
+            "feature_layer_fid": fid_layer, "feature_layer_isc": isc_layer, "feature_layer_kid": fid_layer,
+            "feature_layer_prc": fid_layer}
 
 
 def feature_extractor(cuda: bool, inception_weights=None, classifier=None):
-    """(extractor, FID layer, IS layer): torch-fidelity's Inception, or a train_vit.py classifier."""
-    if classifier is None:
-        return inception(cuda, inception_weights), FID_LAYER, ISC_LAYER
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+    """(extractor, FID layer, IS layer), built as `calculate_metrics` builds it from `extractor_kwargs`."""
     from torch_fidelity.utils import create_feature_extractor
 
-    if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(CLASSIFIER_EXTRACTOR, _classifier_extractor_class())
-    ext = create_feature_extractor(CLASSIFIER_EXTRACTOR, ["prelogits", "logits"], cuda=cuda, verbose=False,
-                                   feature_extractor_weights_path=str(classifier))
-    return ext, "prelogits", "logits"
+    kw = extractor_kwargs(inception_weights, classifier)
+    fid_layer, isc_layer = kw["feature_layer_fid"], kw["feature_layer_isc"]
+    ext = create_feature_extractor(kw["feature_extractor"], [fid_layer, isc_layer], cuda=cuda, verbose=False,
+                                   feature_extractor_weights_path=kw["feature_extractor_weights_path"])
+    return ext, fid_layer, isc_layer
+
+
+def inception(cuda: bool, weights: str | Path | None = None):
+    """torch-fidelity's InceptionV3, from its download or a local weights file."""
+    return feature_extractor(cuda, weights)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Images and their features
+# ----------------------------------------------------------------------------------------
+def image_files(folder: str | Path) -> list[str]:
+    """The PNG / JPEG files under `folder` (recursive), as torch-fidelity finds them: sorted real paths."""
+    from torch_fidelity.utils import glob_samples_paths
+
+    files = glob_samples_paths(str(folder), samples_find_deep=True, samples_find_ext="png,jpg,jpeg", verbose=False)
+    if not files:
+        raise FileNotFoundError(f"no images (png, jpg, jpeg) under {folder}")
+    return files
+
+
+def dataset_features(dataset, extractor, cuda: bool, batch_size: int = 64) -> dict:
+    """torch-fidelity features dict ({layer: [N, D]}) of a Dataset of uint8 [3, H, W] images."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    return get_featuresdict_from_dataset(dataset, extractor, batch_size, cuda, save_cpu_ram=False, verbose=False)
 
 
 def image_features(folder: str | Path, extractor, cuda: bool, batch_size: int = 64) -> dict:
     """torch-fidelity features dict ({layer: [N, D]}) of the PNG / JPEG images under `folder` (recursive)."""
     from torch_fidelity.datasets import ImagesPathDataset
-    from torch_fidelity.utils import get_featuresdict_from_dataset, glob_samples_paths
 
-    files = glob_samples_paths(str(folder), samples_find_deep=True, samples_find_ext="png,jpg,jpeg", verbose=False)
-    if not files:
-        raise FileNotFoundError(f"no images (png, jpg, jpeg) under {folder}")
-    return get_featuresdict_from_dataset(ImagesPathDataset(sorted(files)), extractor, batch_size, cuda,
-                                         save_cpu_ram=False, verbose=False)
+    return dataset_features(ImagesPathDataset(image_files(folder)), extractor, cuda, batch_size)
 
 
 class _ArrayImages(torch.utils.data.Dataset):
@@ -184,6 +175,9 @@ def load_image_batch(path: str | Path) -> np.ndarray:
     return arr
 
 
+# ----------------------------------------------------------------------------------------
+# Saved statistics
+# ----------------------------------------------------------------------------------------
 STATISTICS_FIELDS = "mu (float [D], the features' mean) and sigma (float [D, D], their covariance)"
 
 
@@ -208,6 +202,9 @@ def save_reference_statistics(path: str | Path, features: dict, layer: str = FID
     np.savez(path, mu=stats["mu"], sigma=stats["sigma"], num_images=len(features[layer]))
 
 
+# ----------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------
 def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, inception_weights=None,
                      classifier=None, batch_size: int = 64, save_ref_stats: str | Path | None = None) -> dict:
     """FID, IS, KID, precision and recall of the images under `samples` against `reference`.
@@ -218,10 +215,9 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
     KID's subset size is capped at the number of images. classifier: a train_vit.py run or checkpoint
     whose features replace Inception's (domain FID, e.g. for the digits demo).
     """
+    from torch_fidelity import calculate_metrics
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
     reference = Path(reference)
     if not reference.exists():
@@ -231,33 +227,40 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
     if not with_images:
         with np.load(reference) as f:
             with_images = "mu" not in f and "sigma" not in f
-    # a malformed statistics file fails here, before any features are extracted
+    # bad input fails before any features are extracted: a malformed statistics file, a missing weights
+    # file, a folder without images
     ref_stats = None if with_images else load_reference_statistics(reference)
-    extractor, fid_layer, isc_layer = feature_extractor(cuda, inception_weights, classifier)
-    feats = image_features(samples, extractor, cuda, batch_size)
-    metrics = dict(isc_featuresdict_to_metric(feats, isc_layer, verbose=False))
-    stats = fid_featuresdict_to_statistics(feats, fid_layer)
+    extractor = extractor_kwargs(inception_weights, classifier)
+    num_samples = len(image_files(samples))
     if with_images:
+        # folders as absolute paths: a relative one named like a torch-fidelity dataset (cifar10-train, ...)
+        # would be read as that dataset
         if reference.is_dir():
-            ref_feats = image_features(reference, extractor, cuda, batch_size)
+            ref_images, num_ref = os.path.abspath(reference), len(image_files(reference))
         else:
-            from torch_fidelity.utils import get_featuresdict_from_dataset
-
-            ref_feats = get_featuresdict_from_dataset(_ArrayImages(load_image_batch(reference)), extractor,
-                                                      batch_size, cuda, save_cpu_ram=False, verbose=False)
+            ref_images = _ArrayImages(load_image_batch(reference))
+            num_ref = len(ref_images)
+        metrics = calculate_metrics(
+            input1=os.path.abspath(samples), input2=ref_images, cuda=cuda, batch_size=batch_size,
+            isc=True, fid=True, kid=True, prc=True, **extractor, kid_subset_size=min(1000, num_samples, num_ref),
+            samples_find_deep=True, cache=False, verbose=False)
         if save_ref_stats:
+            # calculate_metrics keeps the reference's features to itself: they are extracted once more, and
+            # only when statistics are asked for
+            ext, fid_layer, _ = feature_extractor(cuda, inception_weights, classifier)
+            ref_feats = (image_features(reference, ext, cuda, batch_size) if reference.is_dir()
+                         else dataset_features(ref_images, ext, cuda, batch_size))
             save_reference_statistics(save_ref_stats, ref_feats, fid_layer)
-        ref_stats = fid_featuresdict_to_statistics(ref_feats, fid_layer)
-        n = min(len(feats[fid_layer]), len(ref_feats[fid_layer]))
-        metrics.update(kid_featuresdict_to_metric(feats, ref_feats, fid_layer, kid_subset_size=min(1000, n),
-                                                  verbose=False))
-        metrics.update(prc_featuresdict_to_metric(feats, ref_feats, fid_layer, verbose=False))
     else:
-        stats = {k: v.astype(np.float64) for k, v in stats.items()}  # torch-fidelity asserts one dtype on both sides
+        ext, fid_layer, isc_layer = feature_extractor(cuda, inception_weights, classifier)
+        feats = image_features(samples, ext, cuda, batch_size)
+        # float64 as the loaded statistics: torch-fidelity asserts one dtype on both sides
+        stats = {k: v.astype(np.float64) for k, v in fid_featuresdict_to_statistics(feats, fid_layer).items()}
         if ref_stats["mu"].shape != stats["mu"].shape:
             raise ValueError(f"{reference}: mu of shape {ref_stats['mu'].shape} does not fit the "
                              f"{stats['mu'].shape[0]}-dim features of this extractor")
-    metrics.update(fid_statistics_to_metric(stats, ref_stats, verbose=False))
-    metrics["num_samples"] = len(feats[fid_layer])
-    metrics["feature_extractor"] = "inception-v3-compat" if classifier is None else f"classifier {classifier}"
+        metrics = {**isc_featuresdict_to_metric(feats, isc_layer, verbose=False),
+                   **fid_statistics_to_metric(stats, ref_stats, verbose=False)}
+    metrics["num_samples"] = num_samples
+    metrics["feature_extractor"] = INCEPTION if classifier is None else f"classifier {classifier}"
     return {k: v if isinstance(v, str) else float(v) for k, v in metrics.items()}

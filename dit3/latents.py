@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit3.data import DataError
-from vit3.engine import ConfigError
+from vit3.engine import ConfigError, DataError
 
 LATENT_FORMAT = 1
 

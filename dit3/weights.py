@@ -81,8 +81,8 @@ def load_dit3(path: str | PathLike, *, ema: bool = True, model_name: str | None 
         image_size = image_size or getattr(args, "image_size", None)
         if name not in DiT3_models or not image_size:
             raise ConfigError(f"{path} does not say its model and image size (found model {name or None!r}, image "
-                              f"size {image_size}): pass --model (e.g. DiT3-B/2) and --image-size (e.g. 256) to sample.py, "
-                              "model_name and image_size to load_dit3")
+                              f"size {image_size}): pass --model (e.g. DiT3-B/2) and --image-size (e.g. 256) to "
+                              "sample.py, model_name and image_size to load_dit3")
         model = DiT3_models[name](input_size=image_size // downsample, in_channels=in_channels,
                                   num_classes=num_classes or getattr(args, "num_classes", 1000))
         try:

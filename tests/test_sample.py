@@ -18,7 +18,7 @@ from PIL import Image
 
 from dit3 import load_dit3
 from vit3 import engine
-from vit3.data import prepare_digits
+from vit3.digits import prepare_digits
 from vit3.engine import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,6 +232,23 @@ def test_fid_of_a_set_against_itself_is_zero_and_equals_an_independent_frechet(i
                              batch_size=8)
     assert stats["frechet_inception_distance"] == pytest.approx(diff["frechet_inception_distance"], rel=1e-4)
     assert "precision" not in stats  # needs the reference's features
+
+
+def test_fidelity_metrics_on_a_folder_are_torch_fidelity_calculate_metrics(inception_weights, tmp_path):
+    """Against an image folder every number is torch-fidelity's own calculate_metrics, with its default
+    Inception layers; KID's subset size is the smaller set."""
+    import torch_fidelity
+
+    from dit3.evaluation import fidelity_metrics
+
+    # few images, as Inception runs at 299 px on the CPU; 10 samples fill IS's 10 splits
+    a, b = _images(tmp_path / "a", 10, 0), _images(tmp_path / "b", 5, 2, shift=10)
+    ours = fidelity_metrics(a, b, cuda=False, inception_weights=inception_weights)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(a), input2=str(b), cuda=False, isc=True, fid=True, kid=True, prc=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(inception_weights),
+        kid_subset_size=5, cache=False, verbose=False)
+    assert ours == {**theirs, "num_samples": 10, "feature_extractor": "inception-v3-compat"}
 
 
 def test_fid_reference_npz_is_checked(inception_weights, tmp_path):

@@ -28,8 +28,8 @@ from dit3 import diffusion as D
 from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
 from dit3.weights import load_dit3_weights
 from vit3 import engine as T
-from vit3.data import DataError, prepare_digits
-from vit3.engine import ConfigError
+from vit3.digits import prepare_digits
+from vit3.engine import ConfigError, DataError
 
 train_dit = load_script("train_dit")
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -366,7 +366,7 @@ def test_demo_config_two_steps(tmp_path):
 
 
 def test_digits_classifier_is_accurate_on_real_digits_and_not_on_noise(tmp_path):
-    from dit3.evaluation import DigitsClassifier, _load_split
+    from vit3.digits import DigitsClassifier, _load_split
 
     root = prepare_digits(tmp_path / "digits16", 16)
     clf = DigitsClassifier(root)

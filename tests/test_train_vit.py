@@ -30,8 +30,8 @@ from trainer_helpers import (
 
 from vit3 import engine as T
 from vit3 import load_weights
-from vit3.data import DataError, prepare_digits
-from vit3.engine import ConfigError
+from vit3.digits import prepare_digits
+from vit3.engine import ConfigError, DataError
 
 train_vit = load_script("train_vit")
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

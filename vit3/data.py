@@ -6,26 +6,21 @@ centre crop for evaluation; Mixup 0.8 / CutMix 1.0 with label smoothing 0.1. tim
 jitter off whenever RandAugment is on (so did timm 0.4.12 in the official code); the 0.4 is
 kept for the record and takes effect only with auto_augment="".
 
-`data.demo: digits` writes scikit-learn's bundled 8x8 digits (1797 images, 10 classes) once as
-an ImageFolder of RGB PNGs upscaled to `img_size`, split 80/20 stratified with a fixed seed, so
-the demo runs through exactly the same code as ImageNet.
+`data.demo: digits` writes scikit-learn's bundled digits once as an ImageFolder (`vit3.digits`)
+and points data.path at it, so the demo runs through exactly the same code as ImageNet.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .engine import ConfigError, seeded_rng
-
-
-class DataError(ValueError):
-    """Missing, empty, inconsistent or unreadable data; the message names the fix."""
+from .digits import default_demo_path, prepare_digits
+from .engine import ConfigError, DataError, seeded_rng
 
 
 @dataclasses.dataclass
@@ -196,54 +191,8 @@ def build_datasets(cfg: DataConfig, img_size: int):
 
 
 # ----------------------------------------------------------------------------------------
-# Demo data: scikit-learn digits as an ImageFolder
+# Demo data
 # ----------------------------------------------------------------------------------------
-def default_demo_path(name: str, img_size: int) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "vit3" / f"{name}{img_size}"
-
-
-def prepare_digits(root: str | os.PathLike, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
-    """Write the 1797 digits as root/{train,val}/<digit>/<index>.png (RGB, img_size^2) once.
-
-    Grey levels 0..16 map to 0..255, upscaled with bicubic interpolation; the split is stratified
-    and seeded, so every machine gets the same 1437 / 360 images. Written to a temporary folder
-    and renamed, so an interrupted write is never mistaken for a finished one.
-    """
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    root = Path(root).expanduser()
-    if (root / ".complete").is_file():
-        return root
-    digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target, random_state=seed)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, ids in (("train", train_idx), ("val", val_idx)):
-        for c in range(10):
-            (tmp / split / str(c)).mkdir(parents=True, exist_ok=True)
-        for i in ids:
-            grey = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # [8, 8]
-            img = Image.fromarray(grey, mode="L").resize((img_size, img_size), Image.BICUBIC).convert("RGB")
-            img.save(tmp / split / str(digits.target[i]) / f"{i:04d}.png")
-    (tmp / ".complete").write_text(f"sklearn digits, {len(train_idx)} train / {len(val_idx)} val, seed {seed}\n")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if root.exists() and not (root / ".complete").is_file():
-            shutil.rmtree(root)  # an old partial copy
-        os.replace(tmp, root)
-    except OSError:
-        if not (root / ".complete").is_file():  # else another process finished first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
 def prepare_demo(cfg: DataConfig, img_size: int) -> DataConfig:
     """If cfg.demo names a demo dataset, write it (if needed) and return cfg with its path."""
     if not cfg.demo:

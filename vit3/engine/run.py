@@ -415,6 +415,16 @@ def _kill_children():
         p.kill()
 
 
+def _one_line(e: Exception) -> str:
+    """The message of a bad-input error; one raised in a DataLoader worker arrives wrapped in the worker's
+    traceback, whose last line is the message."""
+    text = str(e)
+    if "DataLoader worker process" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def run_script(main):
     """The `__main__` of train_vit.py, train_dit.py and sample.py: run main(), turn the errors a user can act
     on into one line on stderr, and exit with a code that says what happened (README, "Exit codes"):
@@ -429,7 +439,7 @@ def run_script(main):
         result = main()
         code = EXIT_PREEMPTED if isinstance(result, dict) and result.get("preempted") else EXIT_DONE
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
