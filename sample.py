@@ -23,10 +23,12 @@ same whatever the number of processes, and a restarted job skips the batches alr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -41,7 +43,7 @@ from dit3.latents import decode, load_vae, vae_downsample
 from dit3.sampling import SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3
 from vit3 import engine
-from vit3.engine import ConfigError
+from vit3.engine import ConfigError, WriteError
 
 
 @dataclasses.dataclass
@@ -55,7 +57,7 @@ class SampleConfig:
     vae: str = ""  # VAE folder or hub name, instead of the one the run trained with
     sampler: str = "ddpm"  # ddpm (DiT's, respaced), ddim, dpm (DPM-Solver++): diffusers schedulers
     steps: int = 250  # sampling steps
-    cfg_scale: float = 4.0  # classifier-free guidance scale (1 = none)
+    cfg_scale: float = 4.0  # classifier-free guidance scale; 1 (or anything up to 1, as DiT and diffusers) = none
     cfg_channels: int | None = None  # guide only these leading channels (DiT: 3); None = all of epsilon
     cfg_interval: tuple[float, float] | None = None  # guide only at timesteps t / 1000 in [LO, HI]
     seed: int = 0
@@ -82,6 +84,9 @@ def parse_args(argv=None) -> SampleConfig:
     args, _ = engine.load_config(SampleConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     if not args.ckpt:
         raise ConfigError("--ckpt is required: a run folder, a checkpoints/step-N folder or an official .pt file")
+    if args.cfg_scale < 0:
+        raise ConfigError(f"--cfg-scale {args.cfg_scale} is negative: guidance scales are >= 0 (1 = no guidance, "
+                          "4 = DiT's grids, 1.5 = its FID)")
     for key, value, choices in (("sampler", args.sampler, SAMPLERS), ("labels", args.labels, ("balanced", "random")),
                                 ("mixed_precision", args.mixed_precision, ("no", "bf16", "fp16"))):
         if value not in choices:
@@ -151,11 +156,14 @@ def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device) -
 def save_npz(path: Path, arr: np.ndarray):
     """arr_0 in an .npz (np.load-compatible), byte-reproducible (fixed zip timestamps), written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
-        with zf.open(info, "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_images(folder: Path, n: int) -> np.ndarray:
@@ -164,23 +172,70 @@ def read_images(folder: Path, n: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(n)])
 
 
+@contextlib.contextmanager
+def writing(out: Path, what: str):
+    """A failed write (disk full, quota) becomes a WriteError (exit code 5) naming the folder and its free
+    space; the files are written under temporary names, so nothing partial is left under a final one."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, WriteError):
+            raise
+        free = shutil.disk_usage(out).free / 2**30
+        raise WriteError(e.errno, f"cannot write {what} into {out}: {e.strerror or e}; {free:.2f} GiB are free. "
+                                  "Free space and run the same command again: it continues where it stopped") from None
+
+
+def _lock(out: Path, state: PartialState) -> Path | None:
+    """One sample.py per output folder: the main process takes out/.lock; every process hears if it failed."""
+    from accelerate.utils import broadcast_object_list
+
+    error, lock = [None], None
+    if state.is_main_process:
+        try:
+            lock = engine.acquire_lock(out, "sample folder")
+        except ConfigError as e:
+            error = [str(e)]
+    if state.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0]:
+        raise ConfigError(error[0])
+    return lock
+
+
 def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     """Draw args.num_samples images into out/images/NNNNNN.png (resumable), then out/samples.npz."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; bulk mode writes a folder (images/, samples.npz): name a folder")
     images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out.parent, "the sample folder"):
+        images_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out, state)
+    try:
+        return _draw_all(model, vae, scale, args, state, out)
+    finally:
+        if lock is not None:
+            engine.release_lock(lock)
+
+
+def _draw_all(model, vae, scale, args, state: PartialState, out: Path) -> Path:
+    images_dir = out / "images"
     # a restart may only continue the same drawing: other settings would mix two sample sets
     spec = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()), "ema": args.ema, "sampler": args.sampler,
             "steps": args.steps, "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels,
             "cfg_interval": list(args.cfg_interval) if args.cfg_interval else None, "seed": args.seed,
-            "labels": args.labels, "batch_size": args.batch_size, "vae": args.vae or None}
+            "labels": args.labels, "batch_size": args.batch_size, "vae": args.vae or None,
+            "mixed_precision": args.mixed_precision}
     spec_path = out / "spec.json"
-    if spec_path.is_file() and json.loads(spec_path.read_text()) != spec:
-        old = json.loads(spec_path.read_text())
+    if spec_path.is_file():
+        old = {"mixed_precision": "no", **json.loads(spec_path.read_text())}  # spec files before it was recorded
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items() if old.get(k) != v)
-        raise ConfigError(f"{out} holds samples drawn with other settings ({diff}); use another --out")
+        if diff:
+            raise ConfigError(f"{out} holds samples drawn with other settings ({diff}); use another --out")
     state.wait_for_everyone()
     if state.is_main_process:
-        spec_path.write_text(json.dumps(spec, indent=2))
+        with writing(out, "spec.json"):
+            spec_path.write_text(json.dumps(spec, indent=2))
     n, b = args.num_samples, args.batch_size
     batches = [list(range(k * b, min((k + 1) * b, n))) for k in range(math.ceil(n / b))]
     mine = [idx for k, idx in enumerate(batches) if k % state.num_processes == state.process_index
@@ -189,12 +244,14 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     for idx in tqdm(mine, desc=f"sampling (process {state.process_index})", disable=not state.is_main_process):
         labels = labels_for(idx, model.num_classes, args.labels, args.seed)
         images = draw(model, vae, scale, labels, [sample_seed(args.seed, i) for i in idx], args, state.device)
-        save_pngs(images.numpy(), [images_dir / f"{i:06d}.png" for i in idx])
+        with writing(out, "sample images"):
+            save_pngs(images.numpy(), [images_dir / f"{i:06d}.png" for i in idx])
         done += len(idx)
     state.wait_for_everyone()
     npz = out / "samples.npz"
     if state.is_main_process:
-        save_npz(npz, read_images(images_dir, n))
+        with writing(out, "samples.npz"):
+            save_npz(npz, read_images(images_dir, n))
         labels = labels_for(list(range(n)), model.num_classes, args.labels, args.seed)
         info = {"num_samples": n, "labels": labels, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
                 "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "cfg_interval": args.cfg_interval,
@@ -307,8 +364,9 @@ def fidelity(out: Path, args, state: PartialState) -> dict:
     from dit3.evaluation import fidelity_metrics
 
     t0 = time.time()
+    files = [out / "images" / f"{i:06d}.png" for i in range(args.num_samples)]  # this run's, not all in the folder
     try:
-        metrics = fidelity_metrics(out / "images", args.fid_ref, cuda=state.device.type == "cuda",
+        metrics = fidelity_metrics(files, args.fid_ref, cuda=state.device.type == "cuda",
                                    inception_weights=args.inception_weights or None,
                                    classifier=args.feature_extractor or None,
                                    save_ref_stats=args.save_ref_stats or None)

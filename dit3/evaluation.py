@@ -205,9 +205,10 @@ def save_reference_statistics(path: str | Path, features: dict, layer: str = FID
 # ----------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------
-def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, inception_weights=None,
+def fidelity_metrics(samples: str | Path | list, reference: str | Path, *, cuda: bool, inception_weights=None,
                      classifier=None, batch_size: int = 64, save_ref_stats: str | Path | None = None) -> dict:
-    """FID, IS, KID, precision and recall of the images under `samples` against `reference`.
+    """FID, IS, KID, precision and recall of the images under `samples` (a folder, or a list of image files:
+    exactly those) against `reference`.
 
     reference: an image folder or an ADM-style .npz of images (arr_0, uint8 [N, H, W, 3]): all five
     metrics; or an .npz of statistics (mu, sigma, e.g. from --save-ref-stats): FID and IS only, as
@@ -231,7 +232,13 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
     # file, a folder without images
     ref_stats = None if with_images else load_reference_statistics(reference)
     extractor = extractor_kwargs(inception_weights, classifier)
-    num_samples = len(image_files(samples))
+    from torch_fidelity.datasets import ImagesPathDataset
+
+    files = [str(f) for f in samples] if isinstance(samples, (list, tuple)) else image_files(samples)
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} sample images are missing, e.g. {missing[0]}")
+    sample_images, num_samples = ImagesPathDataset(files), len(files)
     if with_images:
         # folders as absolute paths: a relative one named like a torch-fidelity dataset (cifar10-train, ...)
         # would be read as that dataset
@@ -241,7 +248,7 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
             ref_images = _ArrayImages(load_image_batch(reference))
             num_ref = len(ref_images)
         metrics = calculate_metrics(
-            input1=os.path.abspath(samples), input2=ref_images, cuda=cuda, batch_size=batch_size,
+            input1=sample_images, input2=ref_images, cuda=cuda, batch_size=batch_size,
             isc=True, fid=True, kid=True, prc=True, **extractor, kid_subset_size=min(1000, num_samples, num_ref),
             samples_find_deep=True, cache=False, verbose=False)
         if save_ref_stats:
@@ -253,7 +260,7 @@ def fidelity_metrics(samples: str | Path, reference: str | Path, *, cuda: bool, 
             save_reference_statistics(save_ref_stats, ref_feats, fid_layer)
     else:
         ext, fid_layer, isc_layer = feature_extractor(cuda, inception_weights, classifier)
-        feats = image_features(samples, ext, cuda, batch_size)
+        feats = dataset_features(sample_images, ext, cuda, batch_size)
         # float64 as the loaded statistics: torch-fidelity asserts one dtype on both sides
         stats = {k: v.astype(np.float64) for k, v in fid_featuresdict_to_statistics(feats, fid_layer).items()}
         if ref_stats["mu"].shape != stats["mu"].shape:

@@ -127,8 +127,11 @@ def save_pngs(images: np.ndarray, paths: Sequence[Path]):
 
     for img, path in zip(images, paths):
         tmp = path.with_name(f".{path.stem}.tmp.png")
-        Image.fromarray(img).save(tmp)
-        tmp.replace(path)
+        try:
+            Image.fromarray(img).save(tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:

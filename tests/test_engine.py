@@ -377,7 +377,7 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monk
         raise error
 
     monkeypatch.setattr(T.checkpoint.torch, "save", full)
-    with pytest.raises(T.CheckpointWriteError, match=r"cannot write a checkpoint into .*checkpoints: the disk is full"
+    with pytest.raises(T.WriteError, match=r"cannot write a checkpoint into .*checkpoints: the disk is full"
                                                      r".*needs about .* GiB are free.*previous checkpoints are intact"):
         _save(root, 2)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no .tmp folder left
@@ -406,7 +406,7 @@ def test_one_writer_per_folder(tmp_path):
 
 @pytest.mark.parametrize("raised, code", [
     (None, 0), ("preempted", 4), (ConfigError("bad key"), 2), (T.DataError("no images"), 2),
-    (T.TrainingDiverged("nan"), 3), (T.CheckpointWriteError(28, "full"), 5), (KeyError("bug"), 1),
+    (T.TrainingDiverged("nan"), 3), (T.WriteError(28, "full"), 5), (KeyError("bug"), 1),
 ])
 def test_exit_codes(raised, code, capsys):
     def main():

@@ -108,6 +108,47 @@ def test_bulk_npz_resume_and_digits_accuracy(run, tmp_path):
     assert Path(r2["npz"]).read_bytes() == Path(r["npz"]).read_bytes()
     with pytest.raises(ConfigError, match=r"holds samples drawn with other settings \(cfg_scale: 4.0 -> 2.0\)"):
         _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out, "--cfg-scale", 2)
+    with pytest.raises(ConfigError, match=r"other settings \(mixed_precision: 'no' -> 'bf16'\)"):
+        _sample("--ckpt", run, "--num-samples", 7, "--batch-size", 3, "--steps", 2, "--out", out,
+                "--mixed-precision", "bf16")
+
+
+def test_bulk_output_folder_is_guarded(run, tmp_path, monkeypatch):
+    """One sample.py per --out folder; a file is no folder; a full disk stops with exit code 5 and leaves no
+    partial PNG under its final name; a negative guidance scale is refused."""
+    import socket
+    import subprocess
+
+    common = ["--ckpt", run, "--num-samples", 3, "--batch-size", 3, "--steps", 2]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"--out .*file is a file"):
+        _sample(*common, "--out", tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"--cfg-scale -2.0 is negative"):
+        _sample(*common, "--out", tmp_path / "o", "--cfg-scale", -2)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (busy / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "since": "now"}))
+        with pytest.raises(ConfigError, match=rf"sample folder .*busy is in use by process {other.pid}"):
+            _sample(*common, "--out", busy)
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.warns(UserWarning, match="taking over the lock"):  # its holder is gone now
+        assert _sample(*common, "--out", busy)["npz"].is_file()
+    assert not (busy / ".lock").exists()  # released at the end
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(engine.WriteError, match=r"cannot write sample images into .*full: No space left.*GiB are free"):
+        _sample(*common, "--out", tmp_path / "full")
+    assert list((tmp_path / "full" / "images").iterdir()) == []
 
 
 def test_two_processes_give_the_same_npz_bytes(run, tmp_path):
@@ -292,6 +333,7 @@ def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, t
 def test_sample_py_writes_metrics_offline(run, inception_weights, tmp_path):
     ref = _images(tmp_path / "ref", 6, 3)
     out = tmp_path / "bulk"
+    _sample("--ckpt", run, "--num-samples", 8, "--batch-size", 6, "--steps", 2, "--out", out)  # 2 more on disk
     r = _sample("--ckpt", run, "--num-samples", 6, "--batch-size", 6, "--steps", 2, "--out", out,
                 "--fid-ref", ref, "--inception-weights", inception_weights)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -233,6 +233,19 @@ def test_train_val_class_mismatch(tmp_path):
         _run(tmp_path / "d", tmp_path / "out")
 
 
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit greyscale PNG reads as its 8-bit image (value / 257), not clipped to white."""
+    from vit3.data import load_rgb
+
+    grey16 = (np.arange(16 * 64).reshape(16, 64) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(str(tmp_path / "g16.png")))
+    expected = np.round(grey16 / 257).astype(np.uint8)
+    assert rgb.shape == (16, 64, 3) and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert abs(rgb.mean() - grey16.mean() / 257) < 0.5  # a gradient, not 255 almost everywhere
+
+
 def test_corrupt_image_error_or_skip(tmp_path):
     write_images(tmp_path / "d" / "train", "abc", 8)
     write_images(tmp_path / "d" / "val", "abc", 2)

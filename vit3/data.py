@@ -16,6 +16,8 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -107,10 +109,25 @@ def build_mixup(cfg: DataConfig, num_classes: int):
 # ----------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------
+def load_rgb(path: str) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit greyscale files (PNG: modes I;16 / I) are scaled to 8 bits
+    (value / 257): PIL's convert("RGB") clips them, which turns nearly every pixel white."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode.startswith("I"):
+        values = np.asarray(img, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"a {img.mode} image with values {values.min()} .. {values.max()}: only 8- and 16-bit "
+                             "images are read; convert it")
+        img = Image.fromarray(np.round(values / 257).astype(np.uint8))  # [H, W] uint8: mode L
+    return img.convert("RGB")
+
+
 class ClassificationFolder(ImageFolder):
     """ImageFolder whose items are (image, label, skipped) and whose index may be (index, seed).
 
-    A seed (from `training.ResumableBatchSampler`) seeds the random transform of that one sample.
+    A seed (from `engine.ResumableBatchSampler`) seeds the random transform of that one sample.
     An unreadable file raises a DataError naming it (bad_images="error"), or is replaced by the
     next readable image and flagged with skipped=1 so the trainer can count it ("skip").
     """
@@ -118,7 +135,7 @@ class ClassificationFolder(ImageFolder):
     def __init__(self, root, transform, bad_images: str = "error"):
         if bad_images not in ("error", "skip"):
             raise ConfigError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=load_rgb)
         self.bad_images = bad_images
         self._warned: set[str] = set()
 

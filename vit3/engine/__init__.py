@@ -11,8 +11,8 @@ Nothing here knows about ViT³ or DiT³.
 """
 from .checkpoint import (
     Checkpointer,
-    CheckpointWriteError,
     TrainingDiverged,
+    WriteError,
     capture_rng_state,
     check_same_model,
     find_latest_checkpoint,
@@ -70,7 +70,7 @@ from .signals import StopSignal, ignore_stop_signals
 
 __all__ = [
     "Checkpointer",
-    "CheckpointWriteError",
+    "WriteError",
     "TrainingDiverged",
     "capture_rng_state",
     "check_same_model",

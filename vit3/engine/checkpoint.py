@@ -129,11 +129,12 @@ def pretrained_weights_file(folder: Path) -> Path:
 # ----------------------------------------------------------------------------------------
 # Save
 # ----------------------------------------------------------------------------------------
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, quota, permissions); the previous ones are intact."""
+class WriteError(OSError):
+    """A checkpoint or output could not be written (disk full, quota, permissions); nothing partial is left
+    under a final name and what was there before is intact."""
 
 
-def _write_error(e: OSError, tmp: Path, root: Path) -> CheckpointWriteError:
+def _write_error(e: OSError, tmp: Path, root: Path) -> WriteError:
     """Remove the partial folder; the error names the folder, the space it took and the space left."""
     written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +142,7 @@ def _write_error(e: OSError, tmp: Path, root: Path) -> CheckpointWriteError:
     previous = [p for p in sorted(root.glob("step-*")) if p.is_dir()]
     need = max((sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0), written)
     what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{e.strerror or e}"
-    return CheckpointWriteError(
+    return WriteError(
         e.errno, f"cannot write a checkpoint into {root}: {what}. A checkpoint needs about {need / 2**30:.2f} GiB "
         f"({written / 2**30:.2f} GiB were written before the failure, then removed); {free / 2**30:.2f} GiB are free. "
         f"The previous checkpoints are intact: free space (or lower checkpoint.keep_last) and resume=latest")
@@ -190,7 +191,7 @@ def _write_manifest(folder: Path):
 def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[str, nn.Module],
                     states: dict[str, Any], trainer_state: dict, config: dict, keep_last: int = 3) -> Path:
     """Write checkpoints/step-N atomically (see the module docstring); every process must call it.
-    A write error (disk full, ...) removes the partial folder and raises CheckpointWriteError."""
+    A write error (disk full, ...) removes the partial folder and raises WriteError."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}"
@@ -212,7 +213,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[st
             failed = OSError(errno.EIO, "another process failed to write its part")
     if failed is not None:
         accelerator.wait_for_everyone()
-        raise _write_error(failed, tmp, ckpt_root) if accelerator.is_main_process else CheckpointWriteError(
+        raise _write_error(failed, tmp, ckpt_root) if accelerator.is_main_process else WriteError(
             failed.errno, f"cannot write a checkpoint into {ckpt_root}: {failed}")
     if accelerator.is_main_process:
         try:

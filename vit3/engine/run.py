@@ -432,7 +432,7 @@ def run_script(main):
         0 done · 1 crash (a traceback) · 2 bad input · 3 diverged (NaN / inf) · 4 stopped by a signal
         after saving (requeue the job) · 5 a checkpoint or output could not be written (disk full)
     """
-    from .checkpoint import CheckpointWriteError, TrainingDiverged
+    from .checkpoint import TrainingDiverged, WriteError
 
     code = EXIT_CRASH
     try:
@@ -444,7 +444,7 @@ def run_script(main):
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_DIVERGED
-    except CheckpointWriteError as e:
+    except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_WRITE_FAILED
     except KeyboardInterrupt:
