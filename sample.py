@@ -78,19 +78,29 @@ class SampleConfig:
 
 
 FLAGS = {"--no-ema": "ema=false"}
+RULES = {  # accepted values, checked before anything is loaded
+    "sampler": engine.one_of(*SAMPLERS),
+    "steps": engine.between(1, 1000, "an integer from 1 to 1000 (the diffusion chain has 1000 steps)"),
+    "cfg_scale": engine.at_least(0.0, ">= 0 (1 or less: no guidance, as in DiT and diffusers)"),
+    "cfg_channels": (lambda v: v is None or v >= 1, "an integer >= 1, or None for every channel of epsilon"),
+    "cfg_interval": (lambda v: v is None or 0 <= v[0] <= v[1] <= 1, "two numbers LO <= HI in [0, 1], or None"),
+    "seed": engine.at_least(0),
+    "batch_size": engine.at_least(1),
+    "mixed_precision": engine.one_of("no", "bf16", "fp16"),
+    "classes": (lambda v: v is None or len(v) > 0, "at least one class id"),
+    "per_class": engine.at_least(1),
+    "num_samples": engine.at_least(0),
+    "labels": engine.one_of("balanced", "random"),
+    "image_size": engine.at_least(0),
+    "num_classes": engine.at_least(0),
+}
 
 
 def parse_args(argv=None) -> SampleConfig:
     args, _ = engine.load_config(SampleConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     if not args.ckpt:
         raise ConfigError("--ckpt is required: a run folder, a checkpoints/step-N folder or an official .pt file")
-    if args.cfg_scale < 0:
-        raise ConfigError(f"--cfg-scale {args.cfg_scale} is negative: guidance scales are >= 0 (1 = no guidance, "
-                          "4 = DiT's grids, 1.5 = its FID)")
-    for key, value, choices in (("sampler", args.sampler, SAMPLERS), ("labels", args.labels, ("balanced", "random")),
-                                ("mixed_precision", args.mixed_precision, ("no", "bf16", "fp16"))):
-        if value not in choices:
-            raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
+    engine.check_values(args, RULES)
     return args
 
 
@@ -111,6 +121,10 @@ def resolve_checkpoint(path: str) -> Path:
     if not (p / "trainer_state.json").is_file():
         raise ConfigError(f"--ckpt {path} is not a checkpoint (no trainer_state.json): pass a run folder, "
                           "a checkpoints/step-N folder written by train_dit.py, or an official .pt file")
+    reason = engine.verify_checkpoint(p)
+    if reason:
+        raise ConfigError(f"checkpoint {p} is damaged ({reason}): pass an older one, or the run folder to take "
+                          "its newest usable checkpoint")
     return p
 
 

@@ -120,6 +120,27 @@ class TrainConfig:
 
 FLAGS = {"--extract-latents": "extract_only=true"}
 ARCH_KEYS = ("name", "num_classes", "image_size", "kwargs")  # a checkpoint must match these to resume
+GUIDANCE = engine.at_least(0.0, ">= 0 (1 or less: no guidance, as in DiT and diffusers)")
+RULES = {  # accepted values of this trainer's keys, beside engine.TRAINER_RULES
+    "model.num_classes": engine.at_least(0, "an integer >= 0 (0 = the number of class folders)"),
+    "model.image_size": engine.at_least(1),
+    "model.class_dropout_prob": engine.between(0.0, 1.0),
+    "vae.scale": (lambda v: v > 0, "a positive number"),
+    "data.demo": engine.one_of("", "digits"),
+    "data.latent_shard_size": engine.at_least(1),
+    "data.latent_dtype": engine.one_of("float16", "float32"),
+    "data.extract_batch_size": engine.at_least(1),
+    "max_steps": engine.at_least(0),
+    "sample.every": engine.at_least(0, "an integer >= 0 (0 = only the final grid)"),
+    "sample.classes": (lambda v: len(v) > 0, "a non-empty list of class ids"),
+    "sample.per_class": engine.at_least(1),
+    "sample.steps": engine.between(1, 1000, "an integer from 1 to 1000 (the diffusion chain has 1000 steps)"),
+    "sample.cfg_scale": GUIDANCE,
+    "sample.fid_cfg_scale": GUIDANCE,
+    "sample.fid_every": engine.at_least(0, "an integer >= 0 (0 = no periodic FID)"),
+    "sample.fid_samples": engine.at_least(1),
+    "sample.digits_accuracy": engine.at_least(0),
+}
 
 
 # ----------------------------------------------------------------------------------------
@@ -266,8 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Train as the config and overrides in argv say; returns a summary."""
     cfg, cfg_path = engine.load_config(TrainConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name.replace("/", "-"))
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    engine.check_values(cfg, {**engine.TRAINER_RULES, **RULES})
     if cfg.max_steps <= 0 and not cfg.extract_only:
         raise ConfigError(f"max_steps must be positive (the number of updates to train), got {cfg.max_steps}")
     if cfg.extract_only and not cfg.data.latents:

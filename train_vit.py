@@ -70,6 +70,24 @@ class TrainConfig:
 
 
 FLAGS = {"--eval": "eval_only=true"}
+RULES = {  # accepted values of this trainer's keys, beside engine.TRAINER_RULES
+    "model.num_classes": engine.at_least(0, "an integer >= 0 (0 = the number of class folders)"),
+    "model.img_size": engine.at_least(1),
+    "model.drop_path_rate": engine.between(0.0, 1.0),
+    "data.demo": engine.one_of("", "digits"),
+    "data.eval_batch_size": engine.at_least(0, "an integer >= 0 (0 = the training micro-batch)"),
+    "data.mixup": engine.at_least(0.0),
+    "data.cutmix": engine.at_least(0.0),
+    "data.mixup_prob": engine.between(0.0, 1.0),
+    "data.label_smoothing": engine.between(0.0, 1.0),
+    "data.reprob": engine.between(0.0, 1.0),
+    "data.hflip": engine.between(0.0, 1.0),
+    "optim.epochs": engine.at_least(1),
+    "mesa": engine.at_least(0.0),
+    "mesa_start": engine.between(0.0, 1.0),
+    "eval_every_epochs": engine.at_least(1),
+    "max_steps": engine.at_least(0, "an integer >= 0 (0 = the full schedule)"),
+}
 ARCH_KEYS = ("name", "num_classes", "img_size", "kwargs")  # a checkpoint must match these to resume
 
 
@@ -199,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Train (or evaluate) as the config and overrides in argv say; returns a summary."""
     cfg, cfg_path = engine.load_config(TrainConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name)
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    engine.check_values(cfg, {**engine.TRAINER_RULES, **RULES})
     if cfg.mesa > 0 and not cfg.ema.enabled:
         raise ConfigError("mesa > 0 needs the EMA teacher: set ema.enabled=true or mesa=0")
     if cfg.eval_only and not (cfg.resume or cfg.weights):

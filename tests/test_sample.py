@@ -123,7 +123,7 @@ def test_bulk_output_folder_is_guarded(run, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"--out .*file is a file"):
         _sample(*common, "--out", tmp_path / "file")
-    with pytest.raises(ConfigError, match=r"--cfg-scale -2.0 is negative"):
+    with pytest.raises(ConfigError, match=r"cfg_scale=-2.0 is not accepted: it must be >= 0"):
         _sample(*common, "--out", tmp_path / "o", "--cfg-scale", -2)
     busy = tmp_path / "busy"
     busy.mkdir()

@@ -303,6 +303,23 @@ def test_help_lists_every_key_with_default_and_comment(capsys):
     assert "per `decay_batch` images" in decay  # a comment on the lines above the field
 
 
+def test_two_runs_on_one_folder(data, tmp_path):
+    """A run folder held by a live process stops a second run at once, naming the holder."""
+    import socket
+    import subprocess
+
+    (tmp_path / "busy").mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "busy" / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(ConfigError, match=rf"run folder .*busy is in use by process {other.pid}"):
+            _run(data, tmp_path, "run_name=busy", "max_steps=1")
+    finally:
+        other.kill()
+        other.wait()
+    assert not (tmp_path / "busy" / "checkpoints").exists()
+
+
 def test_resume_of_another_model_is_refused(data, tmp_path):
     _run(data, tmp_path, "run_name=m", "max_steps=1")
     with pytest.raises(ConfigError, match=r"another model \(model.kwargs: checkpoint .*'embed_dim': 16.* "

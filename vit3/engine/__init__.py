@@ -26,17 +26,22 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import (
+    TRAINER_RULES,
     CheckpointConfig,
     ConfigError,
     DataError,
     EMAConfig,
     LogConfig,
     OptimConfig,
+    at_least,
+    between,
+    check_values,
     config_diffs,
     config_to_dict,
     flat_config,
     load_config,
     merge_config,
+    one_of,
 )
 from .data_order import ResumableBatchSampler, ShardedEvalSampler, make_loader, seeded_rng
 from .loop import (
@@ -89,6 +94,11 @@ __all__ = [
     "EMAConfig",
     "LogConfig",
     "OptimConfig",
+    "TRAINER_RULES",
+    "at_least",
+    "between",
+    "check_values",
+    "one_of",
     "config_diffs",
     "config_to_dict",
     "flat_config",

@@ -410,6 +410,9 @@ def load_checkpoint(accelerator, ckpt: Path, *, modules: dict[str, nn.Module], s
             load_model(module, str(path), strict=True, device=str(next(module.parameters()).device))
         except RuntimeError as e:
             raise ConfigError(f"checkpoint {ckpt} does not fit this model ({name}): {e}") from None
+        except Exception as e:  # a damaged safetensors file
+            raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}): the checkpoint is damaged; resume "
+                              "an older one") from None
     for name, obj in states.items():
         path = ckpt / f"{name}.pt"
         if obj is None:
@@ -419,13 +422,23 @@ def load_checkpoint(accelerator, ckpt: Path, *, modules: dict[str, nn.Module], s
                 logger.warning(f"checkpoint {ckpt} has no {path.name}; {name} starts fresh")
                 continue
             raise ConfigError(f"checkpoint {ckpt} has no {path.name}")
-        obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        obj.load_state_dict(_read_state(path))
     if restore_rng:
         old_world = trainer_state.get("world_size", 1)
         rank = accelerator.process_index % old_world
         if old_world != accelerator.num_processes:
             logger.warning(f"checkpoint was written by {old_world} processes, resuming with "
                            f"{accelerator.num_processes}: training continues but not bit-for-bit")
-        restore_rng_state(torch.load(ckpt / f"rng-{rank}.pt", map_location="cpu", weights_only=True))
+        restore_rng_state(_read_state(ckpt / f"rng-{rank}.pt"))
     return trainer_state
+
+
+def _read_state(path: Path):
+    """A state file of a checkpoint, weights_only; ConfigError naming it if it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file: zip, pickle or EOF errors
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {first}): the checkpoint is damaged; resume "
+                          "an older one") from None
 

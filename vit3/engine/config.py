@@ -380,3 +380,98 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
     for key, raw in overrides:
         cfg = override(cfg, key.strip(), raw)
     return cfg, path
+
+
+# ----------------------------------------------------------------------------------------
+# Values: each key's accepted range, checked before any work starts
+# ----------------------------------------------------------------------------------------
+def at_least(lo: float, what: str = ""):
+    return (lambda v: v is not None and v >= lo), what or (f"an integer >= {lo}" if isinstance(lo, int) else f">= {lo}")
+
+
+def between(lo: float, hi: float, what: str = ""):
+    return (lambda v: v is not None and lo <= v <= hi), what or f"between {lo} and {hi}"
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+def timm_optimizer():
+    from timm.optim import list_optimizers
+
+    names = set(list_optimizers())
+    return (lambda v: v in names), "a timm optimizer name (timm.optim.list_optimizers(): adamw, sgd, lamb, ...)"
+
+
+def _is_timm_scheduler(name: str) -> bool:
+    """Whether timm builds a scheduler of this name (it raises ValueError for others); "constant" is ours."""
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    if name == "constant":
+        return True
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        return create_scheduler_v2(optimizer, sched=name, num_epochs=2, updates_per_epoch=1)[0] is not None
+    except ValueError:
+        return False
+
+
+def trackers():
+    from accelerate.utils import LoggerType
+
+    known = {t.value for t in LoggerType} | {"none"}
+    return ((lambda v: all(t.strip() in known for t in v.split(",") if t.strip())),
+            f"a comma-separated list of Accelerate trackers ({', '.join(sorted(known))})")
+
+
+# what both trainers accept; each adds its own keys
+TRAINER_RULES = {
+    "seed": at_least(0),
+    "mixed_precision": one_of("no", "fp16", "bf16"),
+    "threads": at_least(0, "an integer >= 0 (0 = torch's default)"),
+    "data.batch_size": at_least(1),
+    "data.num_workers": at_least(0),
+    "data.bad_images": one_of("error", "skip"),
+    "optim.opt": timm_optimizer(),
+    "optim.sched": (_is_timm_scheduler, "a timm scheduler name (cosine, step, multistep, plateau, poly, tanh, ...) "
+                                        "or constant"),
+    "optim.lr": (lambda v: v > 0, "a positive number"),
+    "optim.warmup_lr": at_least(0.0),
+    "optim.min_lr": at_least(0.0),
+    "optim.lr_batch": at_least(0, "an integer >= 0 (0 = no scaling)"),
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "a positive number"),
+    "optim.weight_decay": at_least(0.0),
+    "optim.warmup_epochs": at_least(0),
+    "optim.cooldown_epochs": at_least(0),
+    "optim.clip_grad": at_least(0.0, ">= 0 (0 = no clipping)"),
+    "optim.grad_accum_steps": at_least(1),
+    "ema.decay": between(0.0, 1.0),
+    "ema.decay_batch": at_least(0, "an integer >= 0 (0 = the decay as given)"),
+    "checkpoint.every_steps": at_least(0, "an integer >= 0 (0 = not by steps)"),
+    "checkpoint.every_epochs": at_least(0, "an integer >= 0 (0 = not at epoch ends)"),
+    "checkpoint.keep_last": at_least(0, "an integer >= 0 (0 = keep every checkpoint)"),
+    "checkpoint.stop_check_every": at_least(1),
+    "log.every": at_least(1),
+    "log.log_with": trackers(),
+}
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_values(cfg, rules: dict):
+    """ConfigError (exit code 2) naming the first key whose value is not accepted, the value, and what is."""
+    for key, (ok, what) in rules.items():
+        value = _get(cfg, key)
+        try:
+            accepted = bool(ok(value))
+        except TypeError:  # e.g. None where a number is needed
+            accepted = False
+        if not accepted:
+            raise ConfigError(f"{key}={value!r} is not accepted: it must be {what}")
