@@ -402,6 +402,15 @@ def test_one_writer_per_folder(tmp_path):
     assert T.acquire_lock(folder, "run folder") == lock  # again: this process holds it
     T.release_lock(lock)
     assert not lock.exists()
+    # a holder on another host cannot be asked: its lock is stale once untouched for STALE_S (a node failure)
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(ConfigError, match="in use by process 1 on elsewhere"):
+        T.acquire_lock(folder, "run folder")
+    old = lock.stat().st_mtime - T.run.STALE_S - 1
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="taking over the lock of process 1 on elsewhere"):
+        T.acquire_lock(folder, "run folder")
+    T.release_lock(lock)
 
 
 @pytest.mark.parametrize("raised, code", [
