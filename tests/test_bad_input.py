@@ -5,41 +5,40 @@ from trainer_helpers import load_script, run_script
 
 from vit3.engine import ConfigError
 
-train_vit, train_dit, sample_py = load_script("train_vit"), load_script("train_dit"), load_script("sample")
 
-
-@pytest.mark.parametrize("main, argv, words", [
-    (train_vit.main, ["data.batch_size=0"], "data.batch_size=0 is not accepted: it must be an integer >= 1"),
-    (train_vit.main, ["data.batch_size=-8"], "data.batch_size=-8 is not accepted"),
-    (train_vit.main, ["optim.grad_accum_steps=0"], "optim.grad_accum_steps=0 is not accepted"),
-    (train_vit.main, ["log.every=0"], "log.every=0 is not accepted: it must be an integer >= 1"),
-    (train_vit.main, ["optim.sched=cosin"], "optim.sched='cosin' is not accepted: it must be a timm scheduler"),
-    (train_vit.main, ["optim.opt=adamww"], "optim.opt='adamww' is not accepted: it must be a timm optimizer"),
-    (train_vit.main, ["checkpoint.every_steps=-1"], "checkpoint.every_steps=-1 is not accepted"),
-    (train_vit.main, ["checkpoint.keep_last=-1"], "(0 = keep every checkpoint)"),
-    (train_vit.main, ["checkpoint.stop_check_every=0"], "checkpoint.stop_check_every=0 is not accepted"),
-    (train_vit.main, ["mixed_precision=fp8"], "mixed_precision='fp8' is not accepted: it must be one of 'no'"),
-    (train_vit.main, ["log.log_with=tensorbord"], "log.log_with='tensorbord' is not accepted"),
-    (train_vit.main, ["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5 is not accepted"),
-    (train_vit.main, ["data.demo=cifar"], "data.demo='cifar' is not accepted"),
-    (train_dit.main, ["sample.steps=0"], "sample.steps=0 is not accepted: it must be an integer from 1 to 1000"),
-    (train_dit.main, ["sample.steps=1001"], "sample.steps=1001 is not accepted"),
-    (train_dit.main, ["sample.cfg_scale=-1"], "sample.cfg_scale=-1.0 is not accepted: it must be >= 0"),
-    (train_dit.main, ["data.latent_dtype=float64"], "data.latent_dtype='float64' is not accepted"),
-    (train_dit.main, ["sample.classes=[]"], "sample.classes=[] is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--steps", "0"], "steps=0 is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--steps", "-5"], "steps=-5 is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--steps", "1001"], "steps=1001 is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--batch-size", "0"], "batch_size=0 is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--per-class", "0"], "per_class=0 is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--num-samples", "-1"], "num_samples=-1 is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--cfg-interval", "0.9", "0.1"], "cfg_interval=(0.9, 0.1) is not accepted"),
-    (sample_py.main, ["--ckpt", "x", "--sampler", "euler"], "sampler='euler' is not accepted: it must be one of"),
-    (sample_py.main, ["--steps", "2"], "--ckpt is required"),
+@pytest.mark.parametrize("script, argv, words", [
+    ("train_vit", ["data.batch_size=0"], "data.batch_size=0 is not accepted: it must be an integer >= 1"),
+    ("train_vit", ["data.batch_size=-8"], "data.batch_size=-8 is not accepted"),
+    ("train_vit", ["optim.grad_accum_steps=0"], "optim.grad_accum_steps=0 is not accepted"),
+    ("train_vit", ["log.every=0"], "log.every=0 is not accepted: it must be an integer >= 1"),
+    ("train_vit", ["optim.sched=cosin"], "optim.sched='cosin' is not accepted: it must be a timm scheduler"),
+    ("train_vit", ["optim.opt=adamww"], "optim.opt='adamww' is not accepted: it must be a timm optimizer"),
+    ("train_vit", ["checkpoint.every_steps=-1"], "checkpoint.every_steps=-1 is not accepted"),
+    ("train_vit", ["checkpoint.keep_last=-1"], "(0 = keep every checkpoint)"),
+    ("train_vit", ["checkpoint.stop_check_every=0"], "checkpoint.stop_check_every=0 is not accepted"),
+    ("train_vit", ["mixed_precision=fp8"], "mixed_precision='fp8' is not accepted: it must be one of 'no'"),
+    ("train_vit", ["log.log_with=tensorbord"], "log.log_with='tensorbord' is not accepted"),
+    ("train_vit", ["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5 is not accepted"),
+    ("train_vit", ["data.demo=cifar"], "data.demo='cifar' is not accepted"),
+    ("train_dit", ["sample.steps=0"], "sample.steps=0 is not accepted: it must be an integer from 1 to 1000"),
+    ("train_dit", ["sample.steps=1001"], "sample.steps=1001 is not accepted"),
+    ("train_dit", ["sample.cfg_scale=-1"], "sample.cfg_scale=-1.0 is not accepted: it must be >= 0"),
+    ("train_dit", ["data.latent_dtype=float64"], "data.latent_dtype='float64' is not accepted"),
+    ("train_dit", ["sample.classes=[]"], "sample.classes=[] is not accepted"),
+    ("sample", ["--ckpt", "x", "--steps", "0"], "steps=0 is not accepted"),
+    ("sample", ["--ckpt", "x", "--steps", "-5"], "steps=-5 is not accepted"),
+    ("sample", ["--ckpt", "x", "--steps", "1001"], "steps=1001 is not accepted"),
+    ("sample", ["--ckpt", "x", "--batch-size", "0"], "batch_size=0 is not accepted"),
+    ("sample", ["--ckpt", "x", "--per-class", "0"], "per_class=0 is not accepted"),
+    ("sample", ["--ckpt", "x", "--num-samples", "-1"], "num_samples=-1 is not accepted"),
+    ("sample", ["--ckpt", "x", "--cfg-interval", "0.9", "0.1"], "cfg_interval=(0.9, 0.1) is not accepted"),
+    ("sample", ["--ckpt", "x", "--sampler", "euler"], "sampler='euler' is not accepted: it must be one of"),
+    ("sample", ["--steps", "2"], "--ckpt is required"),
 ])
-def test_bad_values_are_refused_before_any_work(main, argv, words, tmp_path):
+def test_bad_values_are_refused_before_any_work(script, argv, words, tmp_path):
+    main = load_script(script).main  # looked up now: another test file may load the script again
     with pytest.raises(ConfigError) as e:
-        main([*argv, f"output_dir={tmp_path}"] if main is not sample_py.main else argv)
+        main(argv if script == "sample" else [*argv, f"output_dir={tmp_path}"])
     assert words in str(e.value) and "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())  # nothing was started
 
