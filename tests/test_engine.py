@@ -406,7 +406,7 @@ def test_one_writer_per_folder(tmp_path):
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
     with pytest.raises(ConfigError, match="in use by process 1 on elsewhere"):
         T.acquire_lock(folder, "run folder")
-    old = lock.stat().st_mtime - T.run.STALE_S - 1
+    old = lock.stat().st_mtime - T.lock.STALE_S - 1
     os.utime(lock, (old, old))
     with pytest.warns(UserWarning, match="taking over the lock of process 1 on elsewhere"):
         T.acquire_lock(folder, "run folder")

@@ -160,7 +160,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
     argv = _argv(data, tmp_path, "run_name=sig", "max_steps=100000", "checkpoint.every_steps=0",
                  "data.num_workers=1")
     code, log = sigterm_at("train_dit.py", argv, "(step 0000001)")
-    assert code == T.run.EXIT_PREEMPTED, log  # saved, and distinct from done: a job script requeues
+    assert code == T.script.EXIT_PREEMPTED, log  # saved, and distinct from done: a job script requeues
     assert "stopping at step" in log and "SIGTERM" in log
     step = latest_checkpoint_step(tmp_path / "sig" / "checkpoints", log)
     assert 1 <= step < 1000

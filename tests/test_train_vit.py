@@ -143,7 +143,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path, sig):
     argv = _argv(data, tmp_path, "run_name=sig", "optim.epochs=200", "checkpoint.every_epochs=1000",
                  "data.num_workers=1")
     code, log = sigterm_at("train_vit.py", argv, "(step 0000001)", sig)
-    assert code == T.run.EXIT_PREEMPTED, log  # saved, and distinct from done: a job script requeues
+    assert code == T.script.EXIT_PREEMPTED, log  # saved, and distinct from done: a job script requeues
     assert "stopping at step" in log and signal.Signals(sig).name in log
     step = latest_checkpoint_step(tmp_path / "sig" / "checkpoints", log)
     assert 1 <= step < 600

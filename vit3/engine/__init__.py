@@ -2,10 +2,12 @@
 
     config.py      dataclasses + yaml + command-line overrides, `--help` from the fields' comments
     run.py         run folders, resume resolution, run info, logging, `start_run`
+    lock.py        one writer per folder
     checkpoint.py  atomic checkpoints (weights, optimizer, RNG, position), load, prune
     data_order.py  the seeded, sharded, resumable sampler and the loaders on it
     signals.py     SIGTERM / SIGUSR1 -> save and stop
     loop.py        the functions both loops call: optimizer, EMA, update step, metrics, resume
+    script.py      the scripts' `__main__`: exit codes, no hang on the way out
 
 Nothing here knows about ViT³ or DiT³.
 """
@@ -44,6 +46,7 @@ from .config import (
     one_of,
 )
 from .data_order import ResumableBatchSampler, ShardedEvalSampler, make_loader, seeded_rng
+from .lock import acquire_lock, release_lock
 from .loop import (
     RunningMeans,
     TrainLog,
@@ -59,18 +62,8 @@ from .loop import (
     split_batch,
     write_json,
 )
-from .run import (
-    MetricsFile,
-    Run,
-    acquire_lock,
-    discard,
-    finish,
-    release_lock,
-    resolve_run,
-    run_script,
-    start_run,
-    write_run_info,
-)
+from .run import MetricsFile, Run, discard, finish, resolve_run, start_run, write_run_info
+from .script import run_script
 from .signals import StopSignal, ignore_stop_signals
 
 __all__ = [

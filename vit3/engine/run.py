@@ -10,15 +10,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +31,8 @@ from .checkpoint import (
     read_trainer_state,
     verify_checkpoint,
 )
-from .config import ConfigError, DataError
+from .config import ConfigError
+from .lock import LOCK, acquire_lock, release_lock
 from .signals import StopSignal
 
 logger = logging.getLogger("vit3.train")
@@ -138,90 +135,6 @@ def _resolve_run_local(output_dir: str, name: str, run_name: str, resume: str, n
         run = _new_run_dir(out, name + ("-eval" if new_run else ""), "" if new_run else run_name)
     acquire_lock(run, "run folder")
     return run, ckpt
-
-
-# ----------------------------------------------------------------------------------------
-# One writer per folder
-# ----------------------------------------------------------------------------------------
-LOCK = ".lock"
-HEARTBEAT_S, STALE_S = 30, 300  # a holder touches its lock every 30 s; one untouched for 5 minutes is stale
-_heartbeats: dict[Path, threading.Event] = {}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _stale(holder: dict, path: Path, host: str) -> bool:
-    """A lock whose process is gone: dead on this host, or (any host) not touched for STALE_S seconds, as
-    after a node failure; a requeued job then takes its run folder back."""
-    if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-        return True
-    try:
-        return time.time() - path.stat().st_mtime > STALE_S
-    except FileNotFoundError:
-        return True
-
-
-def _beat(path: Path, stop: threading.Event):
-    while not stop.wait(HEARTBEAT_S):
-        try:
-            os.utime(path)
-        except OSError:
-            return
-
-
-def acquire_lock(folder: Path, what: str) -> Path:
-    """folder/.lock, holding this process's host and pid, created atomically (O_EXCL) and touched every
-    HEARTBEAT_S seconds while held. A stale lock (its process gone, see `_stale`) is taken over with a
-    warning; a live one stops this process with an error naming the holder. Taking it again is a no-op."""
-    path = Path(folder) / LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):  # being written this instant, or damaged
-                time.sleep(0.2)
-                holder = {}
-            if (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):  # this process already
-                return path
-            if holder and _stale(holder, path, me["host"]):
-                warnings.warn(f"{path}: taking over the lock of process {holder.get('pid')} on {holder.get('host')}, "
-                              "which is gone (it crashed or was killed)", stacklevel=2)
-                path.unlink(missing_ok=True)
-                continue
-            if not holder:
-                continue
-            raise ConfigError(f"the {what} {folder} is in use by process {holder.get('pid')} on "
-                              f"{holder.get('host')} (since {holder.get('since')}): two processes writing it would mix "
-                              f"their outputs. Wait for it to end, choose another folder, or delete {path} if that "
-                              "process is gone")
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        _heartbeats[path] = threading.Event()
-        threading.Thread(target=_beat, args=(path, _heartbeats[path]), daemon=True).start()
-        return path
-    raise ConfigError(f"cannot take the lock {path}: it keeps changing; is another process starting on {folder}?")
-
-
-def release_lock(path: Path):
-    """Remove a lock this process holds."""
-    if Path(path) in _heartbeats:
-        _heartbeats.pop(Path(path)).set()
-    try:
-        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
-            Path(path).unlink()
-    except (OSError, ValueError):
-        pass
 
 
 def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = "",
@@ -421,67 +334,3 @@ class MetricsFile:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-# ----------------------------------------------------------------------------------------
-# Exit codes
-# ----------------------------------------------------------------------------------------
-EXIT_DONE, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4, 5
-EXIT_INTERRUPTED = 130  # a second Ctrl-C, as shells report it
-
-
-def _kill_children():
-    """Kill this process's children (DataLoader workers): they ignore SIGTERM, so the interpreter's exit,
-    which terminates and then joins them, would wait forever."""
-    import multiprocessing
-
-    if hasattr(signal, "SIGCHLD"):  # the DataLoader's SIGCHLD handler would raise at each death
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for p in multiprocessing.active_children():
-        p.kill()
-
-
-def _one_line(e: Exception) -> str:
-    """The message of a bad-input error; one raised in a DataLoader worker arrives wrapped in the worker's
-    traceback, whose last line is the message."""
-    text = str(e)
-    if "DataLoader worker process" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        return last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
-def run_script(main):
-    """The `__main__` of train_vit.py, train_dit.py and sample.py: run main(), turn the errors a user can act
-    on into one line on stderr, and exit with a code that says what happened (README, "Exit codes"):
-
-        0 done · 1 crash (a traceback) · 2 bad input · 3 diverged (NaN / inf) · 4 stopped by a signal
-        after saving (requeue the job) · 5 a checkpoint or output could not be written (disk full)
-    """
-    from .checkpoint import TrainingDiverged, WriteError
-
-    code = EXIT_CRASH
-    try:
-        result = main()
-        code = EXIT_PREEMPTED if isinstance(result, dict) and result.get("preempted") else EXIT_DONE
-    except (ConfigError, DataError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_DIVERGED
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_WRITE_FAILED
-    except KeyboardInterrupt:
-        print("interrupted (a second Ctrl-C): stopped without a checkpoint", file=sys.stderr)
-        code = EXIT_INTERRUPTED
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _kill_children()
-    sys.exit(code)
