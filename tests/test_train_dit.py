@@ -149,6 +149,16 @@ def test_nan_loss_stops_naming_the_step_and_last_good_checkpoint(data, tmp_path,
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-00000002"]
 
 
+def test_a_run_resumed_at_its_end_draws_the_final_grid(data, tmp_path):
+    """A run that died after its last checkpoint, before its final grid: resuming it draws the grid."""
+    r = _run(data, tmp_path, "run_name=end", "max_steps=2")
+    final = r["run_dir"] / "samples" / "final.png"
+    first = final.read_bytes()
+    final.unlink()
+    again = _run(data, tmp_path, "run_name=end", "max_steps=2", "resume=latest")
+    assert again["step"] == 2 and again["grid"] == final and final.read_bytes() == first
+
+
 def test_bf16_and_gradient_checkpointing_two_steps(data, tmp_path):
     r = _run(data, tmp_path, "mixed_precision=bf16", "model.grad_checkpointing=true", "max_steps=2",
              "optim.clip_grad=1.0")
