@@ -327,6 +327,8 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+        if not os.access(f, os.R_OK):
+            return f"{name} cannot be read (permissions)"
     return None
 
 
