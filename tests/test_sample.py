@@ -176,11 +176,16 @@ def test_bad_input(run, tmp_path):
         _sample("--ckpt", run, "--classes", 1, 10)
     with pytest.raises(ConfigError, match=r"--fid-ref .*missing does not exist"):
         _sample("--ckpt", run, "--num-samples", 2, "--out", tmp_path / "o", "--fid-ref", tmp_path / "missing")
-    # a damaged checkpoint: truncated weights
+    # a damaged checkpoint: truncated weights (the manifest's sizes tell), or bytes overwritten in place
     bad = tmp_path / "bad"
     shutil.copytree(run / "checkpoints" / "step-00000002", bad)
     w = engine.module_weights_file(bad, "ema")
-    w.write_bytes(w.read_bytes()[:100])
+    good = w.read_bytes()
+    w.write_bytes(good[:100])
+    with pytest.raises(ConfigError, match=r"bad is damaged \(ema/diffusion_pytorch_model.safetensors has 100 bytes, "
+                                          r"the manifest says \d+\): pass an older one"):
+        _sample("--ckpt", bad, "--classes", 1)
+    w.write_bytes(b"x" * 100 + good[100:])
     with pytest.raises(ConfigError, match=r"cannot read the weights .*ema.*safetensors.*damaged"):
         _sample("--ckpt", bad, "--classes", 1)
 
@@ -202,6 +207,7 @@ def test_checkpoints_are_diffusers_folders_and_the_old_format_still_loads(run, t
     for name in ("model", "ema"):
         shutil.move(old / name / "diffusion_pytorch_model.safetensors", old / f"{name}.safetensors")
         shutil.rmtree(old / name)
+    (old / "manifest.json").unlink()  # that format had none
     loaded, _ = load_dit3(old, ema=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()))
     new = _sample("--ckpt", ckpt, "--classes", 1, 3, "--steps", 2, "--out", tmp_path / "new.png")["grid"]
