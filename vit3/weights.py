@@ -73,7 +73,7 @@ def _top_keys(file: Path) -> list[str]:
             with safe_open(str(file), "pt") as f:
                 return list(f.keys())
         with official_file_globals():
-            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            data = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError, RuntimeError, EOFError, OSError) as e:
         first = (str(e).splitlines() or [""])[0][:200]
         raise ConfigError(f"cannot read {file} ({type(e).__name__}: {first}): expected classifier weights, a "
