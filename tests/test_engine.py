@@ -367,6 +367,27 @@ def test_rolling_back_keeps_the_newer_line(tmp_path):
     assert run == run0  # the newest continues in place
 
 
+def test_diverged_weights_are_never_saved(tmp_path):
+    """Checkpointer.save refuses non-finite weights, and a non-finite loss seen on the device since the last
+    check, naming the step and the last good checkpoint."""
+    model = _tiny()
+
+    class Acc(_OneProcess):
+        device = torch.device("cpu")
+
+    ckpt = T.Checkpointer(Acc(), tmp_path, modules={"model": model}, states={}, config={}, keep_last=3,
+                          resumed_from=None)
+    good = ckpt.save(1, {"global_step": 1})
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(T.TrainingDiverged, match=rf"weights hold NaN or inf at step 2.*Last good checkpoint: {good}"):
+        ckpt.save(2, {"global_step": 2})
+    ckpt.watch(torch.tensor(float("nan")), 3)
+    with pytest.raises(T.TrainingDiverged, match="loss became NaN or inf at step 3"):
+        ckpt.check()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
                                    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")])
 def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error):
