@@ -50,18 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ttt import (
-    RESULTS,
-    empty_cache,
-    error_line,
-    malloc_note,
-    malloc_record,
-    ratio,
-    rss_bytes,
-    step_peak_bytes,
-    sync,
-    worker_env,
-)
+from bench_ttt import (RESULTS, empty_cache, error_line, malloc_note, malloc_record, ratio, rss_bytes,
+                       step_peak_bytes, sync, worker_env)
 
 INFER_MODELS = {"vit3_tiny": "ViT³-T", "hvit3_tiny": "H-ViT³-T"}
 INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
