@@ -195,7 +195,8 @@ def writing(out: Path, what: str):
     except OSError as e:
         if isinstance(e, WriteError):
             raise
-        free = shutil.disk_usage(out).free / 2**30
+        existing = next(p for p in (out, *out.parents) if p.exists())  # out itself may not be made yet
+        free = shutil.disk_usage(existing).free / 2**30
         raise WriteError(e.errno, f"cannot write {what} into {out}: {e.strerror or e}; {free:.2f} GiB are free. "
                                   "Free space and run the same command again: it continues where it stopped") from None
 

@@ -165,13 +165,10 @@ class RunningMeans:
         vec += [torch.tensor(float(v), device=self.device) for v in extra.values()]
         if not vec:
             return {}
-        t = torch.stack([v.reshape(()) for v in vec]).to(self.device)
-        if accelerator.num_processes > 1:
-            self.last_local = dict(zip(names, t[:len(names)].tolist()))
-            t = accelerator.reduce(t, "sum")
-        vals = t.tolist()
-        if accelerator.num_processes == 1:
-            self.last_local = dict(zip(names, vals[:len(names)]))
+        local = torch.stack([v.reshape(()) for v in vec]).to(self.device)
+        total = accelerator.reduce(local, "sum") if accelerator.num_processes > 1 else local
+        local, vals = torch.stack([local, total]).tolist()  # one host sync for both
+        self.last_local = dict(zip(names, local))
         out = {n: vals[i] / accelerator.num_processes for i, n in enumerate(names)}
         out.update({n: vals[len(names) + i] for i, n in enumerate(extra)})
         return out
