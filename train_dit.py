@@ -44,7 +44,7 @@ from dit3.models import DiT3_models
 from dit3.sampling import sample_ddpm, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3_weights
 from vit3 import engine
-from vit3.data import open_image_folder
+from vit3.data import InMemoryFolder, open_image_folder
 from vit3.digits import DigitsClassifier, default_demo_path, prepare_digits
 from vit3.engine import CheckpointConfig, ConfigError, DataError, EMAConfig, LogConfig, OptimConfig
 
@@ -68,6 +68,7 @@ class DataConfig:
     pin_memory: bool = True
     hflip: bool = True  # random horizontal flips (DiT); turn off for data that is not mirror-symmetric
     bad_images: str = "error"  # "error" names an unreadable file; "skip" replaces it and counts
+    in_memory: bool = False  # decode every image once and keep them in memory (small data sets: the digits demo)
     latents: str = ""  # folder of pre-extracted latents: extracted there first if incomplete, then trained on
     latent_shard_size: int = 1024  # images per shard
     latent_dtype: str = "float16"  # storage of the posterior mean / std: float16 or float32
@@ -204,6 +205,9 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
                               f"{idx['vae']!r}, this run asks for {cfg.model.image_size}px through {cfg.vae.name!r}; "
                               "point data.latents to a matching folder (or a new one to extract into)")
         return shards
+    if data.in_memory:  # the flips are drawn per item, the rest of the transform is done once
+        folder = open_image_folder(Path(data.path), image_transform(cfg.model.image_size, hflip=False), data.bad_images)
+        return InMemoryFolder(folder, hflip=data.hflip)
     return open_image_folder(Path(data.path), image_transform(cfg.model.image_size, data.hflip), data.bad_images)
 
 

@@ -130,6 +130,25 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     assert not all(torch.equal(wa[k], wd[k]) for k in wa)
 
 
+def test_in_memory_data_trains_exactly_as_the_folder(data, tmp_path):
+    """data.in_memory decodes the images once and draws each flip from the sample's seed as the folder's
+    transform does: items and whole runs (flips on) are identical."""
+    from vit3.data import ClassificationFolder, InMemoryFolder
+
+    folder = ClassificationFolder(data, image_transform(8, hflip=True))
+    memory = InMemoryFolder(ClassificationFolder(data, image_transform(8, hflip=False)), hflip=True)
+    items = [(i, seed) for i in range(len(folder)) for seed in (3, 4, 11, 12)]
+    flips = 0
+    for item in items:
+        a, b = folder[item], memory[item]
+        assert torch.equal(a[0], b[0]) and a[1:] == b[1:], item
+        flips += not torch.equal(b[0], memory.images[item[0]])
+    assert 0 < flips < len(items)  # the seeds flip some images, not all
+    disk = _run(data, tmp_path, "run_name=disk")
+    ram = _run(data, tmp_path, "run_name=ram", "data.in_memory=true")
+    assert weights_digest(disk["model"]) == weights_digest(ram["model"])
+
+
 def test_nan_loss_stops_naming_the_step_and_last_good_checkpoint(data, tmp_path, monkeypatch):
     real = D.GaussianDiffusion.training_losses
     calls = []

@@ -1,6 +1,7 @@
 """The TTT core: fast path against the reference path, the reference against independent
 formulas (torch.func per-sample gradients, linear attention), the design space, precision."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -9,6 +10,16 @@ import torch.nn.functional as F
 from vit3 import TTT, RoPE2d
 from vit3.mixers import Attention, LinearAttention, build_mixer
 from vit3.ttt import INNER_LOSSES, INNER_MODELS, ttt_reference
+from vit3.ttt import fast as fast_mod
+
+# the fast path's SwiGLU branch in each of its forms, whatever the shape (fast.use_dual picks by shape)
+FORMS = {"primal": 0.0, "dual": math.inf}
+
+
+@pytest.fixture(params=list(FORMS))
+def form(request, monkeypatch):
+    monkeypatch.setitem(fast_mod.DUAL_FORM, "max_tokens_per_width", FORMS[request.param])
+    return request.param
 
 
 def rel(a, b):
@@ -36,7 +47,7 @@ def float64_layer(dim, heads):
 
 
 @pytest.mark.parametrize("use_rope", [False, True])
-def test_fast_matches_reference_float64(use_rope):
+def test_fast_matches_reference_float64(use_rope, form):
     b, heads, h, w, dim = 3, 3, 5, 7, 24
     layer = float64_layer(dim, heads)
     rope = RoPE2d(dim) if use_rope else None
@@ -54,7 +65,6 @@ def test_fast_matches_reference_float64(use_rope):
 def test_fast_matches_reference_in_blocks(monkeypatch, budget):
     """The fast path works a block of heads and tokens at a time (sums over tokens accumulate across
     blocks); small block budgets split a CPU-sized problem the way large N splits a real one."""
-    import vit3.ttt.fast as fast_mod
     b, heads, h, w, dim = 2, 3, 5, 7, 24
     layer = float64_layer(dim, heads)
     rope = RoPE2d(dim)
@@ -70,7 +80,7 @@ def test_fast_matches_reference_in_blocks(monkeypatch, budget):
         assert rel(fast[name], ref[name]) < 1e-6, name
 
 
-def test_fast_gradient_in_place_or_not():
+def test_fast_gradient_in_place_or_not(form):
     """inplace_grad writes qkv's gradient over qkv; without it qkv is left alone. A second backward
     through a graph whose qkv was overwritten must fail, not compute with gradients as inputs."""
     from vit3.ttt import ttt_fast
@@ -92,6 +102,13 @@ def test_fast_gradient_in_place_or_not():
             with pytest.raises(RuntimeError, match="modified by an inplace operation"):
                 out.sum().backward()
     assert torch.equal(grads[0], grads[1])
+
+
+def test_dual_form_for_few_tokens():
+    """The dual form takes over where N x N Gram matrices are smaller than d x 2d weights per sample:
+    the digits demo's 16 tokens of width 48, not DiT³-B/2's 256 tokens of width 64."""
+    assert fast_mod.use_dual(16, 48) and fast_mod.use_dual(48, 48)
+    assert not fast_mod.use_dual(49, 48) and not fast_mod.use_dual(256, 64)
 
 
 def test_default_design_against_torch_func():
@@ -222,7 +239,7 @@ def test_l1_loss_gives_values_no_gradient(model):
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])
-def test_bf16_autocast_close_to_float32(impl):
+def test_bf16_autocast_close_to_float32(impl, form):
     torch.manual_seed(0)
     layer = TTT(64, 4, impl=impl)
     x = torch.randn(2, 8 * 8, 64)
@@ -236,8 +253,8 @@ def test_bf16_autocast_close_to_float32(impl):
         assert rms < 0.02, (name, rms)
 
 
-def test_inner_math_runs_in_float32_under_autocast(monkeypatch):
-    import vit3.ttt.fast as fast_mod
+def test_inner_math_runs_in_float32_under_autocast(monkeypatch, form):
+    import vit3.ttt.dual as dual_mod
     import vit3.ttt.layer as layer_mod
     seen = {}
 
@@ -249,7 +266,8 @@ def test_inner_math_runs_in_float32_under_autocast(monkeypatch):
             return real(*args, **kwargs)
         monkeypatch.setattr(module, name, wrapper)
 
-    spy(fast_mod, "_swiglu_inner_grads")  # inner gradient of the fast path
+    inner = "_swiglu_inner_grads" if form == "primal" else "_gram_products"
+    spy(fast_mod if form == "primal" else dual_mod, inner)  # inner gradient of the fast path
     spy(fast_mod, "_conv_weight_grad")  # conv-branch gradient of the fast path
     spy(layer_mod, "ttt_reference")
     layer = TTT(16, 2)
@@ -257,11 +275,11 @@ def test_inner_math_runs_in_float32_under_autocast(monkeypatch):
         layer(torch.randn(1, 9, 16), 3, 3)
         layer.impl = "reference"
         layer(torch.randn(1, 9, 16), 3, 3)
-    assert set(seen) == {"_swiglu_inner_grads", "_conv_weight_grad", "ttt_reference"}
+    assert set(seen) == {inner, "_conv_weight_grad", "ttt_reference"}
     assert all(dt == torch.float32 for dts in seen.values() for dt in dts), seen
 
 
-def test_no_grad_inference_matches_training_output():
+def test_no_grad_inference_matches_training_output(form):
     torch.manual_seed(0)
     layer = TTT(16, 2)
     x = torch.randn(2, 20, 16)

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -161,6 +162,35 @@ class ClassificationFolder(ImageFolder):
         with seeded_rng(seed):
             img = self.transform(img)
         return img, target, skipped
+
+
+class InMemoryFolder(torch.utils.data.Dataset):
+    """A small ClassificationFolder decoded once into one tensor; items as the folder's.
+
+    `folder` must have a deterministic transform (e.g. centre crop, ToTensor, Normalize): every image
+    goes through it once, at construction. Random horizontal flips, the one augmentation kept, are
+    drawn per item from its sample seed exactly as RandomHorizontalFlip draws them under
+    `seeded_rng(seed)` (torch.rand(1) < 0.5 from a generator seeded with it), so an item equals the
+    folder's own item with a flipping transform, and exact resume holds. For data sets that fit in
+    memory (the digits demo: 1437 images, 4 MB); a step then reads no file and decodes no image.
+    """
+
+    def __init__(self, folder: ClassificationFolder, hflip: bool):
+        items = [folder[i] for i in range(len(folder))]
+        self.images = torch.stack([x for x, _, _ in items])  # [N, C, H, W]
+        self.targets = [y for _, y, _ in items]
+        self.skipped = [s for _, _, s in items]  # an unreadable file stays counted at every read, as on disk
+        self.classes, self.root, self.hflip = folder.classes, folder.root, hflip
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, (tuple, list)) else (item, None)
+        x = self.images[index]
+        if self.hflip and seed is not None and torch.rand(1, generator=torch.Generator().manual_seed(seed)) < 0.5:
+            x = x.flip(-1)
+        return x, self.targets[index], self.skipped[index]
 
 
 def _has_images(folder: Path) -> bool:

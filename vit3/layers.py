@@ -7,6 +7,15 @@ import torch
 import torch.nn as nn
 
 
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate channel pairs (re, im) of x [..., C] by angles given as cos / sin [..., C/2] (broadcast);
+    inverse=True rotates back (R^T)."""
+    re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+    if inverse:
+        sin = -sin
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
+
+
 class RoPE2d(nn.Module):
     """2-D rotary position embedding over the whole channel dimension.
 
@@ -57,10 +66,7 @@ class RoPE2d(nn.Module):
             raise ValueError(f"RoPE2d built for {self.dim} channels got {c}")
         dtype = torch.promote_types(x.dtype, torch.float32)
         cos, sin = self.rotations(h, w, x.device, dtype)
-        pairs = x.to(dtype).unflatten(-1, (c // 2, 2))  # [B, h, w, C/2, 2]
-        re, im = pairs.unbind(-1)
-        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-        return out.flatten(-2).to(x.dtype)
+        return rotate_pairs(x.to(dtype), cos, sin).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}"

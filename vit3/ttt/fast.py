@@ -32,6 +32,10 @@ gradient.
 import torch
 import torch.nn.functional as F
 
+from ..layers import rotate_pairs
+from .dual import swiglu_backward as swiglu_dual_backward
+from .dual import swiglu_forward as swiglu_dual_forward
+
 
 def _norm_backward(g: torch.Tensor, n: torch.Tensor, du: torch.Tensor, dims) -> torch.Tensor:
     """Gradient through u = g / (n + 1), n = ||g|| over dims, given du."""
@@ -80,6 +84,17 @@ def _to_tokens(x: torch.Tensor, b: int) -> torch.Tensor:
 BLOCK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 24}
 
 
+# the SwiGLU branch runs in dual form (dual.py) for N <= DUAL_FORM["max_tokens_per_width"] * d: below about d
+# tokens its N x N Gram matrices cost less than the primal form's d x 2d weights per sample (measured in
+# benchmarks/bench_small.py)
+DUAL_FORM = {"max_tokens_per_width": 1.0}
+
+
+def use_dual(n: int, d: int) -> bool:
+    """Whether the SwiGLU branch of N tokens and head width d runs in dual form."""
+    return n <= DUAL_FORM["max_tokens_per_width"] * d
+
+
 def _chunks(b: int, heads: int, n: int, d: int, device: torch.device) -> list[tuple[slice, slice]]:
     """(head group, token range) blocks processed one at a time, so that every N-sized temporary stays
     small. Per-head sums over tokens (inner gradients, weight gradients) accumulate across blocks."""
@@ -122,14 +137,6 @@ def _conv_step(w3, g3, n3, lr, b):
     return _step(w3, g3.unflatten(0, (b, -1)), n3.unflatten(0, (b, -1)), lr).flatten(0, 1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """RoPE on channel pairs. x: [B, h, N, d], cos/sin: [h, N, d/2]; inverse=True applies R^T."""
-    re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
-    if inverse:
-        sin = -sin
-    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
-
-
 def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous copy of x in dtype (always a copy, even when x is contiguous already)."""
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
@@ -140,12 +147,12 @@ def _load(x: torch.Tensor, hs: slice, ts: slice, dtype: torch.dtype, rope=None) 
     dtype, rotated if rope is given. Contiguous matters: elementwise results follow their inputs'
     layout, and mixing the qkv layout with the GEMM outputs' makes every later op a strided one."""
     x = _contiguous(x[:, hs, ts], dtype)
-    return x if rope is None else _rotate(x, rope[0][hs, ts], rope[1][hs, ts])
+    return x if rope is None else rotate_pairs(x, rope[0][hs, ts], rope[1][hs, ts])
 
 
 def _store(dst: torch.Tensor, hs: slice, ts: slice, x: torch.Tensor, rope=None):
     """Write a block's gradient [B, h, n, d] into dst ([B, H, N, d] view), through R^T if rope is given."""
-    dst[:, hs, ts] = x if rope is None else _rotate(x, rope[0][hs, ts], rope[1][hs, ts], inverse=True)
+    dst[:, hs, ts] = x if rope is None else rotate_pairs(x, rope[0][hs, ts], rope[1][hs, ts], inverse=True)
 
 
 def _head_views(qkv: torch.Tensor, dim: int, heads: int):
@@ -156,6 +163,24 @@ def _head_views(qkv: torch.Tensor, dim: int, heads: int):
 def _head_tables(cos: torch.Tensor, sin: torch.Tensor, n: int, heads: int, d: int):
     """RoPE tables [h, w, C/2] -> per head [H, N, d/2]."""
     return tuple(t.reshape(n, heads, d // 2).transpose(0, 1) for t in (cos, sin))
+
+
+def _swiglu_forward(q, k, v, w12, rope, coef, lr, out1):
+    """Primal form of the SwiGLU branch: writes out1 = (Q W1') * silu(Q W2') ([B, H, N, d] view) for q, k, v
+    [B, H, N, d] views and w12 = [W1 | W2] [1, H, d, 2d]; returns the inner gradients [g1 | g2] [B, H, d, 2d]
+    and their column norms [B, H, 1, 2d], which the backward keeps."""
+    b, heads, n, d = q.shape
+    g12 = q.new_zeros(b, heads, d, 2 * d, dtype=w12.dtype)
+    chunks = _chunks(b, heads, n, d, q.device)
+    for hs, ts in chunks:  # add_ on the view: `g12[:, hs] +=` would copy the result back once more
+        g12[:, hs].add_(_swiglu_inner_grads(_load(k, hs, ts, w12.dtype, rope), _load(v, hs, ts, w12.dtype),
+                                            w12[:, hs], coef))
+    n12 = g12.square().sum(-2, keepdim=True).sqrt_()  # per output column of W1 and W2 (a norm op is 10x slower)
+    w12n = _step(w12, g12, n12, lr)  # [B, H, d, 2d]
+    for hs, ts in chunks:
+        y = _load(q, hs, ts, w12.dtype, rope) @ w12n[:, hs]  # [B, h, n, 2d]
+        torch.mul(y[..., :d], F.silu(y[..., d:], inplace=True), out=out1[:, hs, ts])
+    return g12, n12
 
 
 def _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr):
@@ -170,18 +195,11 @@ def _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr):
     out = qkv.new_empty(b, n, dim + c)  # the output projection's input
     out1 = out[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d] view
     q, k, v = _head_views(qkv, dim, heads)
-    chunks = _chunks(b, heads, n, d, qkv.device)
 
     # ---- branch 1: SwiGLU per head ----
     w12 = torch.cat([w1, w2], dim=-1).to(cdt)  # [1, H, d, 2d]
-    g12 = qkv.new_zeros(b, heads, d, 2 * d, dtype=cdt)
-    for hs, ts in chunks:  # add_ on the view: `g12[:, hs] +=` would copy the result back once more
-        g12[:, hs].add_(_swiglu_inner_grads(_load(k, hs, ts, cdt, rope), _load(v, hs, ts, cdt), w12[:, hs], coef))
-    n12 = g12.square().sum(-2, keepdim=True).sqrt_()  # per output column of W1 and W2 (a norm op is 10x slower)
-    w12n = _step(w12, g12, n12, lr)  # [B, H, d, 2d]
-    for hs, ts in chunks:
-        y = _load(q, hs, ts, cdt, rope) @ w12n[:, hs]  # [B, h, n, 2d]
-        torch.mul(y[..., :d], F.silu(y[..., d:], inplace=True), out=out1[:, hs, ts])
+    forward = swiglu_dual_forward if use_dual(n, d) else _swiglu_forward
+    g12, n12 = forward(q, k, v, w12, rope, coef, lr, out1)  # (None, None) from the dual form
 
     # ---- branch 2: 3x3 depthwise conv, one group per sample and channel ----
     q2, k2, v2 = _conv_maps(qkv, dim, c, h, w, cdt)
@@ -191,6 +209,59 @@ def _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr):
 
     projected = F.linear(out, pw.to(out.dtype), None if pb is None else pb.to(out.dtype))  # [B, N, C_out]
     return projected, (g12, n12, g3, n3)
+
+
+def _apply_backward(q, dq, dout1, w12n, rope, out1):
+    """Primal backward, pass 1, through the application out = (Q W1') * silu(Q W2'): writes dq and the
+    recomputed out1 ([B, H, N, d] views); returns dW' = [dW1' | dW2'] [B, H, d, 2d] (a sum over all tokens)."""
+    b, heads, n, d = q.shape
+    dw12n = torch.zeros_like(w12n)
+    for hs, ts in _chunks(b, heads, n, d, q.device):
+        qc, doc = _load(q, hs, ts, w12n.dtype, rope), _load(dout1, hs, ts, w12n.dtype)
+        dy12 = qc @ w12n[:, hs]  # [y1 | y2], turned into [dy1 | dy2] in place
+        y1, y2 = dy12[..., :d], dy12[..., d:]
+        sy = F.silu(y2)
+        torch.mul(y1, sy, out=out1[:, hs, ts])
+        _silu_grad(y1.mul_(doc), y2, out=y2)  # dy2 = do y1 silu'(y2)
+        torch.mul(sy, doc, out=y1)  # dy1 = do silu(y2)
+        dw12n[:, hs].add_(qc.transpose(-2, -1) @ dy12)
+        _store(dq, hs, ts, dy12 @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
+        del qc, doc, sy, dy12
+    return dw12n
+
+
+def _train_backward(k, v, dk, dv, w12, g12, n12, dw12n, rope, coef, lr):
+    """Primal backward, pass 2, through w' = w - lr g / (||g|| + 1) and g1 = coef K^T (v a),
+    g2 = coef K^T (v z1 ds) (a, ds, dds = silu, silu', silu'' of z2): writes dk and dv; returns dW12
+    [1, H, d, 2d]."""
+    b, heads, n, d = k.shape
+    # coef folded in: P = K (coef dg); the norms are per column
+    dgc = (-lr * coef) * _norm_backward(g12, n12, dw12n, dims=-2)
+    w1e, w2e = (t.expand(b, -1, -1, -1) for t in (w12[..., :d], w12[..., d:]))
+    mats = torch.cat([dgc[..., :d], dgc[..., d:], w1e, w2e], dim=-1).transpose(-2, -1)  # [B, H, 4d, d]
+    dw12 = dw12n.sum(0, keepdim=True)  # [1, H, d, 2d]
+    for hs, ts in _chunks(b, heads, n, d, k.device):
+        kc, vc = _load(k, hs, ts, w12.dtype, rope), _load(v, hs, ts, w12.dtype)
+        z = kc @ w12[:, hs]
+        z1, z2 = z[..., :d], z[..., d:]
+        s = torch.sigmoid(z2)
+        a = z2 * s
+        ds = (z2 - a).add_(1).mul_(s)
+        dds = torch.mul(s, -2).add_(1).mul_(z2).add_(2).mul_(s).mul_(s.neg_().add_(1))  # s (1-s) (2 + z2 (1-2s))
+        p = kc @ dgc[:, hs]  # [P1 | P2]
+        p1, p2 = p[..., :d], p[..., d:]
+        vds = vc * ds
+        zds = ds.mul_(z1)  # z1 ds
+        _store(dv, hs, ts, torch.addcmul(p1 * a, p2, zds))  # dv = P1 a + P2 z1 ds; v is read
+        dz1 = p2 * vds  # P2 v ds
+        dz2 = (p1 * vds).addcmul_(p2, dds.mul_(z1).mul_(vc))  # P1 v ds + P2 v z1 dds
+        # u = [v a | v z1 ds | dz1 | dz2], so that dk = u @ [dg1^T; dg2^T; W1^T; W2^T] is one GEMM
+        u = torch.cat([a.mul_(vc), vds.mul_(z1), dz1, dz2], dim=-1)
+        del z, s, a, ds, dds, p, vds, zds, dz1, dz2
+        dw12[:, hs].add_((kc.transpose(-2, -1) @ u[..., 2 * d:]).sum(0, keepdim=True))
+        _store(dk, hs, ts, u @ mats[:, hs], rope)  # k is read
+        del kc, vc, u
+    return dw12
 
 
 class _TTTFast(torch.autograd.Function):
@@ -209,11 +280,10 @@ class _TTTFast(torch.autograd.Function):
         c = w3.shape[0]
         dim = (width - 3 * c) // 3
         d = dim // heads
-        cdt = g12.dtype
+        cdt = torch.promote_types(qkv.dtype, torch.float32)
         coef = -scale / n
         rope = None if cos is None else _head_tables(cos, sin, n, heads, d)
         w12 = torch.cat([w1, w2], dim=-1).to(cdt)
-        w12n = _step(w12, g12, n12, lr)
         w3n = _conv_step(w3.to(cdt), g3, n3, lr, b)
         dy = dy.contiguous()  # [B, N, C]
         dout = dy @ pw.to(qkv.dtype)  # d(projection input), [B, N, C + c]: one GEMM, sliced by branch and block
@@ -241,49 +311,14 @@ class _TTTFast(torch.autograd.Function):
         q, k, v = _head_views(qkv, dim, heads)
         dq, dk, dv = _head_views(dqkv, dim, heads)
         dout1 = dout[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d] view
-        chunks = _chunks(b, heads, n, d, qkv.device)
-        # pass 1, through the application out = (q W1') * silu(q W2'): dq and dW' (a sum over all tokens)
-        dw12n = torch.zeros_like(w12n)  # [dW1' | dW2'], [B, H, d, 2d]
-        for hs, ts in chunks:
-            qc, doc = _load(q, hs, ts, cdt, rope), _load(dout1, hs, ts, cdt)
-            dy12 = qc @ w12n[:, hs]  # [y1 | y2], turned into [dy1 | dy2] in place
-            y1, y2 = dy12[..., :d], dy12[..., d:]
-            sy = F.silu(y2)
-            torch.mul(y1, sy, out=out1[:, hs, ts])
-            _silu_grad(y1.mul_(doc), y2, out=y2)  # dy2 = do y1 silu'(y2)
-            torch.mul(sy, doc, out=y1)  # dy1 = do silu(y2)
-            dw12n[:, hs].add_(qc.transpose(-2, -1) @ dy12)
-            _store(dq, hs, ts, dy12 @ w12n[:, hs].transpose(-2, -1), rope)  # dy1 W1'^T + dy2 W2'^T; q is read
-            del qc, doc, sy, dy12
-        dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
-        del out, out1, dout, dout1
-        # through w' = w - lr * g / (||g|| + 1), per weight; coef folded in: P = K (coef dg)
-        dgc = (-lr * coef) * _norm_backward(g12, n12, dw12n, dims=-2)  # the norms are per column
-        w1e, w2e = (t.expand(b, -1, -1, -1) for t in (w12[..., :d], w12[..., d:]))
-        mats = torch.cat([dgc[..., :d], dgc[..., d:], w1e, w2e], dim=-1).transpose(-2, -1)  # [B, H, 4d, d]
-        dw12 = dw12n.sum(0, keepdim=True)  # [1, H, d, 2d]
-        # pass 2, through g1 = coef K^T (v a), g2 = coef K^T (v z1 ds); a, ds, dds = silu, silu', silu'' of z2
-        for hs, ts in chunks:
-            kc, vc = _load(k, hs, ts, cdt, rope), _load(v, hs, ts, cdt)
-            z = kc @ w12[:, hs]
-            z1, z2 = z[..., :d], z[..., d:]
-            s = torch.sigmoid(z2)
-            a = z2 * s
-            ds = (z2 - a).add_(1).mul_(s)
-            dds = torch.mul(s, -2).add_(1).mul_(z2).add_(2).mul_(s).mul_(s.neg_().add_(1))  # s (1-s) (2 + z2 (1-2s))
-            p = kc @ dgc[:, hs]  # [P1 | P2]
-            p1, p2 = p[..., :d], p[..., d:]
-            vds = vc * ds
-            zds = ds.mul_(z1)  # z1 ds
-            _store(dv, hs, ts, torch.addcmul(p1 * a, p2, zds))  # dv = P1 a + P2 z1 ds; v is read
-            dz1 = p2 * vds  # P2 v ds
-            dz2 = (p1 * vds).addcmul_(p2, dds.mul_(z1).mul_(vc))  # P1 v ds + P2 v z1 dds
-            # u = [v a | v z1 ds | dz1 | dz2], so that dk = u @ [dg1^T; dg2^T; W1^T; W2^T] is one GEMM
-            u = torch.cat([a.mul_(vc), vds.mul_(z1), dz1, dz2], dim=-1)
-            del z, s, a, ds, dds, p, vds, zds, dz1, dz2
-            dw12[:, hs].add_((kc.transpose(-2, -1) @ u[..., 2 * d:]).sum(0, keepdim=True))
-            _store(dk, hs, ts, u @ mats[:, hs], rope)  # k is read
-            del kc, vc, u
+        if g12 is None:  # the dual form: one function, everything N-sized
+            dw12 = swiglu_dual_backward(q, k, v, dq, dk, dv, dout1, w12, rope, coef, lr, out1)
+            dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
+        else:
+            dw12n = _apply_backward(q, dq, dout1, _step(w12, g12, n12, lr), rope, out1)
+            dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)
+            del out, out1, dout, dout1
+            dw12 = _train_backward(k, v, dk, dv, w12, g12, n12, dw12n, rope, coef, lr)
         dpb = dy.sum(dim=(0, 1), dtype=cdt) if has_bias else None
         return (dqkv, dw12[..., :d].to(w1.dtype), dw12[..., d:].to(w2.dtype), dw3.to(w3.dtype), dpw.to(pw.dtype),
                 None if dpb is None else dpb.to(pw.dtype), None, None, None, None, None, None, None, None)
