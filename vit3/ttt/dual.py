@@ -24,8 +24,8 @@ Backward, with R = diag(lr / (||g|| + 1)) and dY the gradient of Y = Q W - S P R
   dP = -S^T dY R + 2 (G P) diag(dm)
   [dS; 2 dG] = [-dY R; 2 P diag(dm)] P^T,  dQ += dS K,  dK += dS^T Q + 2 dG K = [dS; 2 dG]^T [Q; K]
   dZ from dP through P's silu terms, then dQ, dK += [dY; dZ] W^T and dW = [Q; K]^T [dY; dZ]
-(G and dG are symmetric.) Nothing is saved between the passes: the backward recomputes the
-forward, whose tensors are all N-sized.
+(G and dG are symmetric.) The forward keeps its products for the backward; in this form's
+range they are about 3x qkv, less than the primal form's d x 2d gradients per sample.
 """
 import torch
 import torch.nn.functional as F
@@ -65,73 +65,81 @@ def _column_norms(p: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
 def swiglu_forward(q, k, v, w12, rope, coef: float, lr: float, out1: torch.Tensor):
     """Writes out1 = (Q W1') * silu(Q W2') ([B, H, N, d] view) for q, k, v: [B, H, N, d] views,
     w12 = [W1 | W2]: [1, H, d, 2d] in the compute dtype, rope: None or (cos, sin) [H, N, d/2].
-    Returns nothing for the backward to keep (None, None: it recomputes)."""
+
+    Returns what the backward reads: [Q; K], V, [Q W; K W], [S; G], [S P; G P] and the norms. All
+    are N-sized (about 3x qkv in all), which in the dual form's range is less than the primal
+    form's d x 2d gradients per sample, and the backward then repeats no product."""
     b, heads, n, d = q.shape
     rope = None if rope is None else tuple(t.unsqueeze(1) for t in rope)
     qk, v = _load(q, k, v, w12.dtype, rope)
     zz = torch.bmm(qk.view(heads, 2 * b * n, d), w12[0]).view(heads, b, 2 * n, 2 * d)  # [Q W; K W]
     z1, z2 = zz[:, :, n:, :d], zz[:, :, n:, d:]
     p = torch.empty(heads, b, n, 2 * d, dtype=w12.dtype, device=q.device)
-    torch.ops.aten.silu_backward.grad_input(v, z2, grad_input=p[..., d:]).mul_(z1)  # v z1 silu'(z2)
     torch.mul(F.silu(z2), v, out=p[..., :d])
+    p[..., d:] = torch.ops.aten.silu_backward(v, z2).mul_(z1)  # v z1 silu'(z2)
     p.mul_(coef)
-    _, spgp = _gram_products(qk, p)
+    sg, spgp = _gram_products(qk, p)
     norms = _column_norms(p, spgp[:, :, n:])
     y = torch.addcdiv(zz[:, :, :n], spgp[:, :, :n], norms + 1, value=-lr)  # Q W' = Q W - lr S P / (||g|| + 1)
     torch.mul(y[..., :d], F.silu(y[..., d:], inplace=True), out=out1.transpose(0, 1))
-    return None, None
+    return qk, v, zz, sg, spgp, norms
 
 
-def swiglu_backward(q, k, v, dq, dk, dv, dout1, w12, rope, coef: float, lr: float, out1: torch.Tensor):
-    """Gradients of the SwiGLU branch: writes dq, dk, dv ([B, H, N, d] views; they may alias q, k, v,
-    which are read first) and the recomputed out1; returns dW12: [1, H, d, 2d]."""
-    b, heads, n, d = q.shape
+def swiglu_backward(dq, dk, dv, dout1, w12, saved, rope, coef: float, lr: float, out1: torch.Tensor):
+    """Gradients of the SwiGLU branch from the forward's `saved`: writes dq, dk, dv ([B, H, N, d] views)
+    and the recomputed out1; returns dW12: [1, H, d, 2d]."""
+    qk, v, zz, sg, spgp, norms = saved
+    heads, b, n, d = v.shape
     hb = heads * b
     rope = None if rope is None else tuple(t.unsqueeze(1) for t in rope)
-    qk, v = _load(q, k, v, w12.dtype, rope)
     do = _rows(dout1, w12.dtype, None)  # [H, B, N, d]
     w = w12[0]  # [H, d, 2d]
 
-    # ---- the forward again: Z = K W, P, the Gram products, the norms, Y ----
-    zz = torch.bmm(qk.view(heads, 2 * b * n, d), w).view(heads, b, 2 * n, 2 * d)
+    # ---- Y again, the silu terms of Z = K W, and P ----
     z1, z2 = zz[:, :, n:, :d], zz[:, :, n:, d:]
     s = torch.sigmoid(z2)
     a = z2 * s  # silu(z2)
     ds = (z2 - a).add_(1).mul_(s)  # silu'(z2) = s (1 + z2 (1 - s))
     dds = torch.mul(s, -2).add_(1).mul_(z2).add_(2).mul_(s).mul_(s.neg_().add_(1))  # s (1-s) (2 + z2 (1-2s))
     vds = v * ds
-    p = torch.cat([a * v, vds * z1], dim=-1).mul_(coef)  # [H, B, N, 2d]
-    sg, spgp = _gram_products(qk, p)
+    p = torch.empty(heads, b, n, 2 * d, dtype=w.dtype, device=w.device)
+    torch.mul(a, v, out=p[..., :d])
+    torch.mul(vds, z1, out=p[..., d:])
+    p.mul_(coef)
     sp, gp = spgp[:, :, :n], spgp[:, :, n:]
-    norms = _column_norms(p, gp)  # [H, B, 1, 2d]
-    r = lr / (norms + 1)
+    r = lr / (norms + 1)  # [H, B, 1, 2d]
     y = torch.addcmul(zz[:, :, :n], sp, r, value=-1)  # [y1 | y2]
     y1, y2 = y[..., :d], y[..., d:]
     sy = F.silu(y2)
     torch.mul(y1, sy, out=out1.transpose(0, 1))
 
-    # ---- dY, and through the column scaling R: dm, then dP and [dS; 2 dG] ----
+    # ---- dY, then through the column scaling R: dm, dP and [dS; 2 dG] ----
     dyz = torch.empty(heads, b, 2 * n, 2 * d, dtype=w.dtype, device=w.device)  # [dY; dZ]
     dy = dyz[:, :, :n]
-    torch.ops.aten.silu_backward.grad_input(do * y1, y2, grad_input=dy[..., d:])  # dy2 = do y1 silu'(y2)
     torch.mul(do, sy, out=dy[..., :d])  # dy1 = do silu(y2)
+    dy[..., d:] = torch.ops.aten.silu_backward(do * y1, y2)  # dy2 = do y1 silu'(y2)
     t = (dy * sp).sum(2, keepdim=True)  # [H, B, 1, 2d]
-    dm = r * t / (2 * norms.clamp_min(torch.finfo(w.dtype).tiny) * (norms + 1))
-    u = torch.cat([dy * (-r), p * (2 * dm)], dim=2).view(hb, 2 * n, 2 * d)  # [-dY R; 2 P diag(dm)]
-    dp = torch.baddbmm((gp * (2 * dm)).reshape(hb, n, 2 * d), sg[:, :n].transpose(1, 2), u[:, :n])  # [HB, N, 2d]
+    dm2 = r * t / (norms.clamp_min(torch.finfo(w.dtype).tiny) * (norms + 1))  # 2 dm
+    u = torch.empty(heads, b, 2 * n, 2 * d, dtype=w.dtype, device=w.device)  # [-dY R; 2 P diag(dm)]
+    torch.mul(dy, r.neg(), out=u[:, :, :n])
+    torch.mul(p, dm2, out=u[:, :, n:])
+    u = u.view(hb, 2 * n, 2 * d)
+    dp = torch.baddbmm((gp * dm2).view(hb, n, 2 * d), sg[:, :n].transpose(1, 2), u[:, :n])  # [HB, N, 2d]
     dsg = torch.bmm(u, p.view(hb, n, 2 * d).transpose(1, 2))  # [dS; 2 dG]: [HB, 2N, N]
     flat = qk.view(hb, 2 * n, d)
-    dqk = torch.cat([torch.bmm(dsg[:, :n], flat[:, n:]), torch.bmm(dsg.transpose(1, 2), flat)], dim=1)
+    dqk = torch.empty(hb, 2 * n, d, dtype=w.dtype, device=w.device)
+    torch.bmm(dsg[:, :n], flat[:, n:], out=dqk[:, :n])  # dS K
+    torch.bmm(dsg.transpose(1, 2), flat, out=dqk[:, n:])  # dS^T Q + 2 dG K
 
     # ---- through P = coef [v a | v z1 ds] to dv and dZ ----
     dp1, dp2 = dp.view(heads, b, n, 2 * d).mul_(coef).split(d, dim=-1)
     dv_rows = torch.addcmul(dp1 * a, dp2, ds.mul_(z1))  # dv = P1' a + P2' z1 ds
     torch.mul(dp2, vds, out=dyz[:, :, n:, :d])  # dz1 = P2' v ds
-    torch.addcmul(dp1 * vds, dp2, dds.mul_(z1).mul_(v), out=dyz[:, :, n:, d:])  # dz2 = P1' v ds + P2' v z1 dds
+    dyz[:, :, n:, d:] = torch.addcmul(dp1 * vds, dp2, dds.mul_(z1).mul_(v))  # dz2 = P1' v ds + P2' v z1 dds
 
     # ---- the shared weights: dQ, dK += [dY; dZ] W^T, dW = [Q; K]^T [dY; dZ] ----
     dyz_flat = dyz.view(heads, 2 * b * n, 2 * d)
-    dqk = dqk.view(heads, b, 2 * n, d).add_(torch.bmm(dyz_flat, w.transpose(1, 2)).view(heads, b, 2 * n, d))
+    dqk = dqk.view(heads, 2 * b * n, d).baddbmm_(dyz_flat, w.transpose(1, 2)).view(heads, b, 2 * n, d)
     dw = torch.bmm(qk.view(heads, 2 * b * n, d).transpose(1, 2), dyz_flat).unsqueeze(0)  # [1, H, d, 2d]
     for dst, rows in ((dq, dqk[:, :, :n]), (dk, dqk[:, :, n:])):
         dst.transpose(0, 1).copy_(rows if rope is None else rotate_pairs(rows, *rope, inverse=True))

@@ -11,7 +11,9 @@ With e = dL/df(k) = -scale / N * v, the inner gradients are
   g3[o] = sum_p e[p] k[p + o]               [B, c, 3, 3], o one of the 9 offsets
 
 and the trained models are applied to the queries; the layer's output
-projection follows in the same function. The forward keeps only its inputs and
+projection follows in the same function. For images of at most about d tokens
+the SwiGLU branch runs in dual form instead (dual.py: N x N Gram matrices in
+place of the d x 2d weights per sample; `use_dual` picks). The forward keeps only its inputs and
 the d x d / 3 x 3 inner gradients; every N-sized intermediate, the projection's
 input included, is recomputed in the backward, which is derived by hand below
 (the outer loop differentiates through the inner step, so second derivatives of
@@ -184,7 +186,8 @@ def _swiglu_forward(q, k, v, w12, rope, coef, lr, out1):
 
 
 def _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr):
-    """The layer's output [B, N, C_out] and the inner gradients and norms the backward needs."""
+    """The layer's output [B, N, C_out] and what the backward reads: the conv branch's inner gradients and
+    norms, then the SwiGLU branch's (its form's) tensors."""
     b, n, width = qkv.shape
     c = w3.shape[0]
     dim = (width - 3 * c) // 3
@@ -199,7 +202,7 @@ def _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr):
     # ---- branch 1: SwiGLU per head ----
     w12 = torch.cat([w1, w2], dim=-1).to(cdt)  # [1, H, d, 2d]
     forward = swiglu_dual_forward if use_dual(n, d) else _swiglu_forward
-    g12, n12 = forward(q, k, v, w12, rope, coef, lr, out1)  # (None, None) from the dual form
+    saved = forward(q, k, v, w12, rope, coef, lr, out1)  # what the backward of that form reads
 
     # ---- branch 2: 3x3 depthwise conv, one group per sample and channel ----
     q2, k2, v2 = _conv_maps(qkv, dim, c, h, w, cdt)
@@ -208,7 +211,7 @@ def _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr):
     out[..., dim:] = _to_tokens(_conv(q2, _conv_step(w3.to(cdt), g3, n3, lr, b)), b)
 
     projected = F.linear(out, pw.to(out.dtype), None if pb is None else pb.to(out.dtype))  # [B, N, C_out]
-    return projected, (g12, n12, g3, n3)
+    return projected, (g3, n3, *saved)
 
 
 def _apply_backward(q, dq, dout1, w12n, rope, out1):
@@ -269,12 +272,20 @@ class _TTTFast(torch.autograd.Function):
     def forward(ctx, qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr, inplace_grad):
         y, inner = _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr)
         ctx.save_for_backward(qkv, w1, w2, w3, pw, cos, sin, *inner)
+        ctx.dual = len(inner) > 4  # (g3, n3, g12, n12) from the primal form
         ctx.args = (heads, h, w, scale, lr, inplace_grad, pb is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        qkv, w1, w2, w3, pw, cos, sin, g12, n12, g3, n3 = ctx.saved_tensors
+        # the engine runs this under the caller's autocast; the forward ran without it (TTT._fast), and so
+        # must the backward: its products are float32 by design, and out= buffers cannot take autocast's casts
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            return _TTTFast._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        qkv, w1, w2, w3, pw, cos, sin, g3, n3, *saved = ctx.saved_tensors
         heads, h, w, scale, lr, inplace_grad, has_bias = ctx.args
         b, n, width = qkv.shape
         c = w3.shape[0]
@@ -311,10 +322,11 @@ class _TTTFast(torch.autograd.Function):
         q, k, v = _head_views(qkv, dim, heads)
         dq, dk, dv = _head_views(dqkv, dim, heads)
         dout1 = dout[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)  # [B, H, N, d] view
-        if g12 is None:  # the dual form: one function, everything N-sized
-            dw12 = swiglu_dual_backward(q, k, v, dq, dk, dv, dout1, w12, rope, coef, lr, out1)
+        if ctx.dual:
+            dw12 = swiglu_dual_backward(dq, dk, dv, dout1, w12, saved, rope, coef, lr, out1)
             dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)  # [C, C + c]
         else:
+            g12, n12 = saved
             dw12n = _apply_backward(q, dq, dout1, _step(w12, g12, n12, lr), rope, out1)
             dpw = dy.flatten(0, 1).t() @ out.flatten(0, 1)
             del out, out1, dout, dout1
