@@ -1,0 +1,213 @@
+"""Small models on CPU: the digits demo's training step, DiT³ against DiT, in time and in ATen ops.
+
+    python benchmarks/bench_small.py                 # writes results/bench_small_cpu.{md,json}
+    python benchmarks/bench_small.py --rounds 10     # a quicker, noisier look
+
+At 16 tokens a step is a few hundred small ops, so fixed per-op cost, not arithmetic, sets its
+time. This measures, at the demo config (configs/dit3_demo.yaml: DiT3-S/4 and the DiT-S/4 of the
+same size, hidden 96, depth 4, 2 heads, 16x16 pixels, batch 64):
+
+- the training step as train_dit.py runs it (the hybrid diffusion loss, backward, gradient
+  clipping, the trainer's optimizer and EMA from vit3.engine), DiT³ against DiT: the median of
+  rounds that run one step of each in turn in this process, and ATen ops per step (a
+  torch.profiler count of every aten:: op, nested ones included) by phase;
+- one token-mixer layer, forward + backward: TTT (its default form, and the primal form
+  forced), SDPA attention;
+- the TTT layer's two forms of the SwiGLU branch (primal, dual) across token counts, the
+  measurement behind fast.DUAL_FORM;
+- one batch of the demo's data: 64 PNGs decoded through the transform, against data.in_memory.
+
+Run it alone: on 2 cores a second busy process stalls every 2-thread op (OpenMP waits for its
+second thread), which makes any ratio noise. Times are in ms.
+"""
+import argparse
+import collections
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile, record_function
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+DEMO = yaml.safe_load((ROOT / "configs" / "dit3_demo.yaml").read_text())
+PHASES = ("forward", "backward", "clip", "optimizer", "ema")
+TARGET_STEP_RATIO = 1.3  # DiT³ step / DiT step at the demo size
+
+
+def median_ms(fns: dict, rounds: int) -> dict:
+    """Median time of each callable over `rounds` rounds that call each once in turn (after 3 warm-up rounds)."""
+    times = collections.defaultdict(list)
+    for r in range(rounds + 3):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+
+
+def aten_ops(fn, phases: tuple = ()) -> dict:
+    """ATen ops of one call of fn (nested included): {"total": n, phase: n, ...} for record_function phases."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = collections.Counter()
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        counts["total"] += 1
+        parent = e.cpu_parent
+        while parent is not None and parent.name not in phases:
+            parent = parent.cpu_parent
+        if parent is not None:
+            counts[parent.name] += 1
+    return dict(counts)
+
+
+# ----------------------------------------------------------------------------------------
+# The demo's training step
+# ----------------------------------------------------------------------------------------
+def demo_step(family: str):
+    """One training update of the demo config, as train_dit.py runs it, for "DiT3" or "DiT"."""
+    from dit3.diffusion import create_diffusion
+    from dit3.models import DiT3_models
+    from vit3 import engine
+
+    m, o = DEMO["model"], DEMO["optim"]
+    torch.manual_seed(0)
+    model = DiT3_models[f"{family}-S/4"](input_size=m["image_size"], in_channels=3, num_classes=m["num_classes"],
+                                         class_dropout_prob=m["class_dropout_prob"], **m["kwargs"])
+    optim_cfg = engine.OptimConfig(lr=o["lr"], lr_batch=0, weight_decay=o["weight_decay"], sched="constant",
+                                   warmup_epochs=0, clip_grad=o["clip_grad"])
+    batch = DEMO["data"]["batch_size"]
+    optimizer, _ = engine.create_optimizer_and_scheduler(model, optim_cfg, batch, 1)
+    ema = engine.create_ema(model, engine.EMAConfig(decay=DEMO["ema"]["decay"], decay_batch=0), batch)
+    diffusion = create_diffusion("")
+    x = torch.randn(batch, 3, m["image_size"], m["image_size"])
+    y = torch.randint(0, m["num_classes"], (batch,))
+
+    def step():
+        with record_function("forward"):
+            t = diffusion.sample_timesteps(batch)
+            loss = diffusion.training_losses(model, x, t, dict(class_labels=y))["loss"].mean()
+        with record_function("backward"):
+            loss.backward()
+        with record_function("clip"):  # what accelerator.clip_grad_norm_ calls on one process
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_grad"])
+        with record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with record_function("ema"):
+            ema.update(model)
+    return step
+
+
+def mixer_step(name: str, form: str | None = None, batch: int = 64, side: int = 4, dim: int = 96, heads: int = 2):
+    """Forward + backward of one token mixer ("ttt", "attention") on [batch, side^2, dim]; form forces the
+    TTT SwiGLU branch's form ("primal" or "dual")."""
+    from vit3.mixers import build_mixer
+    from vit3.ttt import fast
+
+    torch.manual_seed(0)
+    layer = build_mixer(name, dim, heads)
+    x = torch.randn(batch, side * side, dim, requires_grad=True)
+    if form is None:
+        return lambda: layer(x, side, side).sum().backward()
+
+    def step():
+        old = fast.DUAL_FORM["max_tokens_per_width"]
+        fast.DUAL_FORM["max_tokens_per_width"] = {"primal": 0.0, "dual": float("inf")}[form]
+        try:
+            layer(x, side, side).sum().backward()
+        finally:
+            fast.DUAL_FORM["max_tokens_per_width"] = old
+    return step
+
+
+def data_batch(in_memory: bool):
+    """Reading one batch of 64 demo digits (items as the ResumableBatchSampler asks for them)."""
+    from dit3.latents import image_transform
+    from vit3.data import InMemoryFolder, open_image_folder
+    from vit3.digits import default_demo_path, prepare_digits
+
+    root = prepare_digits(default_demo_path("digits", 16), 16) / "train"
+    folder = open_image_folder(root, image_transform(16, hflip=False))  # the demo's transform
+    dataset = InMemoryFolder(folder, hflip=False) if in_memory else folder
+    items = [(i * 7 % len(dataset), i) for i in range(64)]
+    return lambda: torch.utils.data.default_collate([dataset[i] for i in items])
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------
+def measure(rounds: int) -> dict:
+    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "rounds": rounds}
+    steps = {f: demo_step(f) for f in ("DiT3", "DiT")}
+    res["step_ms"] = median_ms(steps, rounds)
+    res["step_ratio"] = res["step_ms"]["DiT3"] / res["step_ms"]["DiT"]
+    res["step_ops"] = {f: aten_ops(s, PHASES) for f, s in steps.items()}
+    layers = {"ttt": mixer_step("ttt"), "ttt_primal": mixer_step("ttt", "primal"),
+              "attention": mixer_step("attention")}
+    res["layer_ms"] = median_ms(layers, rounds * 4)
+    res["layer_ops"] = {k: aten_ops(s)["total"] for k, s in layers.items()}
+    res["forms"] = []
+    for side in (4, 6, 8, 10):  # N = 16 .. 100 tokens at head width 48, ~1024 tokens a call
+        n = side * side
+        forms = {f: mixer_step("ttt", f, batch=max(1, 1024 // n), side=side) for f in ("primal", "dual")}
+        res["forms"].append({"tokens": n, "head_width": 48, **median_ms(forms, rounds * 2)})
+    res["data_ms"] = median_ms({"png_folder": data_batch(False), "in_memory": data_batch(True)}, rounds)
+    return res
+
+
+def markdown(res: dict) -> list[str]:
+    ops = res["step_ops"]
+    lines = [f"Measured on {res['machine']}, torch {res['torch']}, medians of {res['rounds']} interleaved rounds "
+             "(`python benchmarks/bench_small.py`).", "",
+             "| training step, demo config | DiT³-S/4 | DiT-S/4 | ratio |", "|---|---:|---:|---:|",
+             f"| time (ms) | {res['step_ms']['DiT3']:.1f} | {res['step_ms']['DiT']:.1f} | {res['step_ratio']:.2f}x |"]
+    for phase in ("total", *PHASES):
+        a, b = ops["DiT3"].get(phase, 0), ops["DiT"].get(phase, 0)
+        lines.append(f"| ATen ops, {phase} | {a} | {b} | {a / max(b, 1):.2f}x |")
+    lines += ["", "| one mixer layer, forward + backward, B=64, 4x4 tokens, C=96, 2 heads | ms | ATen ops |",
+              "|---|---:|---:|"]
+    for k, label in (("ttt", "TTT (fast path, default form)"), ("ttt_primal", "TTT, primal form forced"),
+                     ("attention", "attention (SDPA)")):
+        lines.append(f"| {label} | {res['layer_ms'][k]:.2f} | {res['layer_ops'][k]} |")
+    lines += ["", "| tokens N (head width 48, 1024 tokens a call) | primal (ms) | dual (ms) | dual / primal |",
+              "|---:|---:|---:|---:|"]
+    for f in res["forms"]:
+        lines.append(f"| {f['tokens']} | {f['primal']:.2f} | {f['dual']:.2f} | {f['dual'] / f['primal']:.2f} |")
+    d = res["data_ms"]
+    lines += ["", "| one batch of 64 demo digits | ms |", "|---|---:|",
+              f"| PNG folder (decode + transform per image) | {d['png_folder']:.2f} |",
+              f"| data.in_memory | {d['in_memory']:.2f} |"]
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds of each step (layers: 4x)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the demo config's)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench_small_cpu.{md,json}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    res = measure(args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_small_cpu.json").write_text(json.dumps(res, indent=2))
+    text = "\n".join(markdown(res)) + "\n"
+    (args.out / "bench_small_cpu.md").write_text(text)
+    print(text)
+    ok = res["step_ratio"] <= TARGET_STEP_RATIO
+    print(f"target: DiT³ step <= {TARGET_STEP_RATIO}x DiT's: {'met' if ok else 'MISSED'} ({res['step_ratio']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
