@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -84,7 +85,7 @@ RULES = {  # accepted values, checked before anything is loaded
     "cfg_scale": engine.at_least(0.0, ">= 0 (1 or less: no guidance, as in DiT and diffusers)"),
     "cfg_channels": (lambda v: v is None or v >= 1, "an integer >= 1, or None for every channel of epsilon"),
     "cfg_interval": (lambda v: v is None or 0 <= v[0] <= v[1] <= 1, "two numbers LO <= HI in [0, 1], or None"),
-    "seed": engine.at_least(0),
+    "seed": engine.SEED_RULE,
     "batch_size": engine.at_least(1),
     "mixed_precision": engine.one_of("no", "bf16", "fp16"),
     "classes": (lambda v: v is None or len(v) > 0, "at least one class id"),
@@ -169,15 +170,11 @@ def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device) -
 
 def save_npz(path: Path, arr: np.ndarray):
     """arr_0 in an .npz (np.load-compatible), byte-reproducible (fixed zip timestamps), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with engine.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
+                                                          allowZip64=True) as zf:
+        info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with zf.open(info, "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 def read_images(folder: Path, n: int) -> np.ndarray:
@@ -188,13 +185,16 @@ def read_images(folder: Path, n: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def writing(out: Path, what: str):
-    """A failed write (disk full, quota) becomes a WriteError (exit code 5) naming the folder and its free
-    space; the files are written under temporary names, so nothing partial is left under a final one."""
+    """A failed write (disk full, quota, permissions) becomes a WriteError (exit code 5) naming the folder and
+    its free space; the files are written under temporary names, so nothing partial is left under a final one."""
     try:
         yield
     except OSError as e:
         if isinstance(e, WriteError):
             raise
+        if engine.is_permission_error(e):  # free space is not the fix
+            raise WriteError(e.errno, f"cannot write {what} into {out}: permission denied ({e.strerror or e}); choose "
+                                      "a folder this user can write (--out), or change its permissions") from None
         existing = next(p for p in (out, *out.parents) if p.exists())  # out itself may not be made yet
         free = shutil.disk_usage(existing).free / 2**30
         raise WriteError(e.errno, f"cannot write {what} into {out}: {e.strerror or e}; {free:.2f} GiB are free. "
@@ -233,6 +233,26 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
             engine.release_lock(lock)
 
 
+def read_spec(path: Path, spec: dict) -> dict:
+    """The settings recorded in a sample folder's spec.json. A damaged one (from before it was written
+    atomically) is rebuilt from `spec`, with a warning, while no image is drawn; after, it is refused."""
+    engine.refuse_link(path, "sample.py")
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError(f"a JSON {type(old).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if any((path.parent / "images").glob("[0-9]*.png")):
+            raise ConfigError(f"{path} is damaged ({reason}): it records the settings the images in "
+                              f"{path.parent / 'images'} were drawn with. If they were drawn with these settings, "
+                              "delete it and run again; else use another --out") from None
+        warnings.warn(f"{path} is damaged ({reason}) and no image was drawn yet: written again from these settings",
+                      stacklevel=2)
+        return spec
+    return old
+
+
 def _draw_all(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     images_dir = out / "images"
     # a restart may only continue the same drawing: other settings would mix two sample sets
@@ -242,15 +262,18 @@ def _draw_all(model, vae, scale, args, state: PartialState, out: Path) -> Path:
             "labels": args.labels, "batch_size": args.batch_size, "vae": args.vae or None,
             "mixed_precision": args.mixed_precision}
     spec_path = out / "spec.json"
-    if spec_path.is_file():
-        old = {"mixed_precision": "no", **json.loads(spec_path.read_text())}  # spec files before it was recorded
+    if os.path.lexists(spec_path):
+        old = {"mixed_precision": "no", **read_spec(spec_path, spec)}  # spec files before it was recorded
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items() if old.get(k) != v)
         if diff:
             raise ConfigError(f"{out} holds samples drawn with other settings ({diff}); use another --out")
     state.wait_for_everyone()
     if state.is_main_process:
         with writing(out, "spec.json"):
-            spec_path.write_text(json.dumps(spec, indent=2))
+            engine.atomic_write_text(spec_path, json.dumps(spec, indent=2))
+    if state.is_main_process:  # images a kill -9 left half-written, under temporary names
+        for tmp in images_dir.glob(".*.tmp.png"):
+            tmp.unlink(missing_ok=True)
     n, b = args.num_samples, args.batch_size
     batches = [list(range(k * b, min((k + 1) * b, n))) for k in range(math.ceil(n / b))]
     mine = [idx for k, idx in enumerate(batches) if k % state.num_processes == state.process_index
@@ -272,7 +295,8 @@ def _draw_all(model, vae, scale, args, state: PartialState, out: Path) -> Path:
                 "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "cfg_interval": args.cfg_interval,
                 "ckpt": str(args.ckpt), "ema": args.ema, "processes": state.num_processes,
                 "seconds_per_image_this_process": (time.time() - t0) / done if done else None}
-        (out / "info.json").write_text(json.dumps(info, indent=2))
+        with writing(out, "info.json"):
+            engine.atomic_write_text(out / "info.json", json.dumps(info, indent=2))
     state.wait_for_everyone()
     return npz
 
@@ -294,6 +318,9 @@ def main(argv=None) -> dict:
     if args.feature_extractor and not Path(args.feature_extractor).exists():
         raise ConfigError(f"--feature-extractor {args.feature_extractor} does not exist: pass a train_vit.py run "
                           "folder or checkpoint")
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        raise ConfigError(f"--export {args.export} is a file; the export is a folder (a DiT3Pipeline): name a new "
+                          "folder, or an existing one to write it into")
     if args.push_to_hub and not args.export:
         raise ConfigError("--push-to-hub uploads an exported folder: give --export DIR too")
     if args.classes is None and not args.num_samples and not args.export:
@@ -311,7 +338,8 @@ def main(argv=None) -> dict:
             out = Path(args.out) if args.out else run_dir / "samples" / (
                 f"{ckpt.name}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}-seed{args.seed}.png")
             grid = images.permute(0, 3, 1, 2).float() / 127.5 - 1
-            result["grid"] = save_grid(grid, out, nrow=len(args.classes))
+            with writing(out.parent, "the sample grid"):
+                result["grid"] = save_grid(grid, out, nrow=len(args.classes))
             print(f"wrote {out} ({len(labels)} samples in {time.time() - t0:.1f} s)")
         state.wait_for_everyone()
     if args.num_samples:
@@ -366,11 +394,11 @@ def export_pipeline(model, vae, scale, config: dict, args) -> Path:
 
 def _update_metrics(out: Path, new: dict) -> dict:
     path = out / "metrics.json"
+    engine.refuse_link(path, "sample.py")
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     metrics.update(new)
-    tmp = path.with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, path)
+    with writing(out, "metrics.json"):
+        engine.atomic_write_text(path, json.dumps(metrics, indent=2))
     return metrics
 
 

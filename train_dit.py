@@ -139,7 +139,8 @@ RULES = {  # accepted values of this trainer's keys, beside engine.TRAINER_RULES
     "sample.cfg_scale": GUIDANCE,
     "sample.fid_cfg_scale": GUIDANCE,
     "sample.fid_every": engine.at_least(0, "an integer >= 0 (0 = no periodic FID)"),
-    "sample.fid_samples": engine.at_least(1),
+    "sample.seed": engine.SEED_RULE,
+    "sample.fid_samples": engine.at_least(4, "an integer >= 4 (precision and recall need 4 samples)"),
     "sample.digits_accuracy": engine.at_least(0),
 }
 

@@ -206,7 +206,8 @@ def export_timm(model: nn.Module, folder: Path) -> Path:
     model.safetensors): timm.create_model(f"local-dir:{folder}", pretrained=True) builds and loads it."""
     from timm.models import save_for_hf
 
-    save_for_hf(model, folder, safe_serialization=True)
+    with engine.atomic_dir(folder) as tmp:  # a fresh folder: no write follows a link left in the old one
+        save_for_hf(model, tmp, safe_serialization=True)
     return folder
 
 
@@ -271,9 +272,6 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                                config=config, keep_last=cfg.checkpoint.keep_last, resumed_from=run.resume)
     old = engine.resume(run, ckpt, state)
     if old is not None:
-        diffs = engine.config_diffs(old.get("config", {}), config)
-        if diffs:
-            log.warning("config differs from the checkpoint's: " + "; ".join(diffs[:10]))
         if state["updates_in_epoch"] > sampler.updates_per_epoch:
             log.warning(f"checkpoint is {state['updates_in_epoch']} updates into an epoch of "
                         f"{sampler.updates_per_epoch}: the epoch is taken as finished")
@@ -358,7 +356,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                 # the val shards hold different numbers of batches
                 last_eval = evaluate_epoch(models, val_loader, run, state, step, metrics_file)
             state["epoch"], state["updates_in_epoch"] = epoch + 1, 0
-            if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or last_epoch:
+            if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch:
                 ckpt.save(step, state, key=(step, state["epoch"]))
             stopped = run.stop.reason(acc, 0, 1)
             if stopped:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vit3.engine import DataError
+
 FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's InceptionV3 layers (as ADM's evaluator)
 INCEPTION = "inception-v3-compat"
 CLASSIFIER_EXTRACTOR = "vit3-classifier"
@@ -205,6 +207,18 @@ def save_reference_statistics(path: str | Path, features: dict, layer: str = FID
 # ----------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------
+def _check_counts(num_samples: int, num_ref: int | None, reference: Path):
+    """DataError unless there are enough images for the metrics (else scipy fails with "Array must not contain
+    infs or NaNs"): FID a covariance (2 samples); against images, precision / recall each image's 3 nearest
+    neighbours besides itself (4 on each side). num_ref None: a statistics file (FID and IS only)."""
+    need = 2 if num_ref is None else 4
+    if num_samples < need or (num_ref is not None and num_ref < need):
+        ref = "" if num_ref is None else f" and {num_ref} reference images in {reference}"
+        raise DataError(f"FID needs at least 2 samples, and against reference images precision / recall need at least "
+                        f"4 samples and 4 reference images; got {num_samples} samples{ref}. Draw more samples "
+                        "(--num-samples, sample.fid_samples) or use a larger reference")
+
+
 def fidelity_metrics(samples: str | Path | list, reference: str | Path, *, cuda: bool, inception_weights=None,
                      classifier=None, batch_size: int = 64, save_ref_stats: str | Path | None = None) -> dict:
     """FID, IS, KID, precision and recall of the images under `samples` (a folder, or a list of image files:
@@ -247,6 +261,7 @@ def fidelity_metrics(samples: str | Path | list, reference: str | Path, *, cuda:
         else:
             ref_images = _ArrayImages(load_image_batch(reference))
             num_ref = len(ref_images)
+        _check_counts(num_samples, num_ref, reference)
         metrics = calculate_metrics(
             input1=sample_images, input2=ref_images, cuda=cuda, batch_size=batch_size,
             isc=True, fid=True, kid=True, prc=True, **extractor, kid_subset_size=min(1000, num_samples, num_ref),
@@ -259,6 +274,7 @@ def fidelity_metrics(samples: str | Path | list, reference: str | Path, *, cuda:
                          else dataset_features(ref_images, ext, cuda, batch_size))
             save_reference_statistics(save_ref_stats, ref_feats, fid_layer)
     else:
+        _check_counts(num_samples, None, reference)
         ext, fid_layer, isc_layer = feature_extractor(cuda, inception_weights, classifier)
         feats = dataset_features(sample_images, ext, cuda, batch_size)
         # float64 as the loaded statistics: torch-fidelity asserts one dtype on both sides

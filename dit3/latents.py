@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit3.engine import ConfigError, DataError
+from vit3.engine import ConfigError, DataError, atomic_path, atomic_write_text
 
 LATENT_FORMAT = 1
 
@@ -158,7 +158,7 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
         if (root / "index.json").is_file():
             _check_spec(root, spec)
         else:
-            (root / "index.json").write_text(json.dumps({**spec, "complete": False}, indent=2))
+            atomic_write_text(root / "index.json", json.dumps({**spec, "complete": False}, indent=2))
     accelerator.wait_for_everyone()
     _check_spec(root, spec)
 
@@ -181,11 +181,9 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
             means.append(torch.stack([dist.mean[:n], dist.mean[n:]], dim=1).to(store).cpu())  # [n, 2, C, h, w]
             stds.append(torch.stack([dist.std[:n], dist.std[n:]], dim=1).to(store).cpu())
             labels += [int(it[1]) for it in items]
-        path = _shard_path(root, k)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
-                   "labels": torch.tensor(labels, dtype=torch.long)}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(_shard_path(root, k)) as tmp:
+            save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                       "labels": torch.tensor(labels, dtype=torch.long)}, str(tmp))
         bar.update(1)
     bar.close()
     accelerator.wait_for_everyone()
@@ -195,9 +193,7 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
             raise DataError(f"latent extraction into {root} left shards {missing[:5]} missing; run again to finish")
         index = {**spec, "complete": True, "num_shards": num_shards,
                  "latent_shape": list(LatentShards.peek_shape(root))}
-        tmp = root / ".index.json.tmp"
-        tmp.write_text(json.dumps(index, indent=2))
-        os.replace(tmp, root / "index.json")
+        atomic_write_text(root / "index.json", json.dumps(index, indent=2))
     accelerator.wait_for_everyone()
     return root
 

@@ -23,6 +23,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
+from vit3.engine import atomic_path
+
 from .diffusion import create_diffusion
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
@@ -126,12 +128,8 @@ def save_pngs(images: np.ndarray, paths: Sequence[Path]):
     from PIL import Image
 
     for img, path in zip(images, paths):
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        try:
+        with atomic_path(path, suffix=".png") as tmp:
             Image.fromarray(img).save(tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
@@ -143,7 +141,6 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     if zoom > 1:
         images = torch.nn.functional.interpolate(images.float(), scale_factor=zoom, mode="nearest")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(images.float(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        save_image(images.float(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
     return path

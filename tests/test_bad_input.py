@@ -1,10 +1,12 @@
 """Every config key and CLI value is checked before any work starts: one line naming the key, the value and
 what is accepted (ConfigError: exit code 2 through engine.run_script, see test_engine.test_exit_codes and
 test_train_vit.test_unknown_config_key), for each of the three scripts."""
+import sys
+
 import pytest
 from trainer_helpers import load_script
 
-from vit3.engine import ConfigError
+from vit3.engine import ConfigError, run_script
 
 
 @pytest.mark.parametrize("script, argv, words", [
@@ -35,6 +37,14 @@ from vit3.engine import ConfigError
     ("sample", ["--ckpt", "x", "--cfg-interval", "0.9", "0.1"], "cfg_interval=(0.9, 0.1) is not accepted"),
     ("sample", ["--ckpt", "x", "--sampler", "euler"], "sampler='euler' is not accepted: it must be one of"),
     ("sample", ["--steps", "2"], "--ckpt is required"),
+    ("sample", ["--ckpt", "x", "--cfg-scale", "inf"], "cfg_scale=inf is not accepted: it must be a finite number"),
+    ("sample", ["--ckpt", "x", "--cfg-scale", "nan"], "cfg_scale=nan is not accepted: it must be a finite number"),
+    ("train_dit", ["sample.cfg_scale=inf"], "sample.cfg_scale=inf is not accepted: it must be a finite number"),
+    ("train_vit", ["optim.lr=inf"], "optim.lr=inf is not accepted: it must be a finite number"),
+    ("train_vit", [f"seed={2**70}"], f"seed={2**70} is not accepted: it must be an integer from 0 to 2**63 - 1"),
+    ("train_dit", [f"sample.seed={2**70}"], f"sample.seed={2**70} is not accepted"),
+    ("sample", ["--ckpt", "x", "--seed", str(2**70)], f"seed={2**70} is not accepted"),
+    ("train_dit", ["sample.fid_samples=1"], "sample.fid_samples=1 is not accepted: it must be an integer >= 4"),
 ])
 def test_bad_values_are_refused_before_any_work(script, argv, words, tmp_path):
     main = load_script(script).main  # looked up now: another test file may load the script again
@@ -43,3 +53,14 @@ def test_bad_values_are_refused_before_any_work(script, argv, words, tmp_path):
     assert words in str(e.value) and "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())  # nothing was started
 
+
+
+@pytest.mark.parametrize("script", ["train_vit", "train_dit", "sample"])
+def test_help_exits_0_without_a_traceback(script, monkeypatch, capsys):
+    """`script.py --help && ...` works: the key list, exit code 0, nothing on stderr (run as __main__ runs it)."""
+    main = load_script(script).main
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        run_script(main)
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and err == "" and "keys and defaults:" in out

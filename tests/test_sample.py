@@ -16,6 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from dit3 import load_dit3
+from trainer_helpers import make_unwritable
 from vit3 import engine
 from vit3.digits import prepare_digits
 from vit3.engine import ConfigError
@@ -187,6 +188,64 @@ def test_bad_input(run, tmp_path):
     w.write_bytes(b"x" * 100 + good[100:])
     with pytest.raises(ConfigError, match=r"cannot read the weights .*ema.*safetensors.*damaged"):
         _sample("--ckpt", bad, "--classes", 1)
+
+
+def test_no_write_leaves_the_sample_folder(run, tmp_path):
+    """Links to a file outside, planted at the final names and at the predictable temporary names of earlier
+    versions: the files are written beside them under fresh names and renamed over them, the outside file
+    stays as it was."""
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.write_text("victim")
+    for name in ("info.json", ".samples.npz.tmp", "images/.000000.tmp.png", "images/000001.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).symlink_to(victim)
+    _sample("--ckpt", run, "--num-samples", 2, "--batch-size", 2, "--steps", 2, "--out", out)
+    (tmp_path / ".grid.tmp.png").symlink_to(victim)
+    _sample("--ckpt", run, "--classes", 1, "--steps", 2, "--out", tmp_path / "grid.png")
+    assert victim.read_text() == "victim"
+    assert not any(p.is_symlink() for p in (out / "info.json", out / "images" / "000001.png"))
+    (out / "metrics.json").symlink_to(victim)  # read, then written: refused in one line
+    with pytest.raises(ConfigError, match=r"metrics.json is a symbolic link .*: sample.py writes only inside"):
+        _sample("--ckpt", run, "--num-samples", 2, "--batch-size", 2, "--steps", 2, "--out", out, "--digits-accuracy")
+
+
+def test_a_damaged_spec_is_rebuilt_before_any_image_and_refused_after(run, tmp_path):
+    """spec.json is written atomically now; one cut short by an earlier version (a kill mid-write, before any
+    image) is rebuilt with a warning, one beside images is refused in one line naming the file and the fix."""
+    out = tmp_path / "out"
+    common = ["--ckpt", run, "--num-samples", 2, "--batch-size", 2, "--steps", 2, "--out", out]
+    out.mkdir()
+    (out / "spec.json").write_text('{"ckpt": "/x", "ema')
+    with pytest.warns(UserWarning, match=r"spec.json is damaged \(JSONDecodeError.*no image was drawn yet"):
+        _sample(*common)
+    assert json.loads((out / "spec.json").read_text())["steps"] == 2
+    (out / "spec.json").write_text("")
+    with pytest.raises(ConfigError, match=r"spec.json is damaged .*the images in .*images were drawn with. If they "
+                                          r"were drawn with these settings, delete it.*another --out"):
+        _sample(*common)
+
+
+def test_unwritable_folders_too_few_fid_samples_and_export_onto_a_file(run, tmp_path, monkeypatch):
+    """One line and its exit code for each (see test_engine.test_exit_codes): a folder this user cannot
+    write (exit 5, simulated under root, see make_unwritable) is a permission problem, not a full disk;
+    FID says how many images it needs (exit 2); --export onto a file is refused (exit 2)."""
+    ref = _images(tmp_path / "ref", 4, 0)
+    with pytest.raises(ConfigError, match=r"FID needs at least 2 samples.*got 1 samples and 4 reference images"):
+        _sample("--ckpt", run, "--num-samples", 1, "--steps", 2, "--out", tmp_path / "one", "--fid-ref", ref)
+    (ref / "003.png").unlink()
+    with pytest.raises(ConfigError, match=r"4 samples and 4 reference images; got 4 samples and 3 reference images"):
+        _sample("--ckpt", run, "--num-samples", 4, "--steps", 2, "--out", tmp_path / "four", "--fid-ref", ref)
+    (tmp_path / "pipe").write_text("x")
+    with pytest.raises(ConfigError, match=r"--export .*pipe is a file; the export is a folder"):
+        _sample("--ckpt", run, "--export", tmp_path / "pipe")
+
+    ro = make_unwritable(tmp_path / "ro", monkeypatch)
+    with pytest.raises(engine.WriteError, match=rf"cannot write the sample folder into {ro}: permission denied.*"
+                                                r"choose a folder this user can write \(--out\)") as e:
+        _sample("--ckpt", run, "--num-samples", 2, "--steps", 2, "--out", ro / "bulk")
+    assert "free" not in str(e.value)
+    with pytest.raises(engine.WriteError, match=rf"cannot write the sample grid into {ro}: permission denied"):
+        _sample("--ckpt", run, "--classes", 1, "--steps", 2, "--out", ro / "grid.png")
 
 
 def test_checkpoints_are_diffusers_folders_and_the_old_format_still_loads(run, tmp_path):

@@ -110,6 +110,33 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     assert not all(torch.equal(wa[k], wd[k]) for k in wa)
 
 
+def test_every_epochs_0_saves_only_at_the_end_with_the_umask(data, tmp_path):
+    """checkpoint.every_epochs=0 ("never at epoch ends") trains on and saves once, at the end; checkpoint and
+    timm export files have the umask's mode (safetensors alone writes 0600)."""
+    r = _run(data, tmp_path, "checkpoint.every_epochs=0", "optim.epochs=2", "run_name=e0")
+    assert r["step"] == 6 and sorted(p.name for p in (r["run_dir"] / "checkpoints").iterdir()) == ["step-00000006"]
+    mode = 0o666 & ~T.files.UMASK
+    files = [*(r["run_dir"] / "checkpoints" / "step-00000006").iterdir(), *(r["run_dir"] / "timm").iterdir()]
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: mode for p in files}
+
+
+def test_resume_with_changed_settings(data, tmp_path):
+    """Another data.batch_size is refused (the position, lr scaling and schedule count its updates); other
+    changes are logged key by key, recorded in run.json, and the first config.yaml is kept."""
+    run = _run(data, tmp_path, "run_name=c", "max_steps=1")["run_dir"]
+    first = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"data.batch_size=4 but checkpoint .*step-00000001 was trained with "
+                                          r"data.batch_size=8.*Resume with data.batch_size=8, or .*weights="):
+        _run(data, tmp_path, "run_name=c", "resume=latest", "max_steps=2", "data.batch_size=4")
+    _run(data, tmp_path, "run_name=c", "resume=latest", "max_steps=2", "optim.lr=1e-3", "model.drop_path_rate=0.1",
+         "mixed_precision=bf16")
+    changed = ["mixed_precision: 'no' -> 'bf16'", "model.drop_path_rate: 0.2 -> 0.1", "optim.lr: 0.0005 -> 0.001"]
+    assert json.loads((run / "run.json").read_text())["resumes"][-1]["changed"] == changed
+    log = (run / "log.txt").read_text()
+    assert all(f"resumed with a changed setting: {c}" in log for c in changed)
+    assert (run / "config.yaml").read_text() == first
+
+
 def test_eval_only_matches_training_eval(data, tmp_path):
     r = _run(data, tmp_path, "run_name=train", "optim.epochs=1")  # one epoch: eval + checkpoint at step 3
     ckpt = r["run_dir"] / "checkpoints" / "step-00000003"
@@ -224,6 +251,21 @@ def test_missing_and_empty_data_folder(tmp_path):
     with pytest.raises(DataError, match=r"empty/train holds no images"):
         _run(tmp_path / "empty", tmp_path / "out")
     assert not any((tmp_path / "out").iterdir())  # failed runs leave no empty run folders
+
+
+def test_a_directory_link_loop_is_refused_and_an_empty_class_folder_is_fine(tmp_path):
+    """A link back up the tree is read once, not until the path is too long (120 images became 14,760); an
+    empty class folder keeps its class, as the class-mismatch message says."""
+    from vit3.data import open_image_folder
+
+    write_images(tmp_path / "d" / "train", "ab", 2)
+    (tmp_path / "d" / "train" / "c").mkdir()
+    with pytest.warns(UserWarning, match=r"class folders without images: c \(their classes keep their index\)"):
+        ds = open_image_folder(tmp_path / "d" / "train", None)
+    assert ds.classes == ["a", "b", "c"] and len(ds) == 4
+    (tmp_path / "d" / "train" / "a" / "again").symlink_to(tmp_path / "d" / "train")
+    with pytest.raises(DataError, match=r"train/a/again/a is .*train/a again, through a directory link.*remove"):
+        open_image_folder(tmp_path / "d" / "train", None)
 
 
 def test_train_val_class_mismatch(tmp_path):

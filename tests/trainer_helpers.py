@@ -116,3 +116,34 @@ def launch_two_processes(script: str, argv: list[str]) -> subprocess.CompletedPr
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+def make_unwritable(folder: Path, monkeypatch) -> Path:
+    """`folder`, made read-only (0o555). root ignores permissions, so when the tests run as root the kernel's
+    answer to a normal user is reproduced instead: creating a file or a folder under `folder` (os.open for
+    writing, which tempfile uses, and os.mkdir, which Path.mkdir uses) raises PermissionError (EACCES)."""
+    import errno
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return folder
+    real_open, real_mkdir, top = os.open, os.mkdir, os.path.abspath(folder)
+
+    def refused(path) -> bool:
+        return os.path.abspath(path) == top or os.path.abspath(path).startswith(top + os.sep)
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and refused(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir_(path, *args, **kwargs):
+        if refused(path) and not os.path.isdir(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir_)
+    return folder

@@ -140,6 +140,37 @@ class ClassificationFolder(ImageFolder):
         self.bad_images = bad_images
         self._warned: set[str] = set()
 
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's list of (file, class) in its order (classes sorted, then each class folder's sorted
+        walk, directory links followed), except that a folder reached a second time through a link (a loop,
+        which torchvision follows until the path is too long, multiplying the data) is a DataError naming
+        it, and that a class folder without images is allowed, with a warning: it keeps its class index, so
+        train and val can hold the same class folders."""
+        ends = extensions if isinstance(extensions, str) else tuple(extensions or ())
+        valid = is_valid_file or (lambda p: p.lower().endswith(ends))
+        seen: dict[tuple[int, int], str] = {}
+        instances, empty = [], []
+        for name in sorted(class_to_idx):
+            walked = []
+            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+                dirs.sort()  # the same link is named whatever order the file system lists
+                st = os.stat(root)
+                if (st.st_dev, st.st_ino) in seen:
+                    raise DataError(f"data folder {directory}: {root} is {seen[st.st_dev, st.st_ino]} again, through "
+                                    "a directory link (a loop, or a second link to one folder), so its images "
+                                    "would be read more than once; remove the link")
+                seen[st.st_dev, st.st_ino] = root
+                walked.append((root, files))
+            found = [(os.path.join(root, f), class_to_idx[name]) for root, files in sorted(walked)
+                     for f in sorted(files) if valid(os.path.join(root, f))]
+            instances += found
+            empty += [] if found else [name]
+        if empty:
+            warnings.warn(f"data folder {directory}: class folders without images: {', '.join(empty[:10])}"
+                          f"{' ...' if len(empty) > 10 else ''} (their classes keep their index)", stacklevel=2)
+        return instances
+
     def __getitem__(self, item):
         index, seed = item if isinstance(item, (tuple, list)) else (item, None)
         skipped = 0

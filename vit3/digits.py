@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .engine.files import temp_dir
+
 
 # ----------------------------------------------------------------------------------------
 # Data: scikit-learn digits as an ImageFolder
@@ -47,8 +49,7 @@ def prepare_digits(root: str | os.PathLike, img_size: int = 32, val_fraction: fl
     digits = load_digits()
     idx = np.arange(len(digits.target))
     train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target, random_state=seed)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir(root)  # a new, unpredictable name: a link planted beside root is never written through
     for split, ids in (("train", train_idx), ("val", val_idx)):
         for c in range(10):
             (tmp / split / str(c)).mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
     run.py         run folders, resume resolution, run info, logging, `start_run`
     lock.py        one writer per folder
     checkpoint.py  atomic checkpoints (weights, optimizer, RNG, position), load, prune
+    files.py       writes that stay inside their folder: temporary names, renames, no links followed
     data_order.py  the seeded, sharded, resumable sampler and the loaders on it
     signals.py     SIGTERM / SIGUSR1 -> save and stop
     loop.py        the functions both loops call: optimizer, EMA, update step, metrics, resume
@@ -28,6 +29,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import (
+    SEED_RULE,
     TRAINER_RULES,
     CheckpointConfig,
     ConfigError,
@@ -46,6 +48,17 @@ from .config import (
     one_of,
 )
 from .data_order import ResumableBatchSampler, ShardedEvalSampler, make_loader, seeded_rng
+from .files import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_text,
+    follow_umask,
+    is_permission_error,
+    open_append,
+    refuse_link,
+    remove_path,
+    temp_dir,
+)
 from .lock import acquire_lock, release_lock
 from .loop import (
     RunningMeans,
@@ -87,6 +100,7 @@ __all__ = [
     "EMAConfig",
     "LogConfig",
     "OptimConfig",
+    "SEED_RULE",
     "TRAINER_RULES",
     "at_least",
     "between",
@@ -97,6 +111,15 @@ __all__ = [
     "flat_config",
     "load_config",
     "merge_config",
+    "atomic_dir",
+    "atomic_path",
+    "atomic_write_text",
+    "follow_umask",
+    "is_permission_error",
+    "open_append",
+    "refuse_link",
+    "remove_path",
+    "temp_dir",
     "ResumableBatchSampler",
     "ShardedEvalSampler",
     "make_loader",

@@ -36,6 +36,7 @@ import torch.nn as nn
 import yaml
 
 from .config import ConfigError
+from .files import follow_umask, is_permission_error, remove_path
 
 logger = logging.getLogger("vit3.train")
 CKPT_RE = re.compile(r"^step-(\d+)$")
@@ -103,15 +104,6 @@ def _fsync_tree(path: Path):
     _fsync_dir(path)
 
 
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _is_pretrained(module: nn.Module) -> bool:
     """A diffusers model: saved with save_pretrained, as a folder."""
     from diffusers import ModelMixin
@@ -138,6 +130,10 @@ def _write_error(e: OSError, tmp: Path, root: Path) -> WriteError:
     """Remove the partial folder; the error names the folder, the space it took and the space left."""
     written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
     shutil.rmtree(tmp, ignore_errors=True)
+    if is_permission_error(e):  # not a matter of space
+        return WriteError(e.errno, f"cannot write a checkpoint into {root}: permission denied ({e.strerror or e}). "
+                                   f"The previous checkpoints are intact: make {root} writable for this user (or "
+                                   "choose another output_dir) and resume=latest")
     free = shutil.disk_usage(root).free if root.exists() else 0
     previous = [p for p in sorted(root.glob("step-*")) if p.is_dir()]
     need = max((sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0), written)
@@ -196,7 +192,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[st
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)  # a link planted at this name goes, so mkdir makes a folder inside the run
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
@@ -222,10 +218,11 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[st
             raise _write_error(e, tmp, ckpt_root) from None
 
     if accelerator.is_main_process:
+        follow_umask(tmp)  # safetensors writes 0600: a teammate could not sample the checkpoint
         _fsync_tree(tmp)
         trash = ckpt_root / f".trash-step-{step:08d}"
         if final.exists():  # same step saved twice (step and epoch-end): the later one wins
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_path(trash)
             os.replace(final, trash)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)

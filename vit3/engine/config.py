@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import sys
 import types
@@ -370,12 +371,15 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid yaml{where}: {getattr(e, 'problem', None) or e}. "
                               "Indent with spaces, not tabs") from None
+        if data is None:  # falling back to every default (ImageNet, downloads) is never what was meant
+            raise ConfigError(f"config file {path} is empty (or only comments): give it the settings of the run, or "
+                              "leave out --config to use the defaults")
         cfg = merge_config(cfg, data, source=str(path))
     for key, raw in overrides:
         cfg = override(cfg, key.strip(), raw)
@@ -426,9 +430,11 @@ def trackers():
             f"a comma-separated list of Accelerate trackers ({', '.join(sorted(known))})")
 
 
+# torch seeds are 64-bit; a process adds its rank to the seed
+SEED_RULE = between(0, 2**63 - 1, "an integer from 0 to 2**63 - 1")
 # what both trainers accept; each adds its own keys
 TRAINER_RULES = {
-    "seed": at_least(0),
+    "seed": SEED_RULE,
     "mixed_precision": one_of("no", "fp16", "bf16"),
     "threads": at_least(0, "an integer >= 0 (0 = torch's default)"),
     "data.batch_size": at_least(1),
@@ -466,12 +472,15 @@ def _get(cfg, dotted: str):
 
 
 def check_values(cfg, rules: dict):
-    """ConfigError (exit code 2) naming the first key whose value is not accepted, the value, and what is."""
+    """ConfigError (exit code 2) naming the first key whose value is not accepted, the value, and what is.
+    inf and nan are never accepted: no key means anything by them (a guidance scale of inf draws black images)."""
     for key, (ok, what) in rules.items():
         value = _get(cfg, key)
+        finite = not (isinstance(value, float) and not math.isfinite(value))
         try:
-            accepted = bool(ok(value))
+            accepted = finite and bool(ok(value))
         except TypeError:  # e.g. None where a number is needed
             accepted = False
         if not accepted:
-            raise ConfigError(f"{key}={value!r} is not accepted: it must be {what}")
+            raise ConfigError(f"{key}={value!r} is not accepted: it must be {'' if finite else 'a finite number, '}"
+                              f"{what}")

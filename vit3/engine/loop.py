@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import ConfigError, EMAConfig, OptimConfig
+from .files import atomic_write_text
 from .run import MetricsFile, Run, write_run_info
 
 logger = logging.getLogger("vit3.train")
@@ -114,7 +115,7 @@ def count_over_processes(count: torch.Tensor, accelerator) -> int:
 def log_start(run: Run, config: dict, seed: int, extra: dict, lines: list[str]) -> MetricsFile:
     """run.json / config.yaml, the opening log lines, and the metrics file."""
     extra = {**extra, "resumed_from": str(run.resume or "")}
-    info = write_run_info(run.dir, config, run.accelerator, seed, extra=extra)
+    info = write_run_info(run.dir, config, run.accelerator, seed, extra=extra, resumed_from=run.resume)
     acc = run.accelerator
     run.log.info(f"run folder {run.dir} | git {info['git']} | {acc.num_processes} process(es) on {acc.device} | "
                  f"mixed precision {acc.mixed_precision}")
@@ -225,4 +226,4 @@ class TrainLog:
 def write_json(path: Path, record: dict, accelerator):
     """A result file of the main process."""
     if accelerator.is_main_process:
-        Path(path).write_text(json.dumps(record, indent=2))
+        atomic_write_text(path, json.dumps(record, indent=2))

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -25,13 +26,14 @@ import yaml
 
 from .checkpoint import (
     CKPT_RE,
-    atomic_write_text,
+    WriteError,
     check_same_model,
     find_latest_checkpoint,
     read_trainer_state,
     verify_checkpoint,
 )
-from .config import ConfigError
+from .config import ConfigError, config_diffs
+from .files import atomic_write_text, is_permission_error, open_append, refuse_link
 from .lock import LOCK, acquire_lock, release_lock
 from .signals import StopSignal
 
@@ -131,9 +133,15 @@ def _new_run_dir(out: Path, name: str, run_name: str) -> Path:
 def _resolve_run_local(output_dir: str, name: str, run_name: str, resume: str, new_run: bool):
     out = Path(output_dir)
     run, ckpt = _find_resume(out, name, run_name, resume)
-    if run is None or new_run:
-        run = _new_run_dir(out, name + ("-eval" if new_run else ""), "" if new_run else run_name)
-    acquire_lock(run, "run folder")
+    try:
+        if run is None or new_run:
+            run = _new_run_dir(out, name + ("-eval" if new_run else ""), "" if new_run else run_name)
+        acquire_lock(run, "run folder")
+    except OSError as e:
+        if not is_permission_error(e):
+            raise
+        raise WriteError(e.errno, f"cannot write a run folder in {out}: permission denied ({e.strerror}); choose an "
+                                  "output_dir this user can write, or change its permissions") from None
     return run, ckpt
 
 
@@ -156,7 +164,7 @@ def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = ""
     if state.is_main_process:
         try:
             result = [_resolve_run_local(output_dir, name, run_name, resume, new_run)]
-        except ConfigError as e:
+        except (ConfigError, WriteError) as e:
             result = [e]
     if state.num_processes > 1:
         broadcast_object_list(result)
@@ -197,7 +205,10 @@ def start_run(cfg, name: str, arch_keys: tuple[str, ...], new_run: bool = False)
     try:
         run_dir, resume_ckpt = resolve_run(cfg.output_dir, name, cfg.run_name, cfg.resume, new_run=new_run)
         if resume_ckpt:
-            check_same_model(read_trainer_state(resume_ckpt), dataclasses.asdict(cfg.model), arch_keys, resume_ckpt)
+            state = read_trainer_state(resume_ckpt)
+            check_same_model(state, dataclasses.asdict(cfg.model), arch_keys, resume_ckpt)
+            if not new_run:
+                check_same_batch(state, cfg.data.batch_size, resume_ckpt)
         log_with = [t.strip() for t in cfg.log.log_with.split(",") if t.strip() not in ("", "none")]
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                                   gradient_accumulation_steps=cfg.optim.grad_accum_steps,
@@ -216,6 +227,17 @@ def start_run(cfg, name: str, arch_keys: tuple[str, ...], new_run: bool = False)
         if run_dir is not None:
             release_lock(run_dir / LOCK)
         torch.set_num_threads(threads_before)
+
+
+def check_same_batch(ckpt_state: dict, batch_size: int, ckpt: Path):
+    """ConfigError if a resume changes data.batch_size: the checkpoint's data position, lr scaling and schedule
+    count updates of its batch, so the run could not continue as it would have."""
+    old = (ckpt_state.get("config") or {}).get("data", {}).get("batch_size", batch_size)
+    if old != batch_size:
+        raise ConfigError(f"data.batch_size={batch_size} but checkpoint {ckpt} was trained with data.batch_size={old}: "
+                          "its data position, learning-rate scaling and schedule count updates of that batch, so the "
+                          f"run cannot continue exactly. Resume with data.batch_size={old}, or start a new run from "
+                          f"its weights (weights={ckpt}, without resume)")
 
 
 def finish(run: Run, message: str):
@@ -279,11 +301,16 @@ def environment_info(accelerator) -> dict:
     }
 
 
-def write_run_info(run_dir: Path, config: dict, accelerator, seed: int, extra: dict | None = None) -> dict:
+def write_run_info(run_dir: Path, config: dict, accelerator, seed: int, extra: dict | None = None,
+                   resumed_from: Path | None = None) -> dict:
     """Main process: config.yaml (resolved) and run.json (git hash, seed, command, environment).
 
-    A resumed run keeps the run.json of its start and appends this launch under "resumes".
+    A resumed run keeps the config.yaml and run.json of its start and appends this launch under "resumes",
+    with "changed": each setting that differs from the checkpoint's, as 'key: old -> new' (also logged).
     """
+    changed = []
+    if resumed_from is not None:
+        changed = config_diffs(read_trainer_state(resumed_from).get("config") or {}, config)
     info = {
         "git": git_hash(),
         "seed": seed,
@@ -291,14 +318,19 @@ def write_run_info(run_dir: Path, config: dict, accelerator, seed: int, extra: d
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "environment": environment_info(accelerator),
         **(extra or {}),
+        **({"changed": changed} if resumed_from is not None else {}),
     }
     if accelerator.is_main_process:
         run_dir = Path(run_dir)
+        for line in changed:
+            logger.warning(f"resumed with a changed setting: {line}")
         record = info
+        refuse_link(run_dir / "run.json")
         if (run_dir / "run.json").is_file():
             record = json.loads((run_dir / "run.json").read_text())
             record.setdefault("resumes", []).append(info)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        if not os.path.lexists(run_dir / "config.yaml"):  # the first config stays; changes are in run.json
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2))
     return info
 
@@ -310,12 +342,19 @@ def setup_logging(run_dir: Path, is_main: bool) -> logging.Logger:
     logger.propagate = False
     if is_main:
         fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")):
+        for h in (logging.StreamHandler(sys.stdout), _LogFile(run_dir / "log.txt")):
             h.setFormatter(fmt)
             logger.addHandler(h)
     else:
         logger.addHandler(logging.NullHandler())
     return logger
+
+
+class _LogFile(logging.FileHandler):
+    """FileHandler that appends without following a link (one planted at log.txt is refused in one line)."""
+
+    def _open(self):
+        return open_append(self.baseFilename)
 
 
 def close_logging():
@@ -332,5 +371,5 @@ class MetricsFile:
 
     def write(self, step: int, metrics: dict):
         if self.enabled:
-            with open(self.path, "a") as f:
+            with open_append(self.path) as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")

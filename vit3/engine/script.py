@@ -52,6 +52,10 @@ def run_script(main):
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_WRITE_FAILED
+    except SystemExit as e:  # --help (code 0): the text was the output; no traceback
+        code = e.code if isinstance(e.code, int) else EXIT_DONE if e.code is None else EXIT_CRASH
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted (a second Ctrl-C): stopped without a checkpoint", file=sys.stderr)
         code = EXIT_INTERRUPTED
