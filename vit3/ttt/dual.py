@@ -127,9 +127,8 @@ def swiglu_backward(dq, dk, dv, dout1, w12, saved, rope, coef: float, lr: float,
     dp = torch.baddbmm((gp * dm2).view(hb, n, 2 * d), sg[:, :n].transpose(1, 2), u[:, :n])  # [HB, N, 2d]
     dsg = torch.bmm(u, p.view(hb, n, 2 * d).transpose(1, 2))  # [dS; 2 dG]: [HB, 2N, N]
     flat = qk.view(hb, 2 * n, d)
-    dqk = torch.empty(hb, 2 * n, d, dtype=w.dtype, device=w.device)
-    torch.bmm(dsg[:, :n], flat[:, n:], out=dqk[:, :n])  # dS K
-    torch.bmm(dsg.transpose(1, 2), flat, out=dqk[:, n:])  # dS^T Q + 2 dG K
+    dq_gram = torch.bmm(dsg[:, :n], flat[:, n:]).view(heads, b, n, d)  # dS K
+    dk_gram = torch.bmm(dsg.transpose(1, 2), flat).view(heads, b, n, d)  # dS^T Q + 2 dG K
 
     # ---- through P = coef [v a | v z1 ds] to dv and dZ ----
     dp1, dp2 = dp.view(heads, b, n, 2 * d).mul_(coef).split(d, dim=-1)
@@ -139,9 +138,9 @@ def swiglu_backward(dq, dk, dv, dout1, w12, saved, rope, coef: float, lr: float,
 
     # ---- the shared weights: dQ, dK += [dY; dZ] W^T, dW = [Q; K]^T [dY; dZ] ----
     dyz_flat = dyz.view(heads, 2 * b * n, 2 * d)
-    dqk = dqk.view(heads, 2 * b * n, d).baddbmm_(dyz_flat, w.transpose(1, 2)).view(heads, b, 2 * n, d)
+    dqk = torch.bmm(dyz_flat, w.transpose(1, 2)).view(heads, b, 2 * n, d)  # (bmm into a strided out= loops)
     dw = torch.bmm(qk.view(heads, 2 * b * n, d).transpose(1, 2), dyz_flat).unsqueeze(0)  # [1, H, d, 2d]
-    for dst, rows in ((dq, dqk[:, :, :n]), (dk, dqk[:, :, n:])):
+    for dst, rows in ((dq, dqk[:, :, :n].add_(dq_gram)), (dk, dqk[:, :, n:].add_(dk_gram))):
         dst.transpose(0, 1).copy_(rows if rope is None else rotate_pairs(rows, *rope, inverse=True))
     dv.transpose(0, 1).copy_(dv_rows)
     return dw
