@@ -219,6 +219,7 @@ class Stage(nn.Module):
 class _Classifier(nn.Module):
     """The timm classifier interface both models share: a Linear head (or none), forward = features + head."""
 
+    in_chans: int  # image channels the model takes (timm reads it to adapt pretrained weights)
     num_classes: int
     num_features: int
     global_pool: str
@@ -248,6 +249,7 @@ class _Classifier(nn.Module):
         self.num_classes = num_classes
         self.head = self._make_head(num_classes, device=param.device, dtype=param.dtype)
         _init_weights(self.head)
+        self.head.train(self.training)  # a new module is in training mode; an eval model stays in eval
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))  # [B, num_classes] or [B, num_features]
@@ -273,7 +275,7 @@ class ViT3(_Classifier):
         super().__init__()
         self.global_pool = _check_pool(global_pool)
         self.img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grad_checkpointing = False
 
@@ -365,7 +367,7 @@ class HViT3(_Classifier):
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError("embed_dims, depths and num_heads need one entry per stage")
         self.img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         self.patch_embed = Stem(in_chans, embed_dims[0])
