@@ -3,8 +3,18 @@
 RoPE2d is imported by the TTT core (H-ViT³ rotates the SwiGLU branch's queries
 and keys); the other layers are the plain pieces the models stack.
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
+
+
+def autocast_off(device: torch.device):
+    """Autocast switched off, for code that picks its own precision; nothing to switch off on devices
+    without autocast (the meta device, where timm's tests run models for their shapes)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
 
 
 class RoPE2d(nn.Module):

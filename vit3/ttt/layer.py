@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from ..layers import RoPE2d
+from ..layers import RoPE2d, autocast_off
 from .fast import ttt_fast
 from .reference import HEAD_MODELS, ttt_reference
 
@@ -147,14 +147,14 @@ class TTT(nn.Module):
             raise RuntimeError("impl='triton' needs Triton (pip install triton), or use impl='fast'")
         from .triton_ops import ttt_triton
 
-        with torch.autocast(device_type=qkv.device.type, enabled=False):  # as in _fast
+        with autocast_off(qkv.device):  # as in _fast
             theta = None if rope is None else rope.frequencies(qkv.device)
             return ttt_triton(qkv, self.w1, self.w2, self.w3, self.proj.weight, self.proj.bias,
                               heads=self.num_heads, h=h, w=w, scale=self.scale, lr=self.inner_lr, rope_theta=theta)
 
     def _fast(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None) -> torch.Tensor:
         # autocast off: the inner math picks float32 itself and the projection runs in qkv's (autocast) dtype
-        with torch.autocast(device_type=qkv.device.type, enabled=False):
+        with autocast_off(qkv.device):
             tables = None
             if rope is not None:
                 tables = rope.rotations(h, w, qkv.device, torch.promote_types(qkv.dtype, torch.float32))
@@ -165,7 +165,7 @@ class TTT(nn.Module):
         """Reference path: inner training on the keys and values, then the trained models on the queries:
         [B, N, C + c], the output projection's input."""
         # the inner gradient, its norm and the token reductions run in float32 under autocast
-        with torch.autocast(device_type=qkv.device.type, enabled=False):
+        with autocast_off(qkv.device):
             b, n, _ = qkv.shape
             c, heads = self.dim, self.num_heads
             cd, hd = self.conv_dim, (c if self.head_kind else 0)
