@@ -52,10 +52,20 @@ def test_device_dtype_and_in_chans(name):
     model = meta(name, dtype=torch.bfloat16)  # made there, not moved: a base model costs nothing here
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert meta(name).in_chans == meta(name).pretrained_cfg["input_size"][0] == 3  # timm's test_model_default_cfgs
     model = meta(name, in_chans=1)
     first = model.get_submodule(model.pretrained_cfg["first_conv"])
     assert isinstance(first, nn.Conv2d) and first.in_channels == 1
-    assert model.pretrained_cfg["input_size"] == (1, 224, 224)
+    assert model.in_chans == 1 and model.pretrained_cfg["input_size"] == (1, 224, 224)
+    assert meta(name, in_chans=1, features_only=True).in_chans == 1
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_forward_on_the_meta_device(name):
+    """timm's test_model_default_cfgs runs every model on the meta device, for its shapes only."""
+    model = meta(name)
+    logits = model(torch.randn(1, 3, 64, 96, device="meta"))
+    assert logits.device.type == "meta" and logits.shape == (1, 1000)
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -145,9 +155,10 @@ def test_fx_feature_extraction(name):
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_reset_classifier_and_no_pooling(name):
-    model = meta(name, dtype=torch.bfloat16)
+    model = meta(name, dtype=torch.bfloat16).eval()
     model.reset_classifier(7, global_pool="")
     assert model.head.weight.device.type == "meta" and model.head.weight.dtype == torch.bfloat16
+    assert not model.head.training  # the new head takes the model's mode
     assert model.global_pool == ""
     with pytest.raises(ValueError, match="global_pool"):
         model.reset_classifier(7, global_pool="max")
