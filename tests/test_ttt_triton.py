@@ -225,18 +225,21 @@ def test_auto_falls_back_when_triton_differs(auto_unchecked, monkeypatch):
 
 @pytest.mark.slow  # 10-30 s of compilation on 2 CPU cores
 def test_check_runs_in_a_torch_compile_trace_without_graph_breaks(auto_unchecked, monkeypatch):
-    calls = watch_triton(monkeypatch, raises)
     fast, auto, x = fast_and_auto()
 
-    def choose(x):
-        return x * 2 if auto.path(x.device, x.dtype) == "triton" else x * 3
+    def choose(x, rope: bool):
+        return x * 2 if auto.path(x.device, x.dtype, rope) == "triton" else x * 3
 
     # fullgraph: a graph break raises (the layer itself has some, in the fast path's out= ops)
-    with pytest.warns(RuntimeWarning, match="injected"):
-        assert torch.equal(torch.compile(choose, fullgraph=True)(x), x * 3)  # checked in the trace: fast
-    assert len(calls) == 1
-    y = torch.compile(auto)(x, 3, 4)
-    assert len(calls) == 1 and rel(y, fast(x, 3, 4)) <= 1e-5  # the verdict is kept
+    compiled = torch.compile(choose, fullgraph=True)
+    passing = watch_triton(monkeypatch)
+    assert torch.equal(compiled(x, False), x * 2) and len(passing) == 1  # checked in the trace: Triton
+    failing = watch_triton(monkeypatch, raises)
+    with pytest.warns(RuntimeWarning, match="with RoPE: RuntimeError: injected"):
+        assert torch.equal(compiled(x, True), x * 3)  # another case, checked in its own trace: fast
+    rope = RoPE2d(64)
+    y = torch.compile(auto)(x, 3, 4, rope)
+    assert len(failing) == 1 and rel(y, fast(x, 3, 4, rope)) <= 1e-5  # the verdict is kept
 
 
 def test_forced_impl_is_unchecked_and_raises(auto_unchecked, monkeypatch):
