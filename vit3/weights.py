@@ -129,14 +129,14 @@ def download_cached(url: str, file_name: str, cache_dir: str | PathLike | None =
 
 
 def fetch_pretrained(variant: str, kwargs: dict) -> dict:
-    """kwargs with the weights that timm would fetch from the cfg's `url` downloaded first (once, into the
-    torch hub cache) and given as its `file`, which timm's loader reads as it reads any file= overlay: the
-    EMA weights where there are any, head and in_chans adapted. timm's own url loading names the cached
-    file after the url's path, which the release links (.../f/<id>/?dl=1) lack, and takes a checkpoint
-    dict for the weights themselves."""
+    """The create_model kwargs of `variant`, with the `url` that timm would fetch downloaded (once, into the
+    torch hub cache) and given as the cfg's `file` instead: timm's loader then reads it as any file=
+    overlay, taking the EMA weights where there are any and adapting head and in_chans. timm's own url
+    loading names the cached file after the url's path, which the release links (.../f/<id>/?dl=1) lack,
+    and takes a checkpoint dict for the weights themselves."""
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     source, url = _resolve_pretrained_source(cfg.to_dict())
-    if source != "url":  # a file, a state dict, a local-dir: or hf-hub, none: timm's loader handles those
+    if source != "url":  # a file, a state dict, a local-dir, the hf hub, or nothing: timm's loader handles those
         return kwargs
     file = download_cached(url, cached_file_name(url, f"{variant}.{cfg.tag}" if cfg.tag else variant),
                            kwargs.get("cache_dir"))
