@@ -2,11 +2,17 @@
 
 Each model is checked against timm itself where timm has the answer: its optimizer factory (layer-wise lr
 decay groups, set out as timm's own ViT groups them), its feature wrappers (getter and FX), its pretrained
-loader (the official file layout, in_chans and num_classes adaptation) and its data config. Shapes are
+loader (the official file layout, in_chans and num_classes adaptation; downloads from an HTTP server on
+127.0.0.1 into a temporary torch hub cache) and its data config. Shapes are
 small: where no forward is needed a model is built at full size on the meta device; where one is, at its
 full width but shallow (SHALLOW), so that every model's contract costs seconds on a CPU.
 """
 import math
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -19,6 +25,7 @@ from timm.optim import create_optimizer_v2
 import vit3.models
 from test_models import _save_official_file, official_state_dict
 from vit3.models import MODEL_NAMES, HViT3
+from vit3.weights import cached_file_name
 
 REGISTERED = sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__ == "vit3.models")
 # one cheap forward per model: H-ViT³ sides that halve unevenly (stem 18 x 10, then 9 x 5, 5 x 3, 3 x 2)
@@ -52,10 +59,20 @@ def test_device_dtype_and_in_chans(name):
     model = meta(name, dtype=torch.bfloat16)  # made there, not moved: a base model costs nothing here
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert meta(name).in_chans == meta(name).pretrained_cfg["input_size"][0] == 3  # timm's test_model_default_cfgs
     model = meta(name, in_chans=1)
     first = model.get_submodule(model.pretrained_cfg["first_conv"])
     assert isinstance(first, nn.Conv2d) and first.in_channels == 1
-    assert model.pretrained_cfg["input_size"] == (1, 224, 224)
+    assert model.in_chans == 1 and model.pretrained_cfg["input_size"] == (1, 224, 224)
+    assert meta(name, in_chans=1, features_only=True).in_chans == 1
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_forward_on_the_meta_device(name):
+    """timm's test_model_default_cfgs runs every model on the meta device, for its shapes only."""
+    model = meta(name)
+    logits = model(torch.randn(1, 3, 64, 96, device="meta"))
+    assert logits.device.type == "meta" and logits.shape == (1, 1000)
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -145,9 +162,10 @@ def test_fx_feature_extraction(name):
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_reset_classifier_and_no_pooling(name):
-    model = meta(name, dtype=torch.bfloat16)
+    model = meta(name, dtype=torch.bfloat16).eval()
     model.reset_classifier(7, global_pool="")
     assert model.head.weight.device.type == "meta" and model.head.weight.dtype == torch.bfloat16
+    assert not model.head.training  # the new head takes the model's mode
     assert model.global_pool == ""
     with pytest.raises(ValueError, match="global_pool"):
         model.reset_classifier(7, global_pool="max")
@@ -255,5 +273,128 @@ def test_pretrained_official_file_through_timm(name, tmp_path):
     first = adapted.pretrained_cfg["first_conv"] + ".weight"
     torch.testing.assert_close(adapted.state_dict()[first], expected[first].sum(dim=1, keepdim=True))
     assert adapted.head.out_features == 10
-    with pytest.raises(RuntimeError, match="pretrained_cfg_overlay=dict\\(file=PATH\\)"):
-        timm.create_model(name, pretrained=True)  # nothing is downloaded
+
+
+@pytest.fixture
+def release_server():
+    """An HTTP server on 127.0.0.1 (a free port, its own thread) serving `files[id]` at release-style urls,
+    /f/<id>/?dl=1; ids in `truncated` announce their full Content-Length but send half and close, unknown
+    ids get 404. `requests` records every path asked for. Shut down after the test."""
+    server_state = SimpleNamespace(files={}, truncated=set(), requests=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # a stalled client cannot hold the server's thread
+
+        def do_GET(self):
+            server_state.requests.append(self.path)
+            match = re.fullmatch(r"/f/(\w+)/\?dl=1", self.path)
+            body = server_state.files.get(match.group(1)) if match else None
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2] if match.group(1) in server_state.truncated else body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server_state.url = lambda file_id: f"http://127.0.0.1:{server.server_port}/f/{file_id}/?dl=1"
+    yield server_state
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def small_official_file(name, path) -> dict:
+    """A shallow `name` (SHALLOW) saved as the official trainers save (H-ViT³: RoPE tables stored, EMA
+    weights beside the model's); returns the weights timm's loader should take from it."""
+    model = build(name)
+    model_sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    ema_sd = None
+    if name.startswith("hvit3"):
+        model_sd.update({f"{m}.rope.rotations": torch.randn(2, 2, 2, 2) for m, block in model.named_modules()
+                         if isinstance(block, vit3.models.Block)})
+        ema_sd = {k: -v if v.is_floating_point() else v for k, v in model_sd.items()}
+    _save_official_file(path, model_sd, ema_sd)
+    return ema_sd or model_sd
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch hub cache: its checkpoints folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.mark.parametrize("name", ["vit3_tiny", "hvit3_tiny"])
+def test_pretrained_downloads_a_release_link_once(name, tmp_path, torch_home, release_server):
+    """pretrained=True with a release link (/f/<id>/?dl=1, as the official ones) downloads the file into the
+    torch hub cache under a name made from the tag, then loads it as a file= overlay does; later calls
+    read the cache."""
+    expected = small_official_file(name, tmp_path / "release.pth")
+    release_server.files["a1b2c3"] = (tmp_path / "release.pth").read_bytes()
+    overlay = dict(url=release_server.url("a1b2c3"))
+    model = timm.create_model(f"{name}.official_in1k", pretrained=True, pretrained_cfg_overlay=overlay,
+                              **SHALLOW[name])
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # the EMA weights, if any
+    cached = torch_home / f"{name}.official_in1k-a1b2c3.pth"
+    assert [p.name for p in torch_home.iterdir()] == [cached.name]
+    assert cached.read_bytes() == release_server.files["a1b2c3"]
+
+    adapted = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=10, in_chans=1,
+                                **SHALLOW[name])
+    assert len(release_server.requests) == 1  # the second call read the cache
+    first = adapted.pretrained_cfg["first_conv"] + ".weight"
+    torch.testing.assert_close(adapted.state_dict()[first], expected[first].sum(dim=1, keepdim=True))
+    assert adapted.in_chans == 1 and adapted.head.out_features == 10
+
+
+def test_pretrained_default_url_reads_the_cache(tmp_path, torch_home):
+    """The registered url (the official release link) maps to its own name in the cache: a file put there
+    by hand loads with no network."""
+    expected = small_official_file("vit3_tiny", tmp_path / "release.pth")
+    torch_home.mkdir(parents=True)
+    url = vit3.models.OFFICIAL_WEIGHTS["vit3_tiny"]
+    (tmp_path / "release.pth").rename(torch_home / cached_file_name(url, "vit3_tiny.official_in1k"))
+    model = timm.create_model("vit3_tiny", pretrained=True, **SHALLOW["vit3_tiny"])
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_cached_file_name():
+    release = "https://cloud.tsinghua.edu.cn/f/4ab59ca54b474dff9b70/?dl=1"
+    assert cached_file_name(release, "vit3_small.official_in1k") == "vit3_small.official_in1k-4ab59ca54b474dff9b70.pth"
+    other = [cached_file_name(f"https://host/weights/{f}", "vit3_small") for f in ("a.safetensors", "b.safetensors")]
+    assert other[0] != other[1] and all(re.fullmatch(r"vit3_small-[0-9a-f]{12}\.safetensors", n) for n in other)
+
+
+def test_partial_download_is_never_taken_for_the_file(tmp_path, torch_home, release_server):
+    expected = small_official_file("vit3_tiny", tmp_path / "release.pth")
+    body = release_server.files["cut"] = (tmp_path / "release.pth").read_bytes()
+    release_server.truncated.add("cut")
+    overlay = dict(url=release_server.url("cut"))
+    with pytest.raises(RuntimeError, match=f"ended after {len(body) // 2} of {len(body)} bytes"):
+        timm.create_model("vit3_tiny", pretrained=True, pretrained_cfg_overlay=overlay, **SHALLOW["vit3_tiny"])
+    assert list(torch_home.iterdir()) == []  # neither the final name nor the partial one
+    release_server.truncated.clear()  # the next attempt downloads it whole
+    model = timm.create_model("vit3_tiny", pretrained=True, pretrained_cfg_overlay=overlay, **SHALLOW["vit3_tiny"])
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_download_errors_name_the_url_and_the_offline_way(torch_home, release_server):
+    missing = release_server.url("missing")
+    with pytest.raises(RuntimeError, match="HTTP 404") as http_error:
+        timm.create_model("vit3_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=missing))
+    with socket.socket() as sock:  # a port nothing listens on: what an offline machine's refused connection gives
+        sock.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{sock.getsockname()[1]}/f/abc/?dl=1"
+    with pytest.raises(RuntimeError, match="Connection refused") as offline:
+        timm.create_model("vit3_tiny", pretrained=True, pretrained_cfg_overlay=dict(url=refused))
+    for error, url in ((http_error, missing), (offline, refused)):
+        assert url in str(error.value) and "pretrained_cfg_overlay=dict(file=PATH)" in str(error.value)
+        assert str(torch_home / cached_file_name(url, "vit3_tiny.official_in1k")) in str(error.value)

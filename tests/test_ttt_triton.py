@@ -1,4 +1,5 @@
-"""The Triton TTT path against the float64 reference path, its dispatch, and its Hopper build.
+"""The Triton TTT path against the float64 reference path, its dispatch (impl="auto"'s first-use check,
+VIT3_TTT_IMPL), and its Hopper build.
 
 Without a GPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1 before
 anything imports them) with fp32 IEEE dots; with one they run compiled. Buffers from torch.empty are
@@ -7,15 +8,17 @@ filled with NaN during these runs, so a tile that a kernel fails to write shows 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from vit3.layers import RoPE2d
-from vit3.ttt import TTT
+from vit3.ttt import TTT, dispatch
 from vit3.ttt.layer import HAS_TRITON
 
 pytestmark = [pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")]
@@ -92,7 +95,10 @@ def test_triton_matches_float64_reference(nan_empty, heads, d, h, w, rope, block
         assert rel(g, g_ref) <= 1e-4, name
 
 
-def test_layer_dispatch():
+def test_layer_dispatch(monkeypatch):
+    monkeypatch.setattr(dispatch, "VERDICTS", {})
+    monkeypatch.setattr(dispatch, "FORCED_IMPL", None)
+    monkeypatch.setattr(dispatch, "_check", lambda *case: None)  # every case passes its first-use check
     layer = TTT(64, 2)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert layer.path(cuda, torch.bfloat16) == "triton"  # auto: Triton for CUDA tensors
@@ -135,6 +141,136 @@ def test_triton_layer_equals_fast_layer_with_rope_and_checkpointing():
     assert rel(y_tri, y_fast) <= 1e-4 and rel(g_tri, g_fast) <= 1e-4
     with torch.no_grad():  # inference skips the autograd function
         assert rel(tri(x, 3, 4, rope), y_fast) <= 1e-4
+
+
+# ---------------------------------------------------------------- impl="auto": the first-use check, VIT3_TTT_IMPL
+
+
+@pytest.fixture
+def auto_unchecked(monkeypatch):
+    """impl="auto" with no verdicts yet and no forced path, taking Triton on DEVICE (on CPU tensors too, where
+    the interpreter runs the kernels, as the compiled kernels run on a GPU)."""
+    monkeypatch.setattr(dispatch, "TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(dispatch, "VERDICTS", {})
+    monkeypatch.setattr(dispatch, "FORCED_IMPL", None)
+
+
+def watch_triton(monkeypatch, replace=None) -> list:
+    """Counts the calls of the Triton path (the layer's and the check's); replace(real, *args, **kwargs), if
+    given, stands in for each call."""
+    from vit3.ttt import triton_ops
+
+    real, calls = triton_ops.ttt_triton, []
+
+    def watched(*args, **kwargs):
+        calls.append(1)
+        return replace(real, *args, **kwargs) if replace else real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ops, "ttt_triton", watched)
+    return calls
+
+
+def raises(real, *args, **kwargs):
+    raise RuntimeError("injected: no kernel image is available for execution on the device")
+
+
+def fast_and_auto(dim=64, heads=2):
+    torch.manual_seed(0)
+    fast = TTT(dim, heads, impl="fast").to(DEVICE)
+    auto = TTT(dim, heads).to(DEVICE)
+    auto.load_state_dict(fast.state_dict())
+    return fast, auto, torch.randn(2, 12, dim, device=DEVICE)
+
+
+def test_auto_checks_triton_once_per_case_then_takes_it(auto_unchecked, monkeypatch):
+    calls = watch_triton(monkeypatch)
+    fast, auto, x = fast_and_auto()
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings(), torch.inference_mode():  # no warning; the check needs no grad mode
+        warnings.simplefilter("error")
+        y = auto(x, 3, 4)
+        assert len(calls) == 2  # the check, then the layer's own call
+        assert rel(auto(x, 3, 4), y) == 0 and len(calls) == 3  # no second check for this case
+        auto(x, 3, 4, RoPE2d(64))  # another case: RoPE
+        assert len(calls) == 5
+    assert torch.equal(torch.get_rng_state(), rng)  # the check draws from a generator of its own
+    assert dispatch.VERDICTS == {(x.device, torch.float32, 32, False): None, (x.device, torch.float32, 32, True): None}
+    assert rel(y, fast(x, 3, 4)) <= 1e-4
+
+
+def test_auto_falls_back_for_good_when_triton_raises(auto_unchecked, monkeypatch):
+    calls = watch_triton(monkeypatch, raises)
+    fast, auto, x = fast_and_auto()
+    case = re.escape(f"on {x.device}, torch.float32, head width 32, without RoPE: RuntimeError: injected: no kernel")
+    with pytest.warns(RuntimeWarning, match=f"failed its first-use check {case}.*runs on the fast path") as record:
+        y = auto(x, 3, 4)
+    assert len([w for w in record if "first-use check" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per case, not per call
+        assert torch.equal(auto(x, 3, 4), y)
+    assert len(calls) == 1  # the check's call only: the verdict is kept
+    assert auto.path(x.device) == "fast" and torch.equal(y, fast(x, 3, 4))
+
+
+def test_auto_falls_back_when_triton_differs(auto_unchecked, monkeypatch):
+    calls = watch_triton(monkeypatch, lambda real, *a, **k: real(*a, **k) * 1.05)  # 5% off: a wrong kernel
+    fast, auto, x = fast_and_auto()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"its output differs from the fast path's by 0\.05 "
+                                                               r"\(relative RMS; tolerance 0\.005\)"):
+        y = auto(x, 3, 4)
+    assert len(calls) == 1 and dispatch.VERDICTS[(x.device, torch.float32, 32, False)].startswith("its output")
+    with torch.no_grad():
+        assert torch.equal(y, fast(x, 3, 4))
+
+
+@pytest.mark.slow  # 10-30 s of compilation on 2 CPU cores
+def test_check_runs_in_a_torch_compile_trace_without_graph_breaks(auto_unchecked, monkeypatch):
+    fast, auto, x = fast_and_auto()
+
+    def choose(x, rope: bool):
+        return x * 2 if auto.path(x.device, x.dtype, rope) == "triton" else x * 3
+
+    # fullgraph: a graph break raises (the layer itself has some, in the fast path's out= ops)
+    compiled = torch.compile(choose, fullgraph=True)
+    passing = watch_triton(monkeypatch)
+    assert torch.equal(compiled(x, False), x * 2) and len(passing) == 1  # checked in the trace: Triton
+    failing = watch_triton(monkeypatch, raises)
+    with pytest.warns(RuntimeWarning, match="with RoPE: RuntimeError: injected"):
+        assert torch.equal(compiled(x, True), x * 3)  # another case, checked in its own trace: fast
+    rope = RoPE2d(64)
+    y = torch.compile(auto)(x, 3, 4, rope)
+    assert len(failing) == 1 and rel(y, fast(x, 3, 4, rope)) <= 1e-5  # the verdict is kept
+
+
+def test_forced_impl_is_unchecked_and_raises(auto_unchecked, monkeypatch):
+    calls = watch_triton(monkeypatch, raises)
+    _, auto, x = fast_and_auto()
+    monkeypatch.setattr(dispatch, "FORCED_IMPL", "triton")
+    with pytest.raises(RuntimeError, match="injected"):  # no check, no fallback
+        auto(x, 3, 4)
+    assert dispatch.VERDICTS == {} and len(calls) == 1
+    assert TTT(64, 2, impl="fast").path(x.device) == "fast"  # an explicit impl keeps its path
+    assert TTT(64, 2, inner_loss="mse").path(x.device) == "reference"  # the only path of other designs
+    for forced in ("fast", "reference"):
+        monkeypatch.setattr(dispatch, "FORCED_IMPL", forced)
+        assert auto.path(x.device) == forced
+        auto(x, 3, 4)
+    assert len(calls) == 1 and dispatch.VERDICTS == {}
+
+
+def test_env_var_forces_the_path_for_the_process():
+    """VIT3_TTT_IMPL is read when vit3 is imported; forced Triton on CPU tensors without the interpreter raises."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch; from vit3.ttt import TTT; layer = TTT(64, 2); print(layer.path(torch.device('cpu')))\n"
+            "try:\n    layer(torch.randn(1, 4, 64), 2, 2)\nexcept RuntimeError as e:\n    print('raised:', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(env, VIT3_TTT_IMPL="triton"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("triton\nraised: impl='triton' needs CUDA tensors (got cpu)")
+    out = subprocess.run([sys.executable, "-c", "import vit3"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(env, VIT3_TTT_IMPL="fastest"))
+    assert out.returncode != 0
+    assert "VIT3_TTT_IMPL='fastest': choose one of fast, triton, reference" in out.stderr
 
 
 def test_kernels_compile_for_hopper_without_spills():

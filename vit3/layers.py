@@ -3,6 +3,8 @@
 RoPE2d is imported by the TTT core (H-ViT³ rotates the SwiGLU branch's queries
 and keys); the other layers are the plain pieces the models stack.
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 
@@ -14,6 +16,14 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
     if inverse:
         sin = -sin
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
+
+
+def autocast_off(device: torch.device):
+    """Autocast switched off, for code that picks its own precision; nothing to switch off on devices
+    without autocast (the meta device, where timm's tests run models for their shapes)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
 
 
 class RoPE2d(nn.Module):

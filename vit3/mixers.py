@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import autocast_off
 from .ttt import TTT
 
 MIXERS = ("ttt", "attention", "linear_attention")
@@ -70,7 +71,7 @@ class LinearAttention(nn.Module):
         else:
             q_rot, k_rot = q, k
         # reductions over tokens in float32: sums of N positive terms overflow / lose bits in half precision
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             kv = k_rot.float().transpose(-2, -1) @ v.float() / n  # [B, heads, d, d]
             z = q.float() @ k.float().mean(dim=2, keepdim=True).transpose(-2, -1)  # [B, heads, N, 1]
             x = (q_rot.float() @ kv) / (z + 1e-6)

@@ -27,9 +27,9 @@ The models are registered with timm: after `import vit3`, `timm.create_model("vi
 with timm's conventions: `device=` / `dtype=`, `features_only=True` (H-ViT³: the four stage
 maps at strides 4/8/16/32; ViT³: chosen blocks as maps) and `forward_intermediates()`,
 `reset_classifier(n, global_pool='')`, `group_matcher()` for layer-wise lr decay, FX
-tracing, and the official weights as pretrained tags (`vit3_small.official_in1k`) that
-load from a downloaded release file with
-`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`.
+tracing, and the official weights as pretrained tags (`vit3_small.official_in1k`):
+`timm.create_model(name, pretrained=True)` downloads the release file into the torch hub
+cache once, `pretrained_cfg_overlay=dict(file=PATH)` loads one downloaded by hand.
 """
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -44,7 +44,6 @@ from timm.models import (
     generate_default_cfgs,
     register_model,
     register_notrace_module,
-    resolve_pretrained_cfg,
 )
 from timm.models._features import feature_take_indices  # what timm's own models use; not re-exported
 from torch.utils.checkpoint import checkpoint
@@ -52,13 +51,13 @@ from torch.utils.checkpoint import checkpoint
 from .layers import ConvFFN, RoPE2d, TokenDWConv
 from .mixers import Attention, LinearAttention, build_mixer
 from .ttt import TTT
-from .weights import checkpoint_filter_fn, official_file_globals
+from .weights import checkpoint_filter_fn, fetch_pretrained, official_file_globals
 
 __all__ = ["ViT3", "HViT3", "MODEL_NAMES", "create_model"]
 
 MODEL_NAMES = ("vit3_tiny", "vit3_small", "vit3_base", "hvit3_tiny", "hvit3_small", "hvit3_base")
 
-# where the official weights are published (README of the official code); nothing here downloads them
+# where the official weights are published (README of the official code)
 OFFICIAL_WEIGHTS = {
     "vit3_tiny": "https://cloud.tsinghua.edu.cn/f/e12d1bd1c20c4e06a2da/?dl=1",
     "vit3_small": "https://cloud.tsinghua.edu.cn/f/4ab59ca54b474dff9b70/?dl=1",
@@ -219,6 +218,7 @@ class Stage(nn.Module):
 class _Classifier(nn.Module):
     """The timm classifier interface both models share: a Linear head (or none), forward = features + head."""
 
+    in_chans: int  # image channels the model takes (timm reads it to adapt pretrained weights)
     num_classes: int
     num_features: int
     global_pool: str
@@ -248,6 +248,7 @@ class _Classifier(nn.Module):
         self.num_classes = num_classes
         self.head = self._make_head(num_classes, device=param.device, dtype=param.dtype)
         _init_weights(self.head)
+        self.head.train(self.training)  # a new module is in training mode; an eval model stays in eval
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))  # [B, num_classes] or [B, num_features]
@@ -273,7 +274,7 @@ class ViT3(_Classifier):
         super().__init__()
         self.global_pool = _check_pool(global_pool)
         self.img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grad_checkpointing = False
 
@@ -365,7 +366,7 @@ class HViT3(_Classifier):
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError("embed_dims, depths and num_heads need one entry per stage")
         self.img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         self.patch_embed = Stem(in_chans, embed_dims[0])
@@ -469,8 +470,7 @@ def _cfg(url: str, first_conv: str, pool_size: tuple[int, int]) -> dict:
             "origin_url": "https://github.com/LeapLabTHU/ViTTT", "paper_ids": "arXiv:2512.01643"}
 
 
-# the official ImageNet-1k weights; `url` is where the release is, but its links end in "/?dl=1", which
-# timm's downloader cannot name a file after: download by hand, then pretrained_cfg_overlay=dict(file=PATH)
+# the official ImageNet-1k weights (weights.fetch_pretrained downloads them)
 default_cfgs = generate_default_cfgs({
     **{f"{name}.official_in1k": _cfg(OFFICIAL_WEIGHTS[name], "patch_embed.proj", (14, 14))
        for name in MODEL_NAMES[:3]},
@@ -480,12 +480,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, model_cls: type, pretrained: bool, model_args: dict, **kwargs) -> nn.Module:
-    if pretrained:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-        if not (cfg.file or cfg.state_dict):
-            raise RuntimeError(
-                f"vit3 downloads no weights. Download the official {variant} checkpoint ({cfg.url}) and pass "
-                f"pretrained_cfg_overlay=dict(file=PATH), or load it with vit3.load_official_checkpoint(model, PATH).")
+    if pretrained:  # a url in the cfg becomes a file in the torch hub cache
+        kwargs = fetch_pretrained(variant, kwargs)
     kwargs = dict(model_args, **kwargs)
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     # parameters are made on `device` (meta too), not moved there

@@ -4,19 +4,31 @@
 .safetensors file, and the official release files, through timm's checkpoint loading
 (`timm.models.load_checkpoint`, weights_only) with `checkpoint_filter_fn`; a file that is not a
 checkpoint gets an error naming it. `load_official_checkpoint` maps an official file (or its
-dict) onto our names, which are the official ones.
+dict) onto our names, which are the official ones. `fetch_pretrained` downloads a release file
+into the torch hub cache for `timm.create_model(name, pretrained=True)`.
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
+import os
 import pickle
+import re
+import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from os import PathLike
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import torch
 import torch.nn as nn
+from timm.models import resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source  # timm's choice of weight source; not re-exported
+from tqdm import tqdm
 
 from .engine.config import ConfigError
 
@@ -62,6 +74,73 @@ def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module | None = None) ->
     ones ('state_dict_ema') where there are any, as timm does.
     """
     return {k: v for k, v in state_dict.items() if not k.endswith("rope.rotations")}
+
+
+def cached_file_name(url: str, model_tag: str) -> str:
+    """The cache's name for the weights of `model_tag` ("vit3_small.official_in1k") at `url`.
+
+    The release links (https://HOST/f/<id>/?dl=1) name no file, so the name is made from the tag and
+    the link's id, "vit3_small.official_in1k-<id>.pth"; another url gives the first 12 hex digits of
+    its sha256 instead of the id (and keeps its suffix, e.g. .safetensors). One name per url and tag.
+    """
+    path = urlparse(url).path
+    release = re.fullmatch(r".*/f/(\w+)/?", path)
+    key = release.group(1) if release else hashlib.sha256(url.encode()).hexdigest()[:12]
+    return f"{model_tag}-{key}{PurePosixPath(path).suffix or '.pth'}"
+
+
+def download_cached(url: str, file_name: str, cache_dir: str | PathLike | None = None) -> Path:
+    """The file at `url`, downloaded once (with a progress bar) into the torch hub cache as `file_name`.
+
+    The cache is timm's and torch.hub's, <torch.hub.get_dir()>/checkpoints ($TORCH_HOME/hub/checkpoints),
+    or `cache_dir`; a file already there is returned without a request. Offline, on an HTTP error or a
+    transfer that ends early, RuntimeError names the url and the way to load the file without a network.
+    """
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    dst = folder / file_name
+    if dst.is_file():
+        return dst
+    folder.mkdir(parents=True, exist_ok=True)
+    # written under a temporary name in the same folder and renamed once complete, so that a dropped
+    # connection or a killed process never leaves a partial file under the final name; as
+    # torch.hub.download_url_to_file does, but that accepts a body shorter than its Content-Length (urllib
+    # ends such a read as if the file were complete)
+    tmp = folder / f"{file_name}.{uuid.uuid4().hex}.partial"
+    try:
+        with urlopen(Request(url, headers={"User-Agent": "vit3"}), timeout=60) as response, open(tmp, "wb") as f:
+            length = response.headers.get("Content-Length")
+            size = int(length) if length else None
+            with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=file_name) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if size is not None and f.tell() != size:
+                raise ConnectionError(f"the transfer ended after {f.tell()} of {size} bytes")
+        os.replace(tmp, dst)
+    except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError, timeouts, resets
+        reason = (f"HTTP {e.code} {e.reason}" if isinstance(e, HTTPError)
+                  else getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
+        raise RuntimeError(
+            f"cannot download {url} ({reason}). Without a network, download the file elsewhere and pass "
+            f"pretrained_cfg_overlay=dict(file=PATH) to timm.create_model, or copy it to {dst}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def fetch_pretrained(variant: str, kwargs: dict) -> dict:
+    """The create_model kwargs of `variant`, with the `url` that timm would fetch downloaded (once, into the
+    torch hub cache) and given as the cfg's `file` instead: timm's loader then reads it as any file=
+    overlay, taking the EMA weights where there are any and adapting head and in_chans. timm's own url
+    loading names the cached file after the url's path, which the release links (.../f/<id>/?dl=1) lack,
+    and takes a checkpoint dict for the weights themselves."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    source, url = _resolve_pretrained_source(cfg.to_dict())
+    if source != "url":  # a file, a state dict, a local-dir, the hf hub, or nothing: timm's loader handles those
+        return kwargs
+    file = download_cached(url, cached_file_name(url, f"{variant}.{cfg.tag}" if cfg.tag else variant),
+                           kwargs.get("cache_dir"))
+    return dict(kwargs, pretrained_cfg_overlay=dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(file)))
 
 
 def _top_keys(file: Path) -> list[str]:

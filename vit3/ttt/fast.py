@@ -34,7 +34,7 @@ gradient.
 import torch
 import torch.nn.functional as F
 
-from ..layers import rotate_pairs
+from ..layers import autocast_off, rotate_pairs
 from .dual import swiglu_backward as swiglu_dual_backward
 from .dual import swiglu_forward as swiglu_dual_forward
 
@@ -280,7 +280,7 @@ class _TTTFast(torch.autograd.Function):
     def backward(ctx, dy):
         # the engine runs this under the caller's autocast; the forward ran without it (TTT._fast), and so
         # must the backward: its products are float32 by design, and out= buffers cannot take autocast's casts
-        with torch.autocast(device_type=dy.device.type, enabled=False):
+        with autocast_off(dy.device):
             return _TTTFast._backward(ctx, dy)
 
     @staticmethod

@@ -15,26 +15,23 @@ implementations sit behind `impl`: "reference" (reference.py, autograd inner
 gradient, every option), "fast" (fast.py, closed-form gradient and a custom
 backward, the paper's design, CPU and any device) and "triton" (kernels.py and
 triton_ops.py, the same maths as fused GPU kernels); "auto" takes Triton for CUDA
-tensors where Triton imports, the fast path elsewhere, and the reference for
-designs the other two do not cover.
+tensors where Triton imports and passes its first-use check (dispatch.py; the
+VIT3_TTT_IMPL environment variable overrides the choice), the fast path
+elsewhere, and the reference for designs the other two do not cover.
 """
-import importlib.util
-
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from ..layers import RoPE2d
+from ..layers import RoPE2d, autocast_off
+from . import dispatch
+from .dispatch import HAS_TRITON
 from .fast import ttt_fast
 from .reference import HEAD_MODELS, ttt_reference
 
 INNER_MODELS = ("linear", "mlp", "silu_linear", "swiglu", "dwconv3x3", "swiglu+dwconv")
 INNER_LOSSES = ("dot", "mse", "l1")
 IMPLS = ("auto", "fast", "reference", "triton")
-
-# Triton ships with PyTorch's Linux wheels; the Triton path is imported on first use only, so that
-# CPU runs never load it (and TRITON_INTERPRET can still be set before it is)
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -56,7 +53,7 @@ class TTT(nn.Module):
         inner_lr, inner_steps: step size and number of passes over the keys and values.
         inner_batch: tokens per inner mini-batch, updated sequentially; None = full batch.
         grad_norm: divide each inner gradient by (its norm + 1).
-        impl: "auto", "fast", "reference" or "triton".
+        impl: "auto", "fast", "reference" or "triton" (see the module docstring; "auto" follows VIT3_TTT_IMPL).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *,
@@ -118,25 +115,23 @@ class TTT(nn.Module):
                              "full-batch step, grad_norm=True); use impl='reference' or 'auto' for other options")
         return self.impl != "reference" and fast_ok
 
-    def path(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-        """The implementation a call on tensors of this device and dtype takes: "triton", "fast" or
-        "reference"."""
+    def path(self, device: torch.device, dtype: torch.dtype = torch.float32, rope: bool = False) -> str:
+        """The implementation a call on tensors of this device and dtype (with RoPE or not) takes: "triton",
+        "fast" or "reference". For impl="auto" on a GPU, the first call of a case checks the Triton path."""
         if not self.closed_form():
             return "reference"
         if self.impl != "auto":
             return self.impl
-        if device.type == "cuda" and HAS_TRITON:
-            from .triton_ops import covers
-
-            return "triton" if covers(self.dim // self.num_heads, dtype) else "fast"
-        return "fast"
+        if dispatch.FORCED_IMPL:
+            return dispatch.FORCED_IMPL
+        return "triton" if dispatch.auto_takes_triton(device, dtype, self.dim // self.num_heads, rope) else "fast"
 
     def forward(self, x: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
         b, n, c = x.shape
         if n != h * w:
             raise ValueError(f"TTT got {n} tokens for an h x w = {h} x {w} map")
         qkv = self.qkv(x)  # [B, N, 3C + 3c]; read by nothing but the inner step below
-        path = self.path(qkv.device, qkv.dtype)
+        path = self.path(qkv.device, qkv.dtype, rope is not None)
         if path == "reference":
             return self.proj(self.inner(qkv, h, w, rope))  # [B, N, C]
         # the inner step and the output projection are one autograd function
@@ -147,14 +142,14 @@ class TTT(nn.Module):
             raise RuntimeError("impl='triton' needs Triton (pip install triton), or use impl='fast'")
         from .triton_ops import ttt_triton
 
-        with torch.autocast(device_type=qkv.device.type, enabled=False):  # as in _fast
+        with autocast_off(qkv.device):  # as in _fast
             theta = None if rope is None else rope.frequencies(qkv.device)
             return ttt_triton(qkv, self.w1, self.w2, self.w3, self.proj.weight, self.proj.bias,
                               heads=self.num_heads, h=h, w=w, scale=self.scale, lr=self.inner_lr, rope_theta=theta)
 
     def _fast(self, qkv: torch.Tensor, h: int, w: int, rope: RoPE2d | None) -> torch.Tensor:
         # autocast off: the inner math picks float32 itself and the projection runs in qkv's (autocast) dtype
-        with torch.autocast(device_type=qkv.device.type, enabled=False):
+        with autocast_off(qkv.device):
             tables = None
             if rope is not None:
                 tables = rope.rotations(h, w, qkv.device, torch.promote_types(qkv.dtype, torch.float32))
@@ -165,7 +160,7 @@ class TTT(nn.Module):
         """Reference path: inner training on the keys and values, then the trained models on the queries:
         [B, N, C + c], the output projection's input."""
         # the inner gradient, its norm and the token reductions run in float32 under autocast
-        with torch.autocast(device_type=qkv.device.type, enabled=False):
+        with autocast_off(qkv.device):
             b, n, _ = qkv.shape
             c, heads = self.dim, self.num_heads
             cd, hd = self.conv_dim, (c if self.head_kind else 0)
