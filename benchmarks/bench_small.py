@@ -106,6 +106,7 @@ def demo_step(family: str):
             optimizer.zero_grad(set_to_none=True)
         with record_function("ema"):
             ema.update(model)
+        return loss.detach()
     return step
 
 
@@ -118,16 +119,17 @@ def mixer_step(name: str, form: str | None = None, batch: int = 64, side: int = 
     torch.manual_seed(0)
     layer = build_mixer(name, dim, heads)
     x = torch.randn(batch, side * side, dim, requires_grad=True)
-    if form is None:
-        return lambda: layer(x, side, side).sum().backward()
 
-    def step():
+    def step():  # -> the layer's output
         old = fast.DUAL_FORM["max_tokens_per_width"]
-        fast.DUAL_FORM["max_tokens_per_width"] = {"primal": 0.0, "dual": float("inf")}[form]
+        if form is not None:
+            fast.DUAL_FORM["max_tokens_per_width"] = {"primal": 0.0, "dual": float("inf")}[form]
         try:
-            layer(x, side, side).sum().backward()
+            y = layer(x, side, side)
+            y.sum().backward()
         finally:
             fast.DUAL_FORM["max_tokens_per_width"] = old
+        return y.detach()
     return step
 
 

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_models  # noqa: E402
+import bench_small  # noqa: E402
 import bench_ttt  # noqa: E402
 import gpu_check  # noqa: E402
 
@@ -47,6 +49,34 @@ def test_short_points_get_at_least_five_interleaved_rounds(module):
     assert calls[4:] == ["a", "b"] * 5  # interleaved, one step of each per round
     if module is bench_models:
         assert res["a"]["rounds"] == res["b"]["rounds"] == 5
+
+
+def test_small_bench_rounds_interleave_and_ops_count_by_phase():
+    calls = []
+    res = bench_small.median_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2)
+    assert calls == ["a", "b"] * 5 and set(res) == {"a", "b"}  # 3 warm-up rounds, then 2 timed
+    x = torch.ones(8)
+
+    def step():
+        with bench_small.record_function("one"):
+            x.add(1)
+        with bench_small.record_function("two"):
+            x.add(1).mul(2)
+    ops = bench_small.aten_ops(step, ("one", "two"))
+    assert 0 < ops["one"] < ops["two"] and ops["total"] == ops["one"] + ops["two"]
+
+
+def test_small_bench_steps_train_and_forms_agree():
+    """The demo step trains (its loss on one fixed batch falls), and the two forced TTT forms compute the
+    same layer (and leave the switch as it was)."""
+    from vit3.ttt import fast
+
+    step = bench_small.demo_step("DiT3")
+    losses = [step().item() for _ in range(4)]
+    assert losses[-1] < losses[0]
+    before = dict(fast.DUAL_FORM)
+    primal, dual = (bench_small.mixer_step("ttt", f, batch=2, side=3, dim=16, heads=2)() for f in ("primal", "dual"))
+    assert torch.allclose(primal, dual, atol=1e-6) and fast.DUAL_FORM == before
 
 
 def test_ttt_worker_times_every_mixer_in_one_process():
