@@ -33,7 +33,15 @@ from vit3.engine import ConfigError
     ("sample", ["--ckpt", "x", "--per-class", "0"], "per_class=0 is not accepted"),
     ("sample", ["--ckpt", "x", "--num-samples", "-1"], "num_samples=-1 is not accepted"),
     ("sample", ["--ckpt", "x", "--cfg-interval", "0.9", "0.1"], "cfg_interval=(0.9, 0.1) is not accepted"),
-    ("sample", ["--ckpt", "x", "--sampler", "euler"], "sampler='euler' is not accepted: it must be one of"),
+    ("sample", ["--ckpt", "x", "--sampler", "eulr"], "sampler='eulr' is not accepted: it must be one of"),
+    ("sample", ["--ckpt", "x", "--shift", "0"], "shift=0.0 is not accepted: it must be a positive number"),
+    ("sample", ["--ckpt", "x", "--last-step", "tweedy"], "last_step='tweedy' is not accepted"),
+    ("train_dit", ["objective=sit"], "objective='sit' is not accepted: it must be one of 'ddpm', 'flow'"),
+    ("train_dit", ["flow.path=cosine"], "flow.path='cosine' is not accepted: it must be one of 'linear', 'gvp'"),
+    ("train_dit", ["flow.prediction=x0"], "flow.prediction='x0' is not accepted"),
+    ("train_dit", ["flow.train_eps=0.7"], "flow.train_eps=0.7 is not accepted"),
+    ("train_dit", ["flow.shift=-1"], "flow.shift=-1.0 is not accepted: it must be a positive number"),
+    ("train_dit", ["sample.sampler=euler_a"], "sample.sampler='euler_a' is not accepted"),
     ("sample", ["--steps", "2"], "--ckpt is required"),
 ])
 def test_bad_values_are_refused_before_any_work(script, argv, words, tmp_path):
