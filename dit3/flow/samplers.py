@@ -8,7 +8,8 @@ the network's prediction gives:
 
 * ODE, the probability flow dx = v dt: "euler", "heun" (torchdiffeq's heun2: Heun's trapezoid on
   a fixed grid, the end included) and "dopri5" (adaptive Dormand-Prince, tolerances atol / rtol;
-  the number of steps is its own).
+  the number of steps is its own; like SiT's, its last step may reach past t1 before it interpolates
+  back, so the network is called a little beyond t1 there).
 * SDE, dx = (v + w(t) s) dt + sqrt(2 w(t)) dW, with w(t) of SiT's forms (`diffusion_coefficient`):
   "euler" (Euler-Maruyama) or "heun" (noise first, then Heun's step on the drift, as SiT), then SiT's
   last step to t = 1: "mean" (a drift step without noise), "tweedie" (E[x1 | x_t]), "euler" (a velocity
