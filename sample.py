@@ -6,6 +6,7 @@
     python sample.py --ckpt results/000-dit3_demo --num-samples 1000 --out DIR --digits-accuracy
     python sample.py --ckpt DiTTT-B-2.pt --classes 207 360 --vae /models/sd-vae-ft-ema   # official release file
     python sample.py --ckpt RUN --export dit3-pipeline [--push-to-hub user/dit3-b2]   # a DiT3Pipeline folder
+    python sample.py --ckpt FLOW_RUN --classes 207 360 --sampler heun --steps 50   # a flow run: ODE / SDE samplers
     python sample.py --help                     # every option, its default, what it does
 
 Options are written `--key value`, `--key=value` or `key=value` (the trainers' style); `--config FILE`
@@ -15,6 +16,10 @@ The model (its diffusers config), the VAE and its scale come from the checkpoint
 flag is repeated; the EMA weights are used unless --no-ema. A run folder means its newest
 checkpoint. Official DiT³ / DiT .pt files work too: their `args` name the model (DiT's bare
 weight files need --model and --image-size).
+
+The objective comes from the checkpoint too: a DDPM run samples with ddpm, ddim or dpm, a flow-matching
+run (train_dit.py objective=flow) with euler, heun, dopri5 (ODE), sde-euler or sde-heun (SDE), its flow
+settings the defaults of the flow options; the default --sampler is the one the run drew its grids with.
 
 Bulk mode is distributed and resumable. Sample i is drawn from its own noise (seeded by
 (seed, i)) with its class (i mod classes when balanced, else drawn from (seed, i)), in the fixed
@@ -41,7 +46,8 @@ from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from dit3.latents import decode, load_vae, vae_downsample
-from dit3.sampling import SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
+from dit3.flow import DIFFUSION_FORMS, LAST_STEPS, FlowScheduler, flow_scheduler
+from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3
 from vit3 import engine
 from vit3.engine import ConfigError, WriteError
@@ -56,11 +62,21 @@ class SampleConfig:
     image_size: int = 0  # official file: image size (256)
     num_classes: int = 0  # official file: classes (1000)
     vae: str = ""  # VAE folder or hub name, instead of the one the run trained with
-    sampler: str = "ddpm"  # ddpm (DiT's, respaced), ddim, dpm (DPM-Solver++): diffusers schedulers
-    steps: int = 250  # sampling steps
+    # "" = the run's (its grids'); DDPM runs: ddpm (DiT's, respaced), ddim, dpm (DPM-Solver++);
+    # flow runs: euler, heun, dopri5 (ODE), sde-euler, sde-heun (SDE)
+    sampler: str = ""
+    steps: int = 250  # sampling steps (flow: SiT's grid points, steps - 1 steps; dopri5 takes its own)
     cfg_scale: float = 4.0  # classifier-free guidance scale; 1 (or anything up to 1, as DiT and diffusers) = none
     cfg_channels: int | None = None  # guide only these leading channels (DiT: 3); None = all of epsilon
-    cfg_interval: tuple[float, float] | None = None  # guide only at timesteps t / 1000 in [LO, HI]
+    cfg_interval: tuple[float, float] | None = None  # guide only at timesteps t / 1000 (flow: 1 - t) in [LO, HI]
+    # flow runs only, None = the run's (train_dit.py's flow section): the fixed-step grids' timestep shift (SD3)
+    shift: float | None = None
+    diffusion_form: str | None = None  # flow SDE: w(t) = sigma, SBDM, constant, linear, decreasing, ...; None = the run's
+    diffusion_norm: float | None = None  # flow SDE: the scale of w(t); None = the run's
+    last_step: str | None = None  # flow SDE: the last step to t = 1: mean, tweedie, euler, none; None = the run's
+    last_step_size: float | None = None  # flow SDE: its size; None = the run's
+    atol: float | None = None  # flow dopri5: absolute tolerance; None = the run's
+    rtol: float | None = None  # flow dopri5: relative tolerance; None = the run's
     seed: int = 0
     batch_size: int = 32  # samples per network call (fixed batches: the samples do not depend on it)
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -79,8 +95,16 @@ class SampleConfig:
 
 
 FLAGS = {"--no-ema": "ema=false"}
+POSITIVE = (lambda v: v is None or v > 0, "a positive number, or None for the run's")
 RULES = {  # accepted values, checked before anything is loaded
-    "sampler": engine.one_of(*SAMPLERS),
+    "sampler": engine.one_of("", *SAMPLERS, *FLOW_SAMPLERS),
+    "shift": POSITIVE,
+    "diffusion_form": (lambda v: v is None or v in DIFFUSION_FORMS, "one of " + ", ".join(DIFFUSION_FORMS)),
+    "diffusion_norm": (lambda v: v is None or v >= 0, ">= 0, or None for the run's"),
+    "last_step": (lambda v: v is None or v in LAST_STEPS, "one of " + ", ".join(LAST_STEPS)),
+    "last_step_size": (lambda v: v is None or 0 <= v < 0.5, "a number in [0, 0.5), or None for the run's"),
+    "atol": POSITIVE,
+    "rtol": POSITIVE,
     "steps": engine.between(1, 1000, "an integer from 1 to 1000 (the diffusion chain has 1000 steps)"),
     "cfg_scale": engine.at_least(0.0, ">= 0 (1 or less: no guidance, as in DiT and diffusers)"),
     "cfg_channels": (lambda v: v is None or v >= 1, "an integer >= 1, or None for every channel of epsilon"),
@@ -143,6 +167,29 @@ def load_run(ckpt: Path, args: SampleConfig, device):
     return model.to(device).eval(), vae, config["vae"]["scale"], config
 
 
+FLOW_OPTIONS = ("shift", "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "atol", "rtol")
+
+
+def resolve_objective(args: SampleConfig, config: dict) -> tuple[SampleConfig, FlowScheduler | None]:
+    """(args with the sampler resolved, the run's FlowScheduler or None) for the checkpoint's objective;
+    ConfigError for a sampler or option of the other objective."""
+    objective = config.get("objective", "ddpm")  # official files and runs before flow matching: DDPM
+    sampler = args.sampler or config.get("sample", {}).get("sampler") or "ddpm"
+    fits = FLOW_SAMPLERS if objective == "flow" else SAMPLERS
+    if sampler not in fits:
+        raise ConfigError(f"--sampler {sampler} does not sample this checkpoint: it was trained with "
+                          f"objective={objective}; choose one of {', '.join(fits)}")
+    if objective != "flow":
+        given = [f"--{k.replace('_', '-')}" for k in FLOW_OPTIONS if getattr(args, k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: flow-matching options, and this checkpoint is a DDPM run")
+        return dataclasses.replace(args, sampler=sampler), None
+    if sampler != "dopri5" and args.steps < 2:
+        raise ConfigError(f"steps={args.steps}: a flow sampler's grid needs at least 2 points (t0 and t1)")
+    flow = flow_scheduler(config["flow"], sampler, **{k: getattr(args, k) for k in FLOW_OPTIONS})
+    return dataclasses.replace(args, sampler=sampler), flow
+
+
 # ----------------------------------------------------------------------------------------
 # Drawing
 # ----------------------------------------------------------------------------------------
@@ -153,8 +200,8 @@ def labels_for(indices: list[int], num_classes: int, mode: str, seed: int) -> li
             for i in indices]
 
 
-def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device) -> torch.Tensor:
-    """uint8 images [B, H, W, 3] for these labels and per-sample seeds."""
+def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device, flow=None) -> torch.Tensor:
+    """uint8 images [B, H, W, 3] for these labels and per-sample seeds (flow: a flow run's FlowScheduler)."""
     cfg = model.config
     size = (cfg.input_size, cfg.input_size) if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
     autocast = None
@@ -164,8 +211,13 @@ def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device) -
     x = sample(model, torch.tensor(labels, device=device), (cfg.in_channels, *size), sampler=args.sampler,
                num_steps=args.steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
                cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
-               generator=[torch.Generator().manual_seed(s) for s in seeds], autocast=autocast)
+               generator=[torch.Generator().manual_seed(s) for s in seeds], autocast=autocast, flow=flow)
     return to_uint8(decode(vae, x, scale) if vae is not None else x.clamp(-1, 1))
+
+
+def flow_settings(flow: FlowScheduler | None) -> dict | None:
+    """A flow run's sampling settings as spec.json and info.json record them."""
+    return None if flow is None else {k: v for k, v in flow.config.items() if not k.startswith("_")}
 
 
 def save_npz(path: Path, arr: np.ndarray):
@@ -218,7 +270,7 @@ def _lock(out: Path, state: PartialState) -> Path | None:
     return lock
 
 
-def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
+def bulk(model, vae, scale, args, state: PartialState, out: Path, flow=None) -> Path:
     """Draw args.num_samples images into out/images/NNNNNN.png (resumable), then out/samples.npz."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; bulk mode writes a folder (images/, samples.npz): name a folder")
@@ -227,7 +279,7 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path) -> Path:
         images_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(out, state)
     try:
-        return _draw_all(model, vae, scale, args, state, out)
+        return _draw_all(model, vae, scale, args, state, out, flow)
     finally:
         if lock is not None:
             engine.release_lock(lock)
@@ -253,14 +305,14 @@ def read_spec(path: Path, spec: dict) -> dict:
     return old
 
 
-def _draw_all(model, vae, scale, args, state: PartialState, out: Path) -> Path:
+def _draw_all(model, vae, scale, args, state: PartialState, out: Path, flow) -> Path:
     images_dir = out / "images"
     # a restart may only continue the same drawing: other settings would mix two sample sets
     spec = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()), "ema": args.ema, "sampler": args.sampler,
             "steps": args.steps, "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels,
             "cfg_interval": list(args.cfg_interval) if args.cfg_interval else None, "seed": args.seed,
             "labels": args.labels, "batch_size": args.batch_size, "vae": args.vae or None,
-            "mixed_precision": args.mixed_precision}
+            "mixed_precision": args.mixed_precision, "flow": flow_settings(flow)}
     spec_path = out / "spec.json"
     if os.path.lexists(spec_path):
         old = {"mixed_precision": "no", **read_spec(spec_path, spec)}  # spec files before it was recorded
@@ -281,7 +333,7 @@ def _draw_all(model, vae, scale, args, state: PartialState, out: Path) -> Path:
     t0, done = time.time(), 0
     for idx in tqdm(mine, desc=f"sampling (process {state.process_index})", disable=not state.is_main_process):
         labels = labels_for(idx, model.num_classes, args.labels, args.seed)
-        images = draw(model, vae, scale, labels, [sample_seed(args.seed, i) for i in idx], args, state.device)
+        images = draw(model, vae, scale, labels, [sample_seed(args.seed, i) for i in idx], args, state.device, flow)
         with writing(out, "sample images"):
             save_pngs(images.numpy(), [images_dir / f"{i:06d}.png" for i in idx])
         done += len(idx)
@@ -293,6 +345,7 @@ def _draw_all(model, vae, scale, args, state: PartialState, out: Path) -> Path:
         labels = labels_for(list(range(n)), model.num_classes, args.labels, args.seed)
         info = {"num_samples": n, "labels": labels, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
                 "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "cfg_interval": args.cfg_interval,
+                "flow": flow_settings(flow),
                 "ckpt": str(args.ckpt), "ema": args.ema, "processes": state.num_processes,
                 "seconds_per_image_this_process": (time.time() - t0) / done if done else None}
         with writing(out, "info.json"):
@@ -306,6 +359,7 @@ def main(argv=None) -> dict:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     ckpt = resolve_checkpoint(args.ckpt)
     model, vae, scale, config = load_run(ckpt, args, state.device)
+    args, flow = resolve_objective(args, config)
     run_dir = ckpt.parent if ckpt.is_file() else ckpt.parent.parent
     for c in args.classes or []:
         if not 0 <= c < model.num_classes:
@@ -328,12 +382,12 @@ def main(argv=None) -> dict:
 
     result: dict = {"ckpt": ckpt}
     if args.export and state.is_main_process:
-        result["export"] = export_pipeline(model, vae, scale, config, args)
+        result["export"] = export_pipeline(model, vae, scale, config, args, flow)
     if args.classes:
         labels = [c for _ in range(args.per_class) for c in args.classes]
         seeds = [sample_seed(args.seed, i) for i in range(len(labels))]
         t0 = time.time()
-        images = draw(model, vae, scale, labels, seeds, args, state.device) if state.is_main_process else None
+        images = draw(model, vae, scale, labels, seeds, args, state.device, flow) if state.is_main_process else None
         if state.is_main_process:
             out = Path(args.out) if args.out else run_dir / "samples" / (
                 f"{ckpt.name}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}-seed{args.seed}.png")
@@ -345,7 +399,7 @@ def main(argv=None) -> dict:
     if args.num_samples:
         if not args.out:
             raise ConfigError("--num-samples needs --out DIR")
-        result["npz"] = bulk(model, vae, scale, args, state, Path(args.out))
+        result["npz"] = bulk(model, vae, scale, args, state, Path(args.out), flow)
         if state.is_main_process:
             print(f"wrote {result['npz']}")
             if args.fid_ref:
@@ -367,16 +421,18 @@ def class_names(config: dict, num_classes: int) -> dict[int, str]:
     return {i: str(i) for i in range(num_classes)}
 
 
-def export_pipeline(model, vae, scale, config: dict, args) -> Path:
+def export_pipeline(model, vae, scale, config: dict, args, flow=None) -> Path:
     """The run as a DiT3Pipeline folder; `DiT3Pipeline.from_pretrained(DIR)` loads it offline. The VAE is saved
-    in it (so the folder needs nothing else), its scaling_factor set to the run's latent scale."""
+    in it (so the folder needs nothing else), its scaling_factor set to the run's latent scale. A flow run's
+    scheduler is its FlowScheduler, with --sampler and the flow options as its defaults."""
     from dit3.pipeline import DiT3Pipeline
     from dit3.sampling import make_scheduler
 
     out = Path(args.export)
     if vae is not None and vae.config.scaling_factor != scale:
         vae.register_to_config(scaling_factor=scale)  # the pipeline scales latents by the VAE's own factor
-    pipe = DiT3Pipeline(transformer=model, scheduler=make_scheduler(args.sampler), vae=vae,
+    scheduler = flow if flow is not None else make_scheduler(args.sampler)
+    pipe = DiT3Pipeline(transformer=model, scheduler=scheduler, vae=vae,
                         id2label=class_names(config, model.num_classes))
     pipe.save_pretrained(out)
     print(f"wrote {out} (DiT3Pipeline.from_pretrained({str(out)!r}))")

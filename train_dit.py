@@ -2,6 +2,7 @@
 
     accelerate launch train_dit.py --config configs/dit3_b2_in256.yaml data.path=/data/imagenet/train
     python train_dit.py --config configs/dit3_demo.yaml             # digits demo, pixel space, CPU, minutes
+    python train_dit.py --config configs/dit3_demo_flow.yaml        # the same with flow matching (SiT)
     accelerate launch train_dit.py --config ... data.latents=/data/in256-latents --extract-latents
     python train_dit.py --config ... resume=latest                  # continue the newest run
     python train_dit.py --help                                      # every key, its default, what it does
@@ -9,7 +10,10 @@
 Recipe (DiT): AdamW lr 1e-4, no weight decay, constant lr, global batch 256, EMA 0.9999 per
 update (initialised from the model, kept in float32), class dropout 0.1, the hybrid loss (epsilon
 MSE + the variational bound for the learned variance, `dit3.diffusion`), uniform timesteps,
-400K updates. Checkpoints hold the model and its EMA as diffusers folders (`DiT3.from_pretrained`).
+400K updates. `objective=flow` trains with SiT's flow matching instead (`dit3.flow`, the `flow` section:
+interpolant, prediction, loss weight, time distribution; its samplers draw the grids), as
+configs/sit_b2_in256.yaml does for the SiT-B/2 baseline. Checkpoints hold the model and its EMA as
+diffusers folders (`DiT3.from_pretrained`); the saved config names the objective.
 Data: an ImageFolder with DiT's centre crop and horizontal flips, encoded by
 Stable Diffusion's VAE on the fly, or read from pre-extracted latents (`data.latents`), or
 used as pixels (`vae.name=""`).
@@ -30,6 +34,8 @@ from tqdm.auto import tqdm
 
 from dit3.diffusion import create_diffusion
 from dit3.evaluation import fidelity_metrics
+from dit3.flow import DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_DISTRIBUTIONS, create_flow, \
+    flow_scheduler
 from dit3.latents import (
     LatentShards,
     VAEConfig,
@@ -41,7 +47,7 @@ from dit3.latents import (
     vae_downsample,
 )
 from dit3.models import DiT3_models
-from dit3.sampling import sample_ddpm, sample_seed, save_grid, save_pngs, to_uint8
+from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import InMemoryFolder, open_image_folder
@@ -76,11 +82,35 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class FlowConfig:
+    """objective=flow: SiT's flow matching (arXiv 2401.08740), t from noise 0 to data 1 (dit3.flow). The
+    sampling keys (shift on) serve the grids and FID, and are sample.py's defaults for the run."""
+
+    path: str = "linear"  # the interpolant: linear (SiT's default), gvp (cos / sin), vp (score SDE's VP)
+    prediction: str = "velocity"  # what the network predicts: velocity, noise or score
+    loss_weight: str = "none"  # noise / score predictions: none, velocity or likelihood (SiT's weights)
+    train_eps: float | None = None  # training times keep this far from the ends; null = SiT's default
+    sample_eps: float | None = None  # the same for sampling; null = SiT's default
+    time_dist: str = "uniform"  # training times: uniform (SiT) or logit_normal (LightningDiT, SD3)
+    logit_mean: float = 0.0  # logit_normal: t = sigmoid(N(mean, std)); mean < 0 favours noisier times
+    logit_std: float = 1.0
+    shift: float = 1.0  # timestep shift of the fixed-step grids toward noise (SD3; > 1 for larger images)
+    diffusion_form: str = "sigma"  # SDE samplers: w(t) = sigma, SBDM, constant, linear, decreasing, ...
+    diffusion_norm: float = 1.0  # SDE samplers: the scale of w(t)
+    last_step: str = "mean"  # SDE samplers: the last step to t = 1: mean, tweedie, euler or none
+    last_step_size: float = 0.04  # SDE samplers: its size
+    atol: float = 1e-6  # dopri5: absolute tolerance
+    rtol: float = 1e-3  # dopri5: relative tolerance
+
+
+@dataclasses.dataclass
 class SampleConfig:
     every: int = 10000  # a grid from the EMA model every N updates (0 = only at the end)
     classes: list = dataclasses.field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
     per_class: int = 1  # grid columns: samples per class
-    steps: int = 250  # respaced DDPM steps
+    # "" = ddpm for objective=ddpm (also ddim, dpm), sde-euler for flow (also euler, heun, dopri5, sde-heun)
+    sampler: str = ""
+    steps: int = 250  # ddpm: respaced steps; flow: SiT's grid points (steps - 1 steps; dopri5: its own)
     cfg_scale: float = 4.0  # classifier-free guidance (1 = none)
     seed: int = 0  # the grid's noise: the same images at every step of a run
     digits_accuracy: int = 0  # digits demo: classify N guided samples per class with an SVC on the real digits
@@ -101,6 +131,8 @@ class TrainConfig:
     run_name: str = ""  # fixed run folder output_dir/run_name instead of a numbered one
     mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16" (the TTT inner step runs in float32 regardless)
     tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs
+    objective: str = "ddpm"  # ddpm (DiT's hybrid loss) or flow (SiT's flow matching: the flow section)
+    flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -121,8 +153,27 @@ class TrainConfig:
 
 FLAGS = {"--extract-latents": "extract_only=true"}
 ARCH_KEYS = ("name", "num_classes", "image_size", "kwargs")  # a checkpoint must match these to resume
+FLOW_KEYS = ("path", "prediction")  # a flow checkpoint must match these to resume
+DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "sde-euler"}  # the grids' sampler when sample.sampler is ""
 GUIDANCE = engine.at_least(0.0, ">= 0 (1 or less: no guidance, as in DiT and diffusers)")
+EPS = (lambda v: v is None or 0 <= v < 0.5, "null (SiT's default) or a number in [0, 0.5)")
 RULES = {  # accepted values of this trainer's keys, beside engine.TRAINER_RULES
+    "objective": engine.one_of("ddpm", "flow"),
+    "flow.path": engine.one_of(*PATHS),
+    "flow.prediction": engine.one_of(*PREDICTIONS),
+    "flow.loss_weight": engine.one_of(*LOSS_WEIGHTS),
+    "flow.train_eps": EPS,
+    "flow.sample_eps": EPS,
+    "flow.time_dist": engine.one_of(*TIME_DISTRIBUTIONS),
+    "flow.logit_std": (lambda v: v > 0, "a positive number"),
+    "flow.shift": (lambda v: v > 0, "a positive number (1 = no shift)"),
+    "flow.diffusion_form": engine.one_of(*DIFFUSION_FORMS),
+    "flow.diffusion_norm": engine.at_least(0.0),
+    "flow.last_step": engine.one_of(*LAST_STEPS),
+    "flow.last_step_size": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "flow.atol": (lambda v: v > 0, "a positive number"),
+    "flow.rtol": (lambda v: v > 0, "a positive number"),
+    "sample.sampler": engine.one_of("", *SAMPLERS, *FLOW_SAMPLERS),
     "model.num_classes": engine.at_least(0, "an integer >= 0 (0 = the number of class folders)"),
     "model.image_size": engine.at_least(1),
     "model.class_dropout_prob": engine.between(0.0, 1.0),
@@ -217,9 +268,11 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
 # ----------------------------------------------------------------------------------------
 def draw(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
          autocast) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1]: DDPM with cfg.sample.steps respaced steps, decoded by the VAE."""
-    x = sample_ddpm(model, labels, shape, num_steps=cfg.sample.steps, cfg_scale=cfg_scale, generator=generator,
-                    autocast=autocast)
+    """Images [B, 3, H, W] in [-1, 1]: sample.sampler with sample.steps, decoded by the VAE."""
+    sampler = cfg.sample.sampler
+    flow = flow_scheduler(dataclasses.asdict(cfg.flow), sampler) if cfg.objective == "flow" else None
+    x = sample(model, labels, shape, sampler=sampler, num_steps=cfg.sample.steps, cfg_scale=cfg_scale,
+               generator=generator, autocast=autocast, flow=flow)
     return decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1)
 
 
@@ -259,10 +312,10 @@ def digits_accuracy(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
              run.accelerator.autocast)
     acc = clf.accuracy(x, labels)
     run.log.info(f"digits sample accuracy {100 * acc:.1f}% ({len(labels)} guided samples, cfg {sc.cfg_scale}, "
-                 f"{sc.steps} steps; the SVC scores {100 * clf.val_accuracy:.1f}% on real val digits) "
+                 f"{sc.sampler} {sc.steps} steps; the SVC scores {100 * clf.val_accuracy:.1f}% on real val digits) "
                  f"in {time.time() - t0:.1f} s")
     engine.write_json(run.dir / "digits_accuracy.json", {
-        "accuracy": acc, "samples": len(labels), "cfg_scale": sc.cfg_scale, "steps": sc.steps,
+        "accuracy": acc, "samples": len(labels), "cfg_scale": sc.cfg_scale, "sampler": sc.sampler, "steps": sc.steps,
         "classifier_val_accuracy": clf.val_accuracy}, run.accelerator)
     return acc
 
@@ -288,11 +341,27 @@ def sample_during_training(model, cfg: TrainConfig, vae, shape, step: int, batch
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
+def check_objective(cfg: TrainConfig) -> TrainConfig:
+    """The config with sample.sampler resolved; ConfigError for a sampler or flow setting of the other objective."""
+    sampler = cfg.sample.sampler or DEFAULT_SAMPLER[cfg.objective]
+    fits = FLOW_SAMPLERS if cfg.objective == "flow" else SAMPLERS
+    if sampler not in fits:
+        raise ConfigError(f"sample.sampler={sampler!r} does not sample objective={cfg.objective} models; "
+                          f"choose one of {', '.join(fits)}")
+    if cfg.objective == "flow" and cfg.flow.prediction == "velocity" and cfg.flow.loss_weight != "none":
+        raise ConfigError(f"flow.loss_weight={cfg.flow.loss_weight!r} weights noise and score losses (as in SiT); "
+                          "with flow.prediction=velocity use flow.loss_weight=none")
+    if cfg.objective == "flow" and sampler != "dopri5" and cfg.sample.steps < 2:
+        raise ConfigError(f"sample.steps={cfg.sample.steps}: a flow sampler's grid needs at least 2 points (t0, t1)")
+    return dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler=sampler))
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train as the config and overrides in argv say; returns a summary."""
     cfg, cfg_path = engine.load_config(TrainConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name.replace("/", "-"))
     engine.check_values(cfg, {**engine.TRAINER_RULES, **RULES})
+    cfg = check_objective(cfg)
     if cfg.max_steps <= 0 and not cfg.extract_only:
         raise ConfigError(f"max_steps must be positive (the number of updates to train), got {cfg.max_steps}")
     if cfg.extract_only and not cfg.data.latents:
@@ -317,6 +386,14 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     acc, log, dev = run.accelerator, run.log, run.accelerator.device
     accum = cfg.optim.grad_accum_steps
     micro = engine.split_batch(cfg.data.batch_size, acc.num_processes, accum)  # per process, per forward
+    if run.resume:  # the network's output means what the objective says: it cannot change mid-run
+        trained = engine.read_trainer_state(run.resume)
+        objective = (trained.get("config") or {}).get("objective", "ddpm")  # checkpoints before flow: ddpm
+        if objective != cfg.objective:
+            raise ConfigError(f"checkpoint {run.resume} was trained with objective={objective}, this run asks for "
+                              f"objective={cfg.objective}: resume it with its own, or start a new run")
+        if objective == "flow":
+            engine.check_same_model(trained, dataclasses.asdict(cfg.flow), FLOW_KEYS, run.resume, section="flow")
 
     # ---- VAE, data ----------------------------------------------------------------------------
     vae = load_vae(cfg.vae.name, dev) if cfg.vae.name else None
@@ -353,7 +430,12 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
         cfg.optim, epochs=math.ceil(cfg.max_steps / sampler.updates_per_epoch)))
     model, ema, optimizer, scheduler = engine.build_optimization(raw_model, cfg, sampler.updates_per_epoch, acc)
-    diffusion = create_diffusion("")
+    fc = cfg.flow
+    diffusion = create_diffusion("") if cfg.objective == "ddpm" else None
+    flow = create_flow(fc.path, fc.prediction, fc.loss_weight, fc.train_eps, fc.sample_eps, fc.time_dist,
+                       fc.logit_mean, fc.logit_std) if cfg.objective == "flow" else None
+    objective = "DDPM (eps + learned variance)" if flow is None else \
+        f"flow matching ({fc.path} path, {fc.prediction} prediction, {fc.time_dist} times)"
     n_params = sum(p.numel() for p in raw_model.parameters())
     lr = engine.scaled_lrs(cfg.optim, cfg.data.batch_size)[0]
     space = f"latents {in_channels}x{input_size}x{input_size} ({cfg.vae.name})" if vae else \
@@ -365,7 +447,8 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {num_classes} classes, {space} | "
         f"{len(dataset)} images from {cfg.data.latents or cfg.data.path}",
         f"global batch {cfg.data.batch_size} = {acc.num_processes} x {accum} x {micro} | lr {lr:.3g} | "
-        f"{sampler.updates_per_epoch} updates/epoch | {cfg.max_steps} updates"])
+        f"{sampler.updates_per_epoch} updates/epoch | {cfg.max_steps} updates",
+        f"objective: {objective} | samples: {cfg.sample.sampler}, {cfg.sample.steps} steps"])
 
     # ---- resume or start ----------------------------------------------------------------------
     state = {"epoch": 0, "updates_in_epoch": 0, "global_step": 0, "skipped_images": 0}
@@ -403,9 +486,13 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                 with torch.no_grad():
                     x = vae.encode(x).latent_dist.sample() * cfg.vae.scale  # [B, 4, H/8, W/8]
             with acc.accumulate(model):
-                t = diffusion.sample_timesteps(len(x), device=dev)
-                with acc.autocast():
-                    loss = diffusion.training_losses(model, x, t, dict(class_labels=y))["loss"].mean()
+                if diffusion is not None:
+                    t = diffusion.sample_timesteps(len(x), device=dev)
+                    with acc.autocast():
+                        loss = diffusion.training_losses(model, x, t, dict(class_labels=y))["loss"].mean()
+                else:
+                    with acc.autocast():
+                        loss = flow.training_losses(model, x, dict(class_labels=y))["loss"].mean()
                 engine.optimizer_step(acc, model, optimizer, loss, cfg.optim.clip_grad, tlog.meters)
             tlog.add(loss, len(x), acc.sync_gradients)
             if not acc.sync_gradients:

@@ -12,7 +12,9 @@ Unlike diffusers' DiTPipeline, the null class is the transformer's own `num_clas
 hard-codes 1000, which breaks guidance for other label sets), guidance covers all latent
 channels by default, and `vae` is optional (pixel-space models). A DDPMScheduler with learned
 variance runs DiT's respaced chain (the ADM spacing of `dit3.space_timesteps`) and receives the
-predicted variance; DDIM, DPM-Solver and other epsilon schedulers receive epsilon only.
+predicted variance; DDIM, DPM-Solver and other epsilon schedulers receive epsilon only. A flow-matching
+model comes with a `dit3.flow.FlowScheduler`, which runs its sampler (ODE or SDE, SiT's) on the same
+noise and guidance as `dit3.sampling.sample`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion import space_timesteps
-from .sampling import guided_output
+from .flow import FlowScheduler
+from .sampling import flow_model_fn, guided_output
 
 
 class DiT3Pipeline(DiffusionPipeline):
@@ -53,22 +56,25 @@ class DiT3Pipeline(DiffusionPipeline):
                          dtype=torch.float32)
 
         scheduler = self.scheduler
-        learned_variance = isinstance(scheduler, DDPMScheduler) and \
-            scheduler.config.variance_type in ("learned", "learned_range")
-        if learned_variance:  # DiT's chain: ADM's spacing of the training steps
-            steps = space_timesteps(scheduler.config.num_train_timesteps, num_inference_steps)
-            scheduler.set_timesteps(timesteps=steps[::-1], device=self._execution_device)
-        else:
-            scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        x = x * scheduler.init_noise_sigma
-
         model.eval()
-        for t in self.progress_bar(scheduler.timesteps):
-            x_in = scheduler.scale_model_input(x, t)
-            out = guided_output(model, x_in, t.expand(len(x)), labels, guidance_scale, guidance_channels,
-                                guidance_interval, scheduler.config.num_train_timesteps).float()
-            model_output = out if learned_variance else out[:, :channels]
-            x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+        if isinstance(scheduler, FlowScheduler):  # a flow-matching model: the whole solve in one call
+            fn = flow_model_fn(model, labels, guidance_scale, guidance_channels, guidance_interval)
+            x = scheduler.sample(fn, x, num_inference_steps, generator=generator)
+        else:
+            learned_variance = isinstance(scheduler, DDPMScheduler) and \
+                scheduler.config.variance_type in ("learned", "learned_range")
+            if learned_variance:  # DiT's chain: ADM's spacing of the training steps
+                steps = space_timesteps(scheduler.config.num_train_timesteps, num_inference_steps)
+                scheduler.set_timesteps(timesteps=steps[::-1], device=self._execution_device)
+            else:
+                scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+            x = x * scheduler.init_noise_sigma
+            for t in self.progress_bar(scheduler.timesteps):
+                x_in = scheduler.scale_model_input(x, t)
+                out = guided_output(model, x_in, t.expand(len(x)), labels, guidance_scale, guidance_channels,
+                                    guidance_interval, scheduler.config.num_train_timesteps).float()
+                model_output = out if learned_variance else out[:, :channels]
+                x = scheduler.step(model_output, t, x, generator=generator).prev_sample
 
         if self.vae is not None:
             x = self.vae.decode(x / self.vae.config.scaling_factor).sample

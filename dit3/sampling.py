@@ -1,17 +1,25 @@
-"""Sampling DiT³: DiT's DDPM with the learned variance, and diffusers' DDIM and DPM-Solver++.
+"""Sampling DiT³: DiT's DDPM with the learned variance, diffusers' DDIM and DPM-Solver++, and SiT's flow samplers.
+
+DDPM runs (`dit3.diffusion`):
 
 * "ddpm": ADM's ancestral p_sample on a respaced chain (DiT samples 250 of the 1000 training
   steps), with the variance the network predicts; `dit3.diffusion.GaussianDiffusion` does the math.
 * "ddim", "dpm": diffusers' DDIMScheduler (eta 0) and DPMSolverMultistepScheduler (DPM-Solver++,
   order 2) on the same betas; they use the predicted epsilon only.
 
+Flow-matching runs (`dit3.flow`, SiT: https://arxiv.org/abs/2401.08740), through a `FlowScheduler`:
+"euler", "heun", "dopri5" (probability-flow ODE), "sde-euler", "sde-heun" (SDE).
+
 Classifier-free guidance: eps = uncond + s * (cond - uncond) on all latent channels by default
 (`cfg_channels=3` is DiT's choice, for exact reproduction), optionally only for timesteps inside
-`cfg_interval` (fractions of the 1000-step chain, "guidance interval").
+`cfg_interval` (fractions of the 1000-step chain, "guidance interval"; for flow runs the noise
+fraction 1 - t, t running from noise 0 to data 1). A flow model's prediction (velocity, noise or
+score) is guided as DiT guides epsilon.
 
 Noise: `generator` is one CPU torch.Generator for the whole batch, or a list with one per sample;
 with a list, sample i depends only on its own generator, never on the batch it is drawn in, the
-device, or the training RNG streams (training draws its grids mid-run).
+device, or the training RNG streams (training draws its grids mid-run); dopri5 is the exception, its
+adaptive steps being chosen for the whole batch (bulk sampling's fixed batches keep it reproducible).
 """
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ from vit3.engine import atomic_path
 
 from .diffusion import create_diffusion
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
+SAMPLERS = ("ddpm", "ddim", "dpm")  # DDPM runs
+FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde-euler", "sde-heun")  # flow-matching runs
 
 
 def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
@@ -69,18 +78,39 @@ def guided_output(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
     return out[: len(x)]
 
 
+def flow_model_fn(model, labels: torch.Tensor, cfg_scale: float, cfg_channels: int | None = None,
+                  cfg_interval: tuple[float, float] | None = None, autocast=None):
+    """The network as the flow samplers call it: (x [B, C, H, W], t [B] in [0, 1]) -> its prediction
+    [B, C, H, W] in x's dtype, guided where the noise fraction 1 - t lies in cfg_interval (if given); a
+    learned-sigma model's second half of channels is dropped, as SiT does."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inside = cfg_interval is None or cfg_interval[0] <= 1.0 - float(t[0]) <= cfg_interval[1]
+        with autocast() if autocast is not None else torch.autocast(x.device.type, enabled=False):
+            out = guided_output(model, x, t, labels, cfg_scale if inside else 1.0, cfg_channels)
+        return out[:, : x.shape[1]].to(x.dtype)
+
+    return fn
+
+
 @torch.no_grad()
 def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler: str = "ddpm",
            num_steps: int = 250, cfg_scale: float = 1.0, cfg_channels: int | None = None,
            cfg_interval: tuple[float, float] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None, autocast=None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, flow=None) -> torch.Tensor:
     """Draw len(labels) samples [B, *shape] in the model's space (scaled latents or pixels).
 
     model: a DiT3 (not a DDP wrapper); put in eval mode here, its mode restored after.
     labels: [B] class ids on the model's device; the null class is model.num_classes.
     autocast: a context-manager factory for the network calls (e.g. accelerator.autocast).
+    flow: the `dit3.flow.FlowScheduler` of a flow-matching model, for the FLOW_SAMPLERS (num_steps counts
+    as SiT's: grid points; dopri5 picks its own steps).
     """
+    if sampler in FLOW_SAMPLERS and flow is None:
+        raise ValueError(f"sampler {sampler!r} samples flow-matching models: pass the model's FlowScheduler as flow=")
+    if flow is not None and sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"a flow-matching model samples with {', '.join(FLOW_SAMPLERS)}, not {sampler!r}")
     device = labels.device
     n = len(labels)
     x = randn((n, *shape), generator).to(device)
@@ -92,7 +122,10 @@ def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler:
             out = guided_output(model, x, t_model, labels, cfg_scale, cfg_channels, cfg_interval)
         return out.float()
 
-    if sampler == "ddpm":
+    if flow is not None:
+        fn = flow_model_fn(model, labels, cfg_scale, cfg_channels, cfg_interval, autocast)
+        x = flow.sample(fn, x, num_steps, sampler=sampler, generator=generator, progress=progress)
+    elif sampler == "ddpm":
         diffusion = create_diffusion(str(num_steps))
         for i in tqdm(range(diffusion.num_timesteps)[::-1], desc="sampling", disable=not progress, leave=False):
             t = torch.full((n,), i, device=device, dtype=torch.long)

@@ -15,8 +15,10 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from dit3 import load_dit3
 from trainer_helpers import make_unwritable
+
+from dit3 import load_dit3
+from dit3.sampling import sample
 from vit3 import engine
 from vit3.digits import prepare_digits
 from vit3.engine import ConfigError
@@ -49,6 +51,22 @@ def run(tmp_path_factory):
                         f"output_dir={tmp}", "max_steps=2", "log.progress=false", "log.log_with=none",
                         "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.per_class=1",
                         "sample.digits_accuracy=0", "run_name=run"])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return r["run_dir"]
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    """The same digits run trained with flow matching (configs/dit3_demo_flow.yaml), two updates."""
+    tmp = tmp_path_factory.mktemp("flow_run")
+    digits = prepare_digits(tmp / "digits16", 16)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo_flow.yaml"), f"data.path={digits}",
+                        f"output_dir={tmp}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.per_class=1",
+                        "sample.digits_accuracy=0", "sample.sampler=sde-euler", "run_name=flow"])
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return r["run_dir"]
@@ -151,8 +169,13 @@ def test_bulk_output_folder_is_guarded(run, tmp_path, monkeypatch):
     assert list((tmp_path / "full" / "images").iterdir()) == []
 
 
-def test_two_processes_give_the_same_npz_bytes(run, tmp_path):
-    common = ["--ckpt", str(run), "--num-samples", "5", "--batch-size", "2", "--steps", "2", "--labels", "random"]
+@pytest.mark.parametrize("which,sampler", [("run", "ddpm"), ("flow_run", "sde-heun")])
+def test_two_processes_give_the_same_npz_bytes(which, sampler, request, tmp_path):
+    """A DDPM run, and a flow run with an SDE sampler (fresh noise at every step), drawn by one and by two
+    processes: the same .npz bytes."""
+    run = request.getfixturevalue(which)
+    common = ["--ckpt", str(run), "--num-samples", "5", "--batch-size", "2", "--steps", "2", "--labels", "random",
+              "--sampler", sampler]
     one = _sample(*common, "--out", tmp_path / "one")["npz"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,6 +294,70 @@ def test_checkpoints_are_diffusers_folders_and_the_old_format_still_loads(run, t
     new = _sample("--ckpt", ckpt, "--classes", 1, 3, "--steps", 2, "--out", tmp_path / "new.png")["grid"]
     again = _sample("--ckpt", old, "--classes", 1, 3, "--steps", 2, "--out", tmp_path / "old.png")["grid"]
     assert Path(new).read_bytes() == Path(again).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# flow-matching runs
+# ---------------------------------------------------------------------------------------------
+def test_flow_run_samples_with_its_objective_and_its_settings(flow_run, tmp_path):
+    """The objective and the flow settings come from the checkpoint: the default sampler is the run's grid
+    sampler; every flow sampler draws; a bulk folder records its flow settings and refuses others on restart."""
+    r = _sample("--ckpt", flow_run, "--classes", 1, 3, "--steps", 3)
+    assert r["grid"].name == "step-00000002-sde-euler3-cfg4-seed0.png"
+    for sampler in ("euler", "heun", "dopri5", "sde-heun"):
+        r = _sample("--ckpt", flow_run, "--classes", 2, 5, "--steps", 3, "--sampler", sampler,
+                    "--out", tmp_path / f"{sampler}.png")
+        assert Image.open(r["grid"]).size == (2 * 65 + 1, 65 + 1)
+    out = tmp_path / "bulk"
+    common = ["--ckpt", flow_run, "--num-samples", 3, "--batch-size", 2, "--steps", 3, "--sampler", "heun",
+              "--out", out]
+    arr = np.load(_sample(*common, "--shift", 2)["npz"])["arr_0"]
+    assert arr.shape == (3, 16, 16, 3)
+    flow = json.loads((out / "info.json").read_text())["flow"]
+    assert (flow["path"], flow["prediction"], flow["sampler"], flow["shift"]) == ("linear", "velocity", "heun", 2.0)
+    with pytest.raises(ConfigError, match=r"holds samples drawn with other settings \(flow: .*'shift': 2.0"):
+        _sample(*common, "--shift", 3)
+
+
+def test_a_sampler_of_the_other_objective_is_refused(run, flow_run):
+    with pytest.raises(ConfigError, match=r"--sampler ddpm does not sample this checkpoint: it was trained with "
+                                          r"objective=flow; choose one of euler, heun, dopri5, sde-euler, sde-heun"):
+        _sample("--ckpt", flow_run, "--classes", 1, "--sampler", "ddpm")
+    with pytest.raises(ConfigError, match=r"--sampler heun does not sample this checkpoint: it was trained with "
+                                          r"objective=ddpm; choose one of ddpm, ddim, dpm"):
+        _sample("--ckpt", run, "--classes", 1, "--sampler", "heun")
+    with pytest.raises(ConfigError, match=r"--shift, --last-step: flow-matching options, and this checkpoint is a "
+                                          r"DDPM run"):
+        _sample("--ckpt", run, "--classes", 1, "--shift", 2, "--last-step", "euler")
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(flow_run), "--classes", "1",
+                        "--sampler", "ddim"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --sampler ddim does not sample this checkpoint: it was trained with objective=flow; choose one of "
+        "euler, heun, dopri5, sde-euler, sde-heun"]
+
+
+def test_flow_export_is_a_pipeline_that_samples_as_the_run(flow_run, tmp_path):
+    """--export of a flow run writes its FlowScheduler (the run's interpolant, --sampler and the flow options);
+    the loaded pipeline draws what sample.py draws from the same per-sample noise."""
+    from dit3.flow import FlowScheduler
+    from dit3.pipeline import DiT3Pipeline
+
+    out = tmp_path / "pipe"
+    _sample("--ckpt", flow_run, "--export", out, "--sampler", "sde-heun", "--last-step", "tweedie")
+    loaded = DiT3Pipeline.from_pretrained(out)
+    assert type(loaded.scheduler) is FlowScheduler
+    c = loaded.scheduler.config
+    assert (c.path, c.prediction, c.sampler, c.last_step, c.shift) == ("linear", "velocity", "sde-heun", "tweedie", 1.0)
+    loaded.set_progress_bar_config(disable=True)
+    gens = lambda: [torch.Generator().manual_seed(sample_py.sample_seed(0, i)) for i in range(2)]  # noqa: E731
+    images = loaded(class_labels=[4, 7], num_inference_steps=3, guidance_scale=4.0, output_type="pt",
+                    generator=gens()).images
+    model, config = load_dit3(sample_py.resolve_checkpoint(str(flow_run)), ema=True)
+    args, flow = sample_py.resolve_objective(sample_py.parse_args(
+        ["--ckpt", str(flow_run), "--steps", "3", "--sampler", "sde-heun", "--last-step", "tweedie"]), config)
+    x = sample(model, torch.tensor([4, 7]), (3, 16, 16), sampler=args.sampler, num_steps=3, cfg_scale=4.0,
+               generator=gens(), flow=flow)  # as sample.py draws
+    torch.testing.assert_close(images, (x / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

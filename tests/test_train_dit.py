@@ -365,6 +365,53 @@ def test_unknown_model_and_cli_error(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# flow matching (objective=flow)
+# ---------------------------------------------------------------------------------------------
+FLOW = ("objective=flow", "sample.sampler=heun", "sample.steps=3")
+
+
+def test_flow_objective_trains_records_itself_and_resumes_bitwise(data, tmp_path, monkeypatch):
+    """objective=flow trains with dit3.flow (never the DDPM loss), its checkpoints say so, its grids come from a
+    flow sampler, and 2 + 2 updates equal 4 as for DDPM (the flow times and noise come from the restored RNG)."""
+    from dit3.flow import FlowMatching
+
+    calls = []
+    real = FlowMatching.training_losses
+    monkeypatch.setattr(FlowMatching, "training_losses", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(D.GaussianDiffusion, "training_losses", lambda *a, **k: pytest.fail("the DDPM loss ran"))
+    a = _run(data, tmp_path, "run_name=straight", "sample.every=2", *FLOW)
+    assert len(calls) == 4 and a["step"] == 4
+    cfg = yaml.safe_load((a["run_dir"] / "checkpoints" / "step-00000004" / "config.yaml").read_text())
+    assert cfg["objective"] == "flow" and cfg["sample"]["sampler"] == "heun"
+    assert (cfg["flow"]["path"], cfg["flow"]["prediction"], cfg["flow"]["loss_weight"]) == ("linear", "velocity", "none")
+    assert sorted(p.name for p in (a["run_dir"] / "samples").glob("*.png")) == ["final.png", "step-0000002.png"]
+    _run(data, tmp_path, "run_name=split", "max_steps=2", *FLOW)
+    c = _run(data, tmp_path, "run_name=split", "resume=latest", *FLOW)
+    for name in ("model", "ema"):
+        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
+        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+
+
+def test_flow_settings_and_ddpm_settings_do_not_mix(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"sample.sampler='heun' does not sample objective=ddpm models; "
+                                          r"choose one of ddpm, ddim, dpm"):
+        _run(data, tmp_path, "sample.sampler=heun")
+    with pytest.raises(ConfigError, match=r"sample.sampler='ddpm' does not sample objective=flow models"):
+        _run(data, tmp_path, "objective=flow", "sample.sampler=ddpm")
+    with pytest.raises(ConfigError, match=r"with flow.prediction=velocity use flow.loss_weight=none"):
+        _run(data, tmp_path, "objective=flow", "flow.loss_weight=likelihood")
+    _run(data, tmp_path, "run_name=d", "max_steps=2")
+    with pytest.raises(ConfigError, match=r"was trained with objective=ddpm, this run asks for objective=flow"):
+        _run(data, tmp_path, "run_name=d", "resume=latest", *FLOW)
+    _run(data, tmp_path, "run_name=f", "max_steps=2", *FLOW)
+    with pytest.raises(ConfigError, match=r"flow.prediction: checkpoint 'velocity' vs this run 'noise'"):
+        _run(data, tmp_path, "run_name=f", "resume=latest", *FLOW, "flow.prediction=noise")
+    p = run_script("train_dit.py", ["objective=flow", "sample.sampler=ddim", f"output_dir={tmp_path / 'x'}"])
+    assert p.returncode == 2 and "does not sample objective=flow models" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # shipped configs and the demo
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config,model,image_size,max_steps", [
@@ -392,6 +439,45 @@ def test_demo_config_two_steps(tmp_path):
                         "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo"
     assert 0.0 <= r["digits_accuracy"] <= 1.0 and (r["run_dir"] / "digits_accuracy.json").is_file()
+
+
+@pytest.mark.parametrize("config", ["sit_b2_in256", "dit3_b2_in256_flow"])
+def test_shipped_flow_configs_follow_sits_recipe(config):
+    """SiT's train.py: linear path, velocity, uniform times, AdamW lr 1e-4, no weight decay, batch 256, EMA
+    0.9999, class dropout 0.1, 400K updates; its FID sampler (SDE Euler, 250 steps) draws the grids."""
+    cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
+    T.check_values(cfg, {**T.TRAINER_RULES, **train_dit.RULES})
+    assert cfg.name == config and cfg.objective == "flow"
+    assert cfg.model.name == {"sit_b2_in256": "DiT-B/2", "dit3_b2_in256_flow": "DiT3-B/2"}[config]
+    assert (cfg.model.image_size, cfg.model.num_classes, cfg.model.class_dropout_prob) == (256, 1000, 0.1)
+    f = cfg.flow
+    assert (f.path, f.prediction, f.loss_weight, f.time_dist, f.train_eps, f.sample_eps) == (
+        "linear", "velocity", "none", "uniform", None, None)
+    o = cfg.optim
+    assert (o.opt, o.lr, o.lr_batch, o.weight_decay, o.sched, o.warmup_epochs, o.clip_grad) == (
+        "adamw", 1e-4, 0, 0.0, "constant", 0, 0.0)
+    assert cfg.data.batch_size == 256 and cfg.max_steps == 400_000 and (cfg.ema.decay, cfg.ema.decay_batch) == (
+        0.9999, 0)
+    assert train_dit.check_objective(cfg).sample.sampler == "sde-euler" and cfg.sample.steps == 250
+
+
+def test_flow_demo_config_is_the_demo_with_flow_matching(tmp_path):
+    """configs/dit3_demo_flow.yaml: configs/dit3_demo.yaml's recipe with objective=flow and a flow sampler;
+    two steps of it score their samples."""
+    ddpm = yaml.safe_load((ROOT / "configs" / "dit3_demo.yaml").read_text())
+    flow = yaml.safe_load((ROOT / "configs" / "dit3_demo_flow.yaml").read_text())
+    assert flow.pop("objective") == "flow" and flow.pop("name") == "dit3_demo_flow" and ddpm.pop("name")
+    sampler = flow["sample"].pop("sampler")
+    assert flow.pop("flow")["prediction"] == "velocity" and sampler in ("euler", "heun", "dopri5", "sde-euler",
+                                                                          "sde-heun")
+    assert flow == ddpm
+    digits = prepare_digits(tmp_path / "digits16", 16)
+    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo_flow.yaml"), f"data.path={digits}",
+                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+    assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo_flow"
+    assert 0.0 <= r["digits_accuracy"] <= 1.0
+    assert json.loads((r["run_dir"] / "digits_accuracy.json").read_text())["sampler"] == sampler
 
 
 def test_digits_classifier_is_accurate_on_real_digits_and_not_on_noise(tmp_path):
