@@ -16,10 +16,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_sampling import tiny_dit
 from torchdiffeq import odeint
 
 from dit3.flow import FlowScheduler, create_flow, default_eps, sample_ode, sample_sde, time_grid
-from dit3.models import DiT3
 from dit3.pipeline import DiT3Pipeline
 from dit3.sampling import flow_model_fn, sample
 
@@ -331,16 +331,6 @@ def test_timestep_shift_is_sd3s_on_the_noise_level():
 # ---------------------------------------------------------------------------------------------
 # the samplers around a DiT
 # ---------------------------------------------------------------------------------------------
-def tiny_dit(seed=0):
-    torch.manual_seed(seed)
-    model = DiT3(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-    with torch.no_grad():  # leave DiT's zero init of the output so the model's output is not trivially zero
-        for p in model.parameters():
-            if p.dim() > 1 and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return model.eval()
-
-
 def test_guidance_drops_sigma_and_follows_the_interval_in_noise_fraction():
     model, x, y = tiny_dit(), torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     t = torch.full((2,), 0.3)  # noise fraction 0.7

@@ -40,36 +40,30 @@ def _env():
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A digits run of a tiny DiT³ (pixel space, 16x16, 10 classes), two updates."""
-    tmp = tmp_path_factory.mktemp("run")
+def train_digits(tmp, config: str, *extra) -> Path:
+    """Two updates of a tiny DiT³ on the digits (pixel space, 16x16, 10 classes) with a shipped demo config."""
     digits = prepare_digits(tmp / "digits16", 16)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
-                        f"output_dir={tmp}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.per_class=1",
-                        "sample.digits_accuracy=0", "run_name=run"])
+    r = train_dit.main(["--config", str(ROOT / "configs" / config), f"data.path={digits}", f"output_dir={tmp}",
+                        "max_steps=2", "log.progress=false", "log.log_with=none", "data.num_workers=0",
+                        "sample.every=0", "sample.steps=2", "sample.per_class=1", "sample.digits_accuracy=0", *extra])
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return r["run_dir"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A digits run with DDPM (configs/dit3_demo.yaml)."""
+    return train_digits(tmp_path_factory.mktemp("run"), "dit3_demo.yaml", "run_name=run")
 
 
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
-    """The same digits run trained with flow matching (configs/dit3_demo_flow.yaml), two updates."""
-    tmp = tmp_path_factory.mktemp("flow_run")
-    digits = prepare_digits(tmp / "digits16", 16)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo_flow.yaml"), f"data.path={digits}",
-                        f"output_dir={tmp}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.per_class=1",
-                        "sample.digits_accuracy=0", "sample.sampler=sde-euler", "run_name=flow"])
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return r["run_dir"]
+    """The same digits run trained with flow matching (configs/dit3_demo_flow.yaml)."""
+    return train_digits(tmp_path_factory.mktemp("flow_run"), "dit3_demo_flow.yaml", "sample.sampler=sde-euler",
+                        "run_name=flow")
 
 
 def _sample(*argv):
