@@ -382,18 +382,38 @@ def main(argv: list[str] | None = None) -> dict:
         return train(dataclasses.replace(cfg, name=name), run)
 
 
+def check_resumed_objective(cfg: TrainConfig, run: engine.Run):
+    """The network's output means what the objective says, so a resumed run keeps its objective (and flow
+    settings); ConfigError otherwise."""
+    if not run.resume:
+        return
+    trained = engine.read_trainer_state(run.resume)
+    objective = (trained.get("config") or {}).get("objective", "ddpm")  # checkpoints before flow: ddpm
+    if objective != cfg.objective:
+        raise ConfigError(f"checkpoint {run.resume} was trained with objective={objective}, this run asks for "
+                          f"objective={cfg.objective}: resume it with its own, or start a new run")
+    if objective == "flow":
+        engine.check_same_model(trained, dataclasses.asdict(cfg.flow), FLOW_KEYS, run.resume, section="flow")
+
+
+def classes_of(cfg: TrainConfig, dataset) -> int:
+    """The data's number of classes, checked against model.num_classes and sample.classes."""
+    num_classes = len(dataset.classes)
+    if cfg.model.num_classes and cfg.model.num_classes != num_classes:
+        raise DataError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.latents or cfg.data.path} has "
+                        f"{num_classes} classes; set model.num_classes={num_classes} (or 0 to follow the data)")
+    bad = [c for c in cfg.sample.classes if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ConfigError(f"sample.classes {bad} are not class ids of this data (0 .. {num_classes - 1}); "
+                          "set sample.classes=[...]")
+    return num_classes
+
+
 def train(cfg: TrainConfig, run: engine.Run) -> dict:
     acc, log, dev = run.accelerator, run.log, run.accelerator.device
     accum = cfg.optim.grad_accum_steps
     micro = engine.split_batch(cfg.data.batch_size, acc.num_processes, accum)  # per process, per forward
-    if run.resume:  # the network's output means what the objective says: it cannot change mid-run
-        trained = engine.read_trainer_state(run.resume)
-        objective = (trained.get("config") or {}).get("objective", "ddpm")  # checkpoints before flow: ddpm
-        if objective != cfg.objective:
-            raise ConfigError(f"checkpoint {run.resume} was trained with objective={objective}, this run asks for "
-                              f"objective={cfg.objective}: resume it with its own, or start a new run")
-        if objective == "flow":
-            engine.check_same_model(trained, dataclasses.asdict(cfg.flow), FLOW_KEYS, run.resume, section="flow")
+    check_resumed_objective(cfg, run)
 
     # ---- VAE, data ----------------------------------------------------------------------------
     vae = load_vae(cfg.vae.name, dev) if cfg.vae.name else None
@@ -407,14 +427,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         engine.finish(run, f"latents ready in {cfg.data.latents}")
         engine.discard(run)
         return {"latents": Path(cfg.data.latents)}
-    num_classes = len(dataset.classes)
-    if cfg.model.num_classes and cfg.model.num_classes != num_classes:
-        raise DataError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.latents or cfg.data.path} has "
-                        f"{num_classes} classes; set model.num_classes={num_classes} (or 0 to follow the data)")
-    bad = [c for c in cfg.sample.classes if not 0 <= int(c) < num_classes]
-    if bad:
-        raise ConfigError(f"sample.classes {bad} are not class ids of this data (0 .. {num_classes - 1}); "
-                          "set sample.classes=[...]")
+    num_classes = classes_of(cfg, dataset)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
     config = engine.config_to_dict(cfg)
     sampler = engine.ResumableBatchSampler(len(dataset), micro, acc.num_processes, acc.process_index,

@@ -10,9 +10,10 @@ itself (the kernel trick, as the dual form of TTT-Linear, https://arxiv.org/abs/
 
 so one sample's inner step is two N x N Gram matrices, S = Q K^T and G = K K^T, and products
 with them; W enters only through Q W and K W, which are shared by all samples and run as one
-GEMM per head over the whole batch. Per sample and head this costs about 6 N^2 d
-multiply-accumulates against 4 N d^2 for the primal form, so it wins when N is below about
-d (fast.py picks), and no elementwise pass ever touches a d x 2d tensor.
+GEMM per head over the whole batch. Its per-sample products cost about 6 N^2 d
+multiply-accumulates where the primal form's cost 4 N d^2, and no elementwise pass touches a
+d x 2d tensor; measured, it is the faster form up to about N = d (fast.use_dual picks;
+benchmarks/bench_small.py).
 
 Everything is laid out head-major, [H, B, rows, d], with the queries' rows stacked on the keys'
 ([Q; K]: 2N rows), so that [Q; K] W, [Q; K] K^T = [S; G] and [S; G] P are one batched product
@@ -24,8 +25,9 @@ Backward, with R = diag(lr / (||g|| + 1)) and dY the gradient of Y = Q W - S P R
   dP = -S^T dY R + 2 (G P) diag(dm)
   [dS; 2 dG] = [-dY R; 2 P diag(dm)] P^T,  dQ += dS K,  dK += dS^T Q + 2 dG K = [dS; 2 dG]^T [Q; K]
   dZ from dP through P's silu terms, then dQ, dK += [dY; dZ] W^T and dW = [Q; K]^T [dY; dZ]
-(G and dG are symmetric.) The forward keeps its products for the backward; in this form's
-range they are about 3x qkv, less than the primal form's d x 2d gradients per sample.
+(G and dG are symmetric.) The forward keeps its products for the backward, about 3.5x the qkv
+projection (more than the primal form keeps, but only images of at most d tokens take this
+form), so the backward repeats no product.
 """
 import torch
 import torch.nn.functional as F
@@ -66,9 +68,8 @@ def swiglu_forward(q, k, v, w12, rope, coef: float, lr: float, out1: torch.Tenso
     """Writes out1 = (Q W1') * silu(Q W2') ([B, H, N, d] view) for q, k, v: [B, H, N, d] views,
     w12 = [W1 | W2]: [1, H, d, 2d] in the compute dtype, rope: None or (cos, sin) [H, N, d/2].
 
-    Returns what the backward reads: [Q; K], V, [Q W; K W], [S; G], [S P; G P] and the norms. All
-    are N-sized (about 3x qkv in all), which in the dual form's range is less than the primal
-    form's d x 2d gradients per sample, and the backward then repeats no product."""
+    Returns what the backward reads: [Q; K], V, [Q W; K W], [S; G], [S P; G P] and the norms (all
+    N-sized, about 3.5x qkv), so that the backward repeats no product."""
     b, heads, n, d = q.shape
     rope = None if rope is None else tuple(t.unsqueeze(1) for t in rope)
     qk, v = _load(q, k, v, w12.dtype, rope)
