@@ -309,8 +309,15 @@ def test_bad_input_errors():
         TTT(10, 3)
     with pytest.raises(ValueError, match="unknown inner_model"):
         TTT(16, 2, inner_model="transformer")
-    with pytest.raises(ValueError, match="impl='fast' covers"):
-        TTT(16, 2, inner_loss="mse", impl="fast")(torch.randn(1, 4, 16), 2, 2)
+    with pytest.raises(ValueError, match="impl='fast' covers"):  # at construction, not at the first forward
+        TTT(16, 2, inner_loss="mse", impl="fast")
+    with pytest.raises(ValueError, match="unknown impl 'fats'"):
+        TTT(16, 2, impl="fats")
+    layer = TTT(16, 2, inner_loss="mse")
+    assert not layer.closed_form() and layer.path(torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="impl='triton' covers"):  # and when set later
+        layer.impl = "triton"
+    assert layer.impl == "auto"
     with pytest.raises(ValueError, match="unknown mixer"):
         build_mixer("mamba", 16, 2)
 

@@ -69,12 +69,10 @@ class TTT(nn.Module):
             raise ValueError(f"unknown inner_loss {inner_loss!r}; choose one of {INNER_LOSSES}")
         if inner_steps < 1 or (inner_batch is not None and inner_batch < 1):
             raise ValueError(f"inner_steps and inner_batch must be positive, got {inner_steps}, {inner_batch}")
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
         self.dim, self.num_heads = dim, num_heads
         self.inner_model, self.inner_loss = inner_model, inner_loss
         self.inner_lr, self.inner_steps, self.inner_batch = inner_lr, inner_steps, inner_batch
-        self.grad_norm, self.impl = grad_norm, impl
+        self.grad_norm, self.impl = grad_norm, impl  # checked by the setter below
         d = dim // num_heads
         self.head_kind = inner_model.split("+")[0] if inner_model.split("+")[0] in HEAD_MODELS else None
         use_conv = "dwconv" in inner_model
@@ -106,14 +104,28 @@ class TTT(nn.Module):
     def inner_params(self) -> list[nn.Parameter]:
         return self.head_params() + ([self.w3] if self.conv_dim else [])
 
+    def paper_design(self) -> bool:
+        """Whether the layer is the paper's design, which the closed-form paths (fast, triton) cover."""
+        return (self.inner_model == "swiglu+dwconv" and self.inner_loss == "dot" and self.inner_steps == 1
+                and self.inner_batch is None and self.grad_norm)
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str):
+        # checked when set, at construction or later, so a bad value fails there and not at the first forward
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+        if impl in ("fast", "triton") and not self.paper_design():
+            raise ValueError(f"impl={impl!r} covers the paper's design only (swiglu+dwconv, dot loss, one "
+                             "full-batch step, grad_norm=True); use impl='reference' or 'auto' for other options")
+        self._impl = impl
+
     def closed_form(self) -> bool:
         """Whether the layer runs the paper's design with the closed-form inner gradient (fast or triton)."""
-        fast_ok = (self.inner_model == "swiglu+dwconv" and self.inner_loss == "dot" and self.inner_steps == 1
-                   and self.inner_batch is None and self.grad_norm)
-        if self.impl in ("fast", "triton") and not fast_ok:
-            raise ValueError(f"impl={self.impl!r} covers the paper's design only (swiglu+dwconv, dot loss, one "
-                             "full-batch step, grad_norm=True); use impl='reference' or 'auto' for other options")
-        return self.impl != "reference" and fast_ok
+        return self.impl != "reference" and self.paper_design()
 
     def path(self, device: torch.device, dtype: torch.dtype = torch.float32, rope: bool = False) -> str:
         """The implementation a call on tensors of this device and dtype (with RoPE or not) takes: "triton",
