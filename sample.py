@@ -45,8 +45,8 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
-from dit3.latents import decode, load_vae, vae_downsample
 from dit3.flow import DIFFUSION_FORMS, LAST_STEPS, FlowScheduler, flow_scheduler
+from dit3.latents import decode, load_vae, vae_downsample
 from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3
 from vit3 import engine
@@ -71,7 +71,7 @@ class SampleConfig:
     cfg_interval: tuple[float, float] | None = None  # guide only at timesteps t / 1000 (flow: 1 - t) in [LO, HI]
     # flow runs only, None = the run's (train_dit.py's flow section): the fixed-step grids' timestep shift (SD3)
     shift: float | None = None
-    diffusion_form: str | None = None  # flow SDE: w(t) = sigma, SBDM, constant, linear, decreasing, ...; None = the run's
+    diffusion_form: str | None = None  # flow SDE: w(t) = sigma, SBDM, constant, linear, ...; None = the run's
     diffusion_norm: float | None = None  # flow SDE: the scale of w(t); None = the run's
     last_step: str | None = None  # flow SDE: the last step to t = 1: mean, tweedie, euler, none; None = the run's
     last_step_size: float | None = None  # flow SDE: its size; None = the run's

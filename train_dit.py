@@ -34,8 +34,16 @@ from tqdm.auto import tqdm
 
 from dit3.diffusion import create_diffusion
 from dit3.evaluation import fidelity_metrics
-from dit3.flow import DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_DISTRIBUTIONS, create_flow, \
-    flow_scheduler
+from dit3.flow import (
+    DIFFUSION_FORMS,
+    LAST_STEPS,
+    LOSS_WEIGHTS,
+    PATHS,
+    PREDICTIONS,
+    TIME_DISTRIBUTIONS,
+    create_flow,
+    flow_scheduler,
+)
 from dit3.latents import (
     LatentShards,
     VAEConfig,

@@ -14,7 +14,6 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
-
 from trainer_helpers import make_unwritable
 
 from dit3 import load_dit3

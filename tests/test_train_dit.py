@@ -383,7 +383,8 @@ def test_flow_objective_trains_records_itself_and_resumes_bitwise(data, tmp_path
     assert len(calls) == 4 and a["step"] == 4
     cfg = yaml.safe_load((a["run_dir"] / "checkpoints" / "step-00000004" / "config.yaml").read_text())
     assert cfg["objective"] == "flow" and cfg["sample"]["sampler"] == "heun"
-    assert (cfg["flow"]["path"], cfg["flow"]["prediction"], cfg["flow"]["loss_weight"]) == ("linear", "velocity", "none")
+    flow = cfg["flow"]
+    assert (flow["path"], flow["prediction"], flow["loss_weight"]) == ("linear", "velocity", "none")
     assert sorted(p.name for p in (a["run_dir"] / "samples").glob("*.png")) == ["final.png", "step-0000002.png"]
     _run(data, tmp_path, "run_name=split", "max_steps=2", *FLOW)
     c = _run(data, tmp_path, "run_name=split", "resume=latest", *FLOW)

@@ -20,8 +20,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
 from urllib.error import HTTPError
+from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
 import torch

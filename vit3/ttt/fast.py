@@ -11,14 +11,16 @@ With e = dL/df(k) = -scale / N * v, the inner gradients are
   g3[o] = sum_p e[p] k[p + o]               [B, c, 3, 3], o one of the 9 offsets
 
 and the trained models are applied to the queries; the layer's output
-projection follows in the same function. For images of at most about d tokens
-the SwiGLU branch runs in dual form instead (dual.py: N x N Gram matrices in
-place of the d x 2d weights per sample; `use_dual` picks). The forward keeps only its inputs and
+projection follows in the same function. The forward keeps only its inputs and
 the d x d / 3 x 3 inner gradients; every N-sized intermediate, the projection's
 input included, is recomputed in the backward, which is derived by hand below
 (the outer loop differentiates through the inner step, so second derivatives of
 silu appear). Activation memory is therefore the qkv projection alone, linear
 in N, less than attention keeps (q, k, v, its output and the projection input).
+For images of at most about d tokens the SwiGLU branch runs in dual form instead
+(dual.py: N x N Gram matrices in place of the d x 2d weights per sample;
+`use_dual` picks), which keeps its N-sized products for the backward (about
+3.5x qkv more; small images only).
 
 The function takes the qkv projection whole ([B, N, 3C + 3c], any float dtype)
 and returns its gradient whole: nothing is split, concatenated or upcast
@@ -272,7 +274,7 @@ class _TTTFast(torch.autograd.Function):
     def forward(ctx, qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr, inplace_grad):
         y, inner = _forward(qkv, w1, w2, w3, pw, pb, cos, sin, heads, h, w, scale, lr)
         ctx.save_for_backward(qkv, w1, w2, w3, pw, cos, sin, *inner)
-        ctx.dual = len(inner) > 4  # (g3, n3, g12, n12) from the primal form
+        ctx.dual = use_dual(qkv.shape[1], w1.shape[-1])  # the form _forward took: N tokens, head width d
         ctx.args = (heads, h, w, scale, lr, inplace_grad, pb is not None)
         return y
 
