@@ -74,33 +74,49 @@ def aten_ops(fn, phases: tuple = ()) -> dict:
 # ----------------------------------------------------------------------------------------
 # The demo's training step
 # ----------------------------------------------------------------------------------------
-def demo_step(family: str):
-    """One training update of the demo config, as train_dit.py runs it, for "DiT3" or "DiT"."""
+def update_step(config: dict, model_name: str):
+    """One training update of a train_dit.py config (a dict as read from its yaml) in pixel or latent space,
+    as train_dit.py runs it: the config's objective (DDPM's hybrid loss or flow matching), backward,
+    gradient clipping, the trainer's optimizer and EMA from vit3.engine. model_name: "DiT3-S/4", "DiT-S/2", ..."""
     from dit3.diffusion import create_diffusion
+    from dit3.flow.objective import create_flow
     from dit3.models import DiT3_models
     from vit3 import engine
 
-    m, o = DEMO["model"], DEMO["optim"]
+    m, o, batch = config["model"], config.get("optim", {}), config["data"]["batch_size"]
+    latent = bool(config.get("vae", {}).get("name", "stabilityai/sd-vae-ft-ema"))
+    size, channels = (m["image_size"] // 8, 4) if latent else (m["image_size"], 3)
     torch.manual_seed(0)
-    model = DiT3_models[f"{family}-S/4"](input_size=m["image_size"], in_channels=3, num_classes=m["num_classes"],
-                                         class_dropout_prob=m["class_dropout_prob"], **m["kwargs"])
-    optim_cfg = engine.OptimConfig(lr=o["lr"], lr_batch=0, weight_decay=o["weight_decay"], sched="constant",
-                                   warmup_epochs=0, clip_grad=o["clip_grad"])
-    batch = DEMO["data"]["batch_size"]
+    model = DiT3_models[model_name](input_size=size, in_channels=channels, num_classes=m["num_classes"],
+                                    class_dropout_prob=m.get("class_dropout_prob", 0.1), **m.get("kwargs", {}))
+    clip = o.get("clip_grad", 0.0)
+    optim_cfg = engine.OptimConfig(lr=o.get("lr", 1e-4), lr_batch=0, weight_decay=o.get("weight_decay", 0.0),
+                                   sched="constant", warmup_epochs=0, clip_grad=clip)
     optimizer, _ = engine.create_optimizer_and_scheduler(model, optim_cfg, batch, 1)
-    ema = engine.create_ema(model, engine.EMAConfig(decay=DEMO["ema"]["decay"], decay_batch=0), batch)
-    diffusion = create_diffusion("")
-    x = torch.randn(batch, 3, m["image_size"], m["image_size"])
+    ema = engine.create_ema(model, engine.EMAConfig(decay=config.get("ema", {}).get("decay", 0.9999), decay_batch=0),
+                            batch)
+    if config.get("objective", "ddpm") == "flow":
+        f = config.get("flow", {})
+        flow = create_flow(f.get("path", "linear"), f.get("prediction", "velocity"), f.get("loss_weight", "none"))
+
+        def losses(x, y):
+            return flow.training_losses(model, x, dict(class_labels=y))["loss"]
+    else:
+        diffusion = create_diffusion("")
+
+        def losses(x, y):
+            return diffusion.training_losses(model, x, diffusion.sample_timesteps(batch), dict(class_labels=y))["loss"]
+    x = torch.randn(batch, channels, size, size)
     y = torch.randint(0, m["num_classes"], (batch,))
 
     def step():
         with record_function("forward"):
-            t = diffusion.sample_timesteps(batch)
-            loss = diffusion.training_losses(model, x, t, dict(class_labels=y))["loss"].mean()
+            loss = losses(x, y).mean()
         with record_function("backward"):
             loss.backward()
         with record_function("clip"):  # what accelerator.clip_grad_norm_ calls on one process
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_grad"])
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         with record_function("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -152,7 +168,7 @@ def data_batch(in_memory: bool):
 def measure(rounds: int) -> dict:
     res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "rounds": rounds}
-    steps = {f: demo_step(f) for f in ("DiT3", "DiT")}
+    steps = {f: update_step(DEMO, f"{f}-S/4") for f in ("DiT3", "DiT")}
     res["step_ms"] = median_ms(steps, rounds)
     res["step_ratio"] = res["step_ms"]["DiT3"] / res["step_ms"]["DiT"]
     res["step_ops"] = {f: aten_ops(s, PHASES) for f, s in steps.items()}

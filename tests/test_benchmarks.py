@@ -71,7 +71,7 @@ def test_small_bench_steps_train_and_forms_agree():
     same layer (and leave the switch as it was)."""
     from vit3.ttt import fast
 
-    step = bench_small.demo_step("DiT3")
+    step = bench_small.update_step(bench_small.DEMO, "DiT3-S/4")
     losses = [step().item() for _ in range(4)]
     assert losses[-1] < losses[0]
     before = dict(fast.DUAL_FORM)

@@ -1,0 +1,384 @@
+"""DiT³ against DiT and linear attention at equal budget: a study that drives train_dit.py and sample.py.
+
+    python benchmarks/study.py                    # the digits study (configs/study_digits.yaml), CPU, alone
+    python benchmarks/study.py --quick            # 1 seed, 4 updates, 10 samples: the orchestration only
+    python benchmarks/study.py --out DIR          # a killed study: rerun the same command, it continues
+    python benchmarks/study.py objective=ddpm     # DiT's DDPM instead of flow matching: key=value reach every run
+
+From one base config it trains one run per mixer (DiT3-*: TTT, DiT-*: softmax attention, DiT3-LA-*:
+linear attention) and per seed, with equal updates, batch, recipe and data order per seed (the seed
+sets the data order, the diffusion noise and the init). Before the seeded runs, a learning-rate sweep
+per mixer (seed 0, to --sweep-budget of the updates) picks each mixer's lr by its unguided FID there, so
+no mixer loses for a recipe tuned to another; the chosen lr's sweep run goes on to the end as that
+mixer's seed-0 run (with a constant lr after warm-up, a run stopped early is the prefix of the longer one).
+
+Each run is evaluated from its checkpoints at several budgets (fractions of the updates), with the same
+samples, sampler steps and noise for every run (sample.py draws sample i from seed i):
+- unguided (guidance 1, the paper's FID setting) and guided (--cfg-scale) samples;
+- FID, precision and recall against held-out real images, through a domain feature extractor (a small
+  ViT³ digits classifier trained by train_vit.py, as `sample.py --feature-extractor` does) or Inception;
+- on the digits, the share of samples the demo's SVC labels as the class asked for.
+Each mixer's time per training update is measured in this process, alone, before any run starts
+(medians of interleaved rounds), for the FID-against-wall-clock view.
+
+Writes into --out: runs/<mixer>-lr<lr>-s<seed>/ (train_dit.py run folders), evals/ (sample.py outputs),
+study.json (the spec; a rerun with another spec is refused), state.json (timings), and the report of
+study_report.py: results.json, results.md and fid.png. Finished runs and evaluations are skipped on a
+rerun; a killed run resumes from its last checkpoint (resume=auto). The digits study's config trains
+with flow matching (SiT's objective: the DiT-S/2 runs are SiT-S/2), which learns the classes in far
+fewer updates than DDPM here; objective=ddpm runs the same study with DiT's DDPM.
+
+On GPUs (ImageNet latents, one run at a time over all GPUs; a feature extractor of your own or Inception):
+    python benchmarks/study.py --config configs/dit3_b2_in256.yaml --updates 400000 --seeds 0 \\
+        --lrs 1e-4 2e-4 --sweep-budget 0.25 --samples 10000 --steps 250 --cfg-scale 1.5 \\
+        --fid-ref /data/VIRTUAL_imagenet256.npz --inception-weights /models/pt_inception-2015-12-05.pth \\
+        --out results/study-b2 --launcher "accelerate launch --multi_gpu --num_processes 8" \\
+        data.latents=/data/in256-latents
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from vit3.engine.files import atomic_write_text  # noqa: E402
+
+MIXERS = ("DiT3", "DiT", "DiT3-LA")
+FID = "frechet_inception_distance"
+
+
+# ----------------------------------------------------------------------------------------
+# The study's spec
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Study:
+    config: str = str(ROOT / "configs" / "study_digits.yaml")
+    mixers: tuple = MIXERS
+    size: str = ""  # "S/2": the model size and patch; "" = the config's model.name's
+    seeds: tuple = (0, 1, 2)
+    lrs: tuple = ()  # the sweep; () = the config's lr x 0.5, 1, 2 (quick: the config's lr)
+    quick: bool = False
+    updates: int = 0  # 0 = the config's max_steps
+    budgets: tuple = (0.25, 0.5, 1.0)
+    sweep_budget: float = 0.5  # the sweep's runs stop here (one of budgets); the chosen lr's run goes on to the end
+    samples: int = 200
+    steps: int = 0  # sampler steps; 0 = the config's sample.steps
+    sampler: str = ""  # "" = the config's sample.sampler (else the run's default: ddpm, or sde-euler for flow)
+    cfg_scale: float = 4.0
+    fid_ref: str = ""  # "" on the digits: the held-out real digits
+    feature_extractor: str = ""  # "" on the digits: a ViT³ classifier trained into out/classifier
+    inception_weights: str = ""
+    overrides: tuple = ()  # key=value for every train_dit.py run
+    classifier_overrides: tuple = ()  # key=value for the digits classifier's train_vit.py run
+    time_rounds: int = 20
+
+
+def parse_args(argv=None) -> tuple[Study, Path, list[str], bool]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    d = Study()
+    p.add_argument("--config", default=d.config, help="the base train_dit.py config")
+    p.add_argument("--mixers", nargs="+", default=list(d.mixers), choices=MIXERS)
+    p.add_argument("--size", default=d.size, help='model size and patch, e.g. "S/2" ("" = the config\'s)')
+    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
+    p.add_argument("--lrs", nargs="+", type=float, default=[], help="the lr sweep (default: config lr x 0.5, 1, 2)")
+    p.add_argument("--updates", type=int, default=d.updates, help="updates per run (0 = the config's max_steps)")
+    p.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets), help="fractions of the updates")
+    p.add_argument("--sweep-budget", type=float, default=d.sweep_budget,
+                   help="the sweep runs this fraction of the updates (one of --budgets); the chosen lr's run goes on")
+    p.add_argument("--samples", type=int, default=d.samples, help="samples per evaluation (balanced classes)")
+    p.add_argument("--steps", type=int, default=d.steps, help="sampler steps (0 = the config's sample.steps)")
+    p.add_argument("--sampler", default=d.sampler, help='"" = the config\'s sample.sampler')
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="guidance of the guided evaluation")
+    p.add_argument("--fid-ref", default=d.fid_ref)
+    p.add_argument("--feature-extractor", default=d.feature_extractor)
+    p.add_argument("--inception-weights", default=d.inception_weights)
+    p.add_argument("--time-rounds", type=int, default=d.time_rounds, help="interleaved rounds timing the updates")
+    p.add_argument("--out", default="", help="the study folder (default results/study-<config name>)")
+    p.add_argument("--launcher", default=sys.executable,
+                   help='runs each script: "python", or e.g. "accelerate launch --num_processes 8"')
+    p.add_argument("--quick", action="store_true", help="1 seed, no sweep, 4 updates, 10 samples of 2 steps")
+    p.add_argument("--retime", action="store_true",
+                   help="measure the time per update again (e.g. when the first measurement was not alone)")
+    p.add_argument("overrides", nargs="*", help="key=value for every train_dit.py run")
+    a = p.parse_args(argv)
+    for o in a.overrides:
+        if "=" not in o:
+            p.error(f"{o!r} is not key=value: overrides reach every train_dit.py run, e.g. optim.weight_decay=0.01")
+    if not 0 < min(a.budgets) <= max(a.budgets) <= 1:
+        p.error("--budgets are fractions of the updates in (0, 1], e.g. 0.25 0.5 1")
+    if a.sweep_budget not in a.budgets:
+        p.error(f"--sweep-budget {a.sweep_budget:g} must be one of --budgets {a.budgets}: its evaluation picks the lr")
+    if a.cfg_scale < 1 or not math.isfinite(a.cfg_scale):
+        p.error("--cfg-scale is the guided evaluation's guidance, a finite number >= 1")
+    study = Study(config=str(Path(a.config).resolve()), mixers=tuple(dict.fromkeys(a.mixers)), size=a.size,
+                  seeds=tuple(dict.fromkeys(a.seeds)), lrs=tuple(a.lrs), updates=a.updates,
+                  budgets=tuple(sorted(set(a.budgets))), sweep_budget=a.sweep_budget, samples=a.samples,
+                  steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, fid_ref=a.fid_ref,
+                  feature_extractor=a.feature_extractor,
+                  inception_weights=a.inception_weights, overrides=tuple(a.overrides), time_rounds=a.time_rounds)
+    if a.quick:
+        study = dataclasses.replace(study, quick=True, seeds=study.seeds[:1], lrs=study.lrs[:1], updates=4,
+                                    budgets=(0.5, 1.0), sweep_budget=0.5, samples=10, steps=2, time_rounds=2,
+                                    classifier_overrides=("max_steps=2", "data.num_workers=0"))
+    out = Path(a.out or ROOT / "results" / f"study-{Path(a.config).stem}").resolve()
+    return study, out, shlex.split(a.launcher), a.retime
+
+
+def study_config(study: Study) -> dict:
+    """The base config with the study's key=value overrides applied, as train_dit.py will see it."""
+    cfg = yaml.safe_load(Path(study.config).read_text()) or {}
+    for o in study.overrides:
+        key, value = o.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = cfg
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def is_digits(study: Study) -> bool:
+    return study_config(study).get("data", {}).get("demo") == "digits"
+
+
+def digits_root(cfg: dict) -> Path:
+    """The digits folder (train/ and val/) that train_dit.py writes and trains on for this config."""
+    from vit3.digits import default_demo_path, prepare_digits
+
+    path = cfg["data"].get("path")
+    root = Path(path).expanduser() if path else default_demo_path("digits", int(cfg["model"]["image_size"]))
+    return prepare_digits(root.parent if root.name == "train" else root, int(cfg["model"]["image_size"]))
+
+
+def resolve(study: Study) -> Study:
+    """Fill the defaults that come from the config: size, updates, the lr sweep, the digits' reference."""
+    cfg = study_config(study)
+    size = study.size or cfg.get("model", {}).get("name", "DiT3-B/2").rsplit("-", 1)[1]
+    updates = study.updates or int(cfg.get("max_steps", 400_000))
+    lr = float(cfg.get("optim", {}).get("lr", 1e-4))
+    fid_ref = study.fid_ref
+    if not fid_ref:
+        if not is_digits(study):
+            raise SystemExit("study: --fid-ref is needed (an image folder or .npz of held-out real images): "
+                             "only the digits demo brings its own")
+        fid_ref = str(digits_root(cfg) / "val")
+    lrs = study.lrs or ((lr,) if study.quick else (lr / 2, lr, lr * 2))
+    sample = cfg.get("sample", {})
+    return dataclasses.replace(study, size=size, updates=updates, lrs=lrs, fid_ref=fid_ref,
+                               steps=study.steps or int(sample.get("steps", 50)),
+                               sampler=study.sampler or sample.get("sampler", ""))
+
+
+def check_spec(study: Study, out: Path):
+    """study.json holds the spec the study started with; a rerun must ask for the same study."""
+    path = out / "study.json"
+    spec = json.loads(json.dumps(dataclasses.asdict(study)))  # tuples as lists, as read back
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in spec if old.get(k) != spec[k])
+        if changed:
+            raise SystemExit(f"study: {out} holds a study with other settings ({', '.join(changed)}: "
+                             + "; ".join(f"{k} {old.get(k)} -> {spec[k]}" for k in changed)
+                             + "). Rerun it with its own settings, or give a new --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(spec, indent=2))
+
+
+# ----------------------------------------------------------------------------------------
+# Running the scripts
+# ----------------------------------------------------------------------------------------
+class State:
+    """state.json: seconds spent per run, evaluation and phase, summed over reruns."""
+
+    def __init__(self, out: Path):
+        self.path = out / "state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def add_seconds(self, key: str, seconds: float):
+        self.data.setdefault("seconds", {})[key] = self.data.get("seconds", {}).get(key, 0.0) + seconds
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+    def set(self, key: str, value):
+        self.data[key] = value
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+
+def run_script(cmd: list[str], log: Path, what: str, echo: str = "") -> float:
+    """Run cmd with its output into `log` (appended); echo its lines holding `echo`. -> seconds taken."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if echo and echo in line:
+                print("    " + line.rstrip().split("] ", 1)[-1], flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"study: {what} failed (exit {rc}); the end of its log {log}:\n{tail}")
+    return time.time() - t0
+
+
+def run_name(mixer: str, lr: float, seed: int) -> str:
+    return f"{mixer}-lr{lr:g}-s{seed}"
+
+
+def budget_steps(study: Study) -> list[int]:
+    return [max(1, round(b * study.updates)) for b in study.budgets]
+
+
+def train(study: Study, out: Path, launcher: list[str], mixer: str, lr: float, seed: int, upto: int,
+          label: str) -> Path:
+    """One train_dit.py run to update `upto`, with a checkpoint at every budget; a killed or shorter run of
+    the same name is resumed (resume=auto: a constant-lr run stopped early is the prefix of the longer one)."""
+    name = run_name(mixer, lr, seed)
+    run = out / "runs" / name
+    if (run / "checkpoints" / f"step-{upto:08d}").is_dir():
+        print(f"{label} {name}: {upto} updates done before", flush=True)
+        return run
+    print(f"{label} {name}: training to {upto} updates", flush=True)
+    cmd = [*launcher, str(ROOT / "train_dit.py"), "--config", study.config, *study.overrides,
+           f"output_dir={out / 'runs'}", f"run_name={name}", f"model.name={mixer}-{study.size}",
+           f"optim.lr={lr}", f"seed={seed}", f"max_steps={upto}",
+           f"checkpoint.every_steps={math.gcd(*budget_steps(study))}",
+           "checkpoint.keep_last=0", "resume=auto", "sample.every=0", "sample.digits_accuracy=0", "sample.fid_every=0",
+           "log.progress=false"]
+    seconds = run_script(cmd, out / "logs" / f"{name}.log", f"training {name}", echo="(step ")
+    State(out).add_seconds(f"train/{name}", seconds)
+    print(f"{label} {name}: done in {seconds / 60:.1f} min", flush=True)
+    return run
+
+
+def evaluate(study: Study, out: Path, launcher: list[str], run: Path, step: int, cfg_scale: float,
+             classifier: str) -> dict:
+    """sample.py on one checkpoint at one guidance: FID / precision / recall (and the SVC's accuracy)."""
+    folder = out / "evals" / run.name / f"step-{step:08d}-cfg{cfg_scale:g}"
+    wanted = [FID, "precision", "recall"] + (["digits_accuracy"] if is_digits(study) else [])
+    metrics_file = folder / "metrics.json"
+    if metrics_file.is_file() and all(k in json.loads(metrics_file.read_text()) for k in wanted):
+        return json.loads(metrics_file.read_text())
+    cmd = [*launcher, str(ROOT / "sample.py"), "--ckpt", str(run / "checkpoints" / f"step-{step:08d}"),
+           "--num-samples", str(study.samples), "--steps", str(study.steps), "--cfg-scale", str(cfg_scale),
+           "--out", str(folder), "--fid-ref", study.fid_ref]
+    cmd += ["--sampler", study.sampler] if study.sampler else []
+    cmd += ["--feature-extractor", classifier] if classifier else []
+    cmd += ["--inception-weights", study.inception_weights] if study.inception_weights else []
+    cmd += ["--digits-accuracy"] if is_digits(study) else []
+    seconds = run_script(cmd, out / "logs" / f"{run.name}-eval.log", f"evaluating {folder.name} of {run.name}")
+    State(out).add_seconds(f"eval/{run.name}/{step}/cfg{cfg_scale:g}", seconds)
+    metrics = json.loads(metrics_file.read_text())
+    acc = f", SVC {100 * metrics['digits_accuracy']:.1f}%" if "digits_accuracy" in metrics else ""
+    print(f"    step {step}, guidance {cfg_scale:g}: FID {metrics[FID]:.3f}, precision {metrics['precision']:.2f}, "
+          f"recall {metrics['recall']:.2f}{acc} ({seconds:.0f} s)", flush=True)
+    return metrics
+
+
+def evaluate_run(study: Study, out: Path, launcher: list[str], run: Path, classifier: str,
+                 steps: list[int]) -> dict:
+    return {step: {f"cfg{g:g}": evaluate(study, out, launcher, run, step, g, classifier)
+                   for g in dict.fromkeys((1.0, study.cfg_scale))} for step in steps}
+
+
+def train_classifier(study: Study, out: Path, launcher: list[str]) -> str:
+    """The digits' feature extractor: configs/vit3_demo.yaml trained into out/classifier (once)."""
+    if study.feature_extractor or not is_digits(study):
+        return study.feature_extractor
+    folder = out / "classifier"
+    state = State(out)
+    if state.data.get("classifier_done"):
+        return str(folder)
+    cfg = study_config(study)
+    print(f"classifier: the ViT³ digits classifier (configs/vit3_demo.yaml) into {folder}", flush=True)
+    cmd = [*launcher, str(ROOT / "train_vit.py"), "--config", str(ROOT / "configs" / "vit3_demo.yaml"),
+           f"output_dir={out}", "run_name=classifier", "resume=auto", "log.progress=false",
+           f"model.img_size={cfg['model']['image_size']}", f"data.path={digits_root(cfg)}",
+           *study.classifier_overrides]
+    seconds = run_script(cmd, out / "logs" / "classifier.log", "training the classifier")
+    state.add_seconds("classifier", seconds)
+    state.set("classifier_done", True)
+    return str(folder)
+
+
+# ----------------------------------------------------------------------------------------
+# Time per update, alone
+# ----------------------------------------------------------------------------------------
+def time_updates(study: Study, out: Path, again: bool = False) -> dict:
+    """Median ms per training update of each mixer at the study's config, interleaved in this process."""
+    from bench_small import median_ms, update_step
+
+    state = State(out)
+    if not again and set(state.data.get("update_ms", {})) >= set(study.mixers):
+        return state.data["update_ms"]
+    cfg = study_config(study)
+    print(f"timing one update of each mixer ({study.time_rounds} interleaved rounds, this process alone)",
+          flush=True)
+    steps = {m: update_step(cfg, f"{m}-{study.size}") for m in study.mixers}
+    ms = median_ms(steps, study.time_rounds)
+    print("    " + ", ".join(f"{m} {v:.1f} ms" for m, v in ms.items()), flush=True)
+    state.set("update_ms", ms)
+    return ms
+
+
+# ----------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------
+def main(argv=None) -> Path:
+    from study_report import choose_lr, write_report
+
+    study, out, launcher, retime = parse_args(argv)
+    study = resolve(study)
+    check_spec(study, out)
+    t0 = time.time()
+    print(f"study: {', '.join(study.mixers)} at {study.size}, seeds {list(study.seeds)}, lrs "
+          f"{[f'{lr:g}' for lr in study.lrs]}, {study.updates} updates, evaluated at {budget_steps(study)} "
+          f"({study.samples} samples, {study.steps} steps, guidance 1 and {study.cfg_scale:g}) -> {out}", flush=True)
+    time_updates(study, out, again=retime)
+    classifier = train_classifier(study, out, launcher)
+    final, sweep_step = study.updates, budget_steps(study)[study.budgets.index(study.sweep_budget)]
+    sweeping = len(study.lrs) > 1
+    total = len(study.mixers) * (len(study.lrs) * sweeping + len(study.seeds))
+    k = 0
+    sweep = {}  # mixer -> lr -> the evaluation at the sweep budget of its seed-0 run
+    if sweeping:
+        for lr in study.lrs:  # lr outermost: a partial sweep already compares the mixers
+            for mixer in study.mixers:
+                k += 1
+                run = train(study, out, launcher, mixer, lr, study.seeds[0], sweep_step, f"[run {k}/{total}]")
+                sweep.setdefault(mixer, {})[lr] = evaluate_run(study, out, launcher, run, classifier,
+                                                               [sweep_step])[sweep_step]
+        print(f"chosen lr (lowest unguided FID at {sweep_step} updates, seed {study.seeds[0]}): "
+              + ", ".join(f"{m} {choose_lr(sweep[m]):g}" for m in study.mixers), flush=True)
+    chosen = {m: choose_lr(sweep[m]) if sweeping else study.lrs[0] for m in study.mixers}
+    runs = []
+    for seed in study.seeds:  # seed outermost: a partial study already compares the mixers
+        for mixer in study.mixers:
+            k += 1  # the chosen sweep run goes on from the sweep budget
+            run = train(study, out, launcher, mixer, chosen[mixer], seed, final, f"[run {k}/{total}]")
+            print(f"evaluating {run.name} at {budget_steps(study)}", flush=True)
+            runs.append({"mixer": mixer, "lr": chosen[mixer], "seed": seed, "run": str(run),
+                         "evals": evaluate_run(study, out, launcher, run, classifier, budget_steps(study))})
+    State(out).add_seconds("study", time.time() - t0)
+    report = write_report(study, out, runs, sweep, chosen, State(out).data)
+    print(f"study: done; {report}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

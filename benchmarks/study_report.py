@@ -1,0 +1,159 @@
+"""The study's report (benchmarks/study.py): every figure as JSON, mean ± std tables, FID plots.
+
+    python benchmarks/study_report.py results/study-study_digits   # rebuild the report of a study folder
+
+results.json holds the spec, each mixer's time per update and chosen lr, the sweep, every evaluation
+of every run, and per mixer and budget the mean, std (over seeds, n - 1) and values of each metric.
+results.md holds the tables; fid.png the curves (a line per mixer, a band of ± one std over seeds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from vit3.engine.files import atomic_write_text
+
+FID = "frechet_inception_distance"
+# name in the report -> (guidance: "cfg1" unguided, "guided"; key in sample.py's metrics.json)
+METRICS = {
+    "fid": ("cfg1", FID),
+    "precision": ("cfg1", "precision"),
+    "recall": ("cfg1", "recall"),
+    "fid_guided": ("guided", FID),
+    "svc_guided": ("guided", "digits_accuracy"),
+    "svc_unguided": ("cfg1", "digits_accuracy"),
+}
+TITLES = {"fid": "FID", "precision": "precision", "recall": "recall", "fid_guided": "FID guided",
+          "svc_guided": "SVC guided", "svc_unguided": "SVC unguided"}
+
+
+def choose_lr(sweep: dict) -> float:
+    """lr -> {"cfg1": metrics, ...} of the seed-0 runs' last checkpoint: the lr of the lowest unguided FID."""
+    return min(sweep, key=lambda lr: sweep[lr]["cfg1"][FID])
+
+
+def summarize(runs: list[dict]) -> dict:
+    """mixer -> step -> metric -> {"mean", "std", "n", "values"} over the seeds."""
+    out: dict = {}
+    for r in runs:
+        for step, evals in r["evals"].items():
+            for name, (where, key) in METRICS.items():
+                v = evals[where].get(key)
+                if v is not None:
+                    out.setdefault(r["mixer"], {}).setdefault(int(step), {}).setdefault(name, []).append(v)
+    return {m: {s: {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                        "n": len(v), "values": v} for k, v in by.items()} for s, by in steps.items()}
+            for m, steps in out.items()}
+
+
+def _cell(x: dict | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    f = 100 if pct else 1
+    digits = 1 if pct else (2 if x["mean"] < 10 else 1)
+    return f"{f * x['mean']:.{digits}f} ± {f * x['std']:.{digits}f}" if x["n"] > 1 else f"{f * x['mean']:.{digits}f}"
+
+
+def markdown(res: dict) -> str:
+    spec, summary = res["spec"], res["summary"]
+    final = max(int(s) for m in summary.values() for s in m)
+    seeds = len(spec["seeds"])
+    lines = [f"{', '.join(spec['mixers'])} at {spec['size']}: {spec['updates']} updates, seeds {spec['seeds']}, "
+             f"each evaluated with {spec['samples']} samples of {spec['steps']} sampler steps (the same noise for "
+             f"every run), unguided and at guidance {spec['cfg_scale']:g}. Mean ± std over {seeds} seed(s).", "",
+             f"At the end ({final} updates):", "",
+             "| mixer | lr (swept) | ms / update | " + " | ".join(TITLES.values()) + " |",
+             "|---|---:|---:|" + "---:|" * len(TITLES)]
+    for m, steps in summary.items():
+        row = steps[final]
+        cells = [_cell(row.get(k), pct=k.startswith("svc") or k in ("precision", "recall")) for k in TITLES]
+        lines.append(f"| {m} | {res['chosen_lr'][m]:g} | {res['update_ms'].get(m, float('nan')):.1f} | "
+                     + " | ".join(cells) + " |")
+    budgets = sorted({int(s) for m in summary.values() for s in m})
+    lines += ["", "Unguided FID (SVC unguided, %) by updates:", "",
+              "| mixer | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for m, steps in summary.items():
+        lines.append(f"| {m} | " + " | ".join(
+            f"{_cell(steps[b].get('fid'))} ({_cell(steps[b].get('svc_unguided'), pct=True)})" if b in steps else "-"
+            for b in budgets) + " |")
+    if res["sweep"]:
+        lrs = sorted({float(lr) for s in res["sweep"].values() for lr in s})
+        lines += ["", "The lr sweep (seed 0, at the end): unguided FID (SVC guided, %):", "",
+                  "| mixer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+        for m, by_lr in res["sweep"].items():
+            by_lr = {float(k): v for k, v in by_lr.items()}
+            lines.append(f"| {m} | " + " | ".join(
+                f"{by_lr[lr]['cfg1'][FID]:.2f} ({100 * by_lr[lr]['guided'].get('digits_accuracy', float('nan')):.1f})"
+                if lr in by_lr else "-" for lr in lrs) + " |")
+    secs = res["seconds"]
+    train_s = sum(v for k, v in secs.items() if k.startswith("train/"))
+    eval_s = sum(v for k, v in secs.items() if k.startswith("eval/"))
+    lines += ["", f"Wall clock: the whole study {secs.get('study', 0) / 60:.1f} min (training {train_s / 60:.1f}, "
+              f"evaluation {eval_s / 60:.1f}, classifier {secs.get('classifier', 0) / 60:.1f})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m, steps in res["summary"].items():
+        xs = sorted(steps)
+        ms = res["update_ms"].get(m)
+        for ax, x_of, key in ((axes[0], lambda s: s, "fid"),
+                              (axes[1], lambda s: s * ms / 60e3 if ms else float("nan"), "fid"),
+                              (axes[2], lambda s: s, "svc_unguided")):
+            pts = [(x_of(s), steps[s][key]) for s in xs if key in steps[s]]
+            if not pts:
+                continue
+            f = 100 if key.startswith("svc") else 1
+            x = [p[0] for p in pts]
+            mean = [f * p[1]["mean"] for p in pts]
+            std = [f * p[1]["std"] for p in pts]
+            line, = ax.plot(x, mean, marker="o", label=m)
+            ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
+    n = len(res["spec"]["seeds"])
+    for ax, xl, yl in ((axes[0], "training updates", "FID, unguided (lower is better)"),
+                       (axes[1], "training minutes on this machine (time per update x updates)", "FID, unguided"),
+                       (axes[2], "training updates", "SVC accuracy of unguided samples, %")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{res['spec']['size']}, {n} seed(s): mean, band = ± one std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(study, out: Path, runs: list[dict], sweep: dict, chosen: dict, state: dict) -> str:
+    guided = f"cfg{study.cfg_scale:g}"
+    runs = [{**r, "evals": {int(s): {"cfg1": e["cfg1"], "guided": e[guided]} for s, e in r["evals"].items()}}
+            for r in runs]
+    sweep = {m: {lr: {"cfg1": e["cfg1"], "guided": e[guided]} for lr, e in by.items()} for m, by in sweep.items()}
+    res = {"spec": dataclasses.asdict(study), "update_ms": state.get("update_ms", {}), "chosen_lr": chosen,
+           "sweep": sweep, "runs": runs, "summary": summarize(runs), "seconds": state.get("seconds", {})}
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2))
+    atomic_write_text(out / "results.md", markdown(res))
+    plot(res, out / "fid.png")
+    return f"{out / 'results.md'}, {out / 'results.json'}, {out / 'fid.png'}"
+
+
+def main(argv=None):
+    out = Path((argv or sys.argv[1:])[0])
+    res = json.loads((out / "results.json").read_text())
+    res["summary"] = {m: {int(s): v for s, v in steps.items()} for m, steps in res["summary"].items()}
+    atomic_write_text(out / "results.md", markdown(res))
+    plot(res, out / "fid.png")
+    print(out / "results.md")
+
+
+if __name__ == "__main__":
+    main()
