@@ -87,7 +87,7 @@ def demo_step(family: str):
     optim_cfg = engine.OptimConfig(lr=o["lr"], lr_batch=0, weight_decay=o["weight_decay"], sched="constant",
                                    warmup_epochs=0, clip_grad=o["clip_grad"])
     batch = DEMO["data"]["batch_size"]
-    optimizer, _ = engine.create_optimizer_and_scheduler(model, optim_cfg, batch, 1)
+    optimizer, _ = engine.create_optimizer_and_scheduler(model, optim_cfg, batch, 1, 1)  # a constant lr: no schedule
     ema = engine.create_ema(model, engine.EMAConfig(decay=DEMO["ema"]["decay"], decay_batch=0), batch)
     diffusion = create_diffusion("")
     x = torch.randn(batch, 3, m["image_size"], m["image_size"])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit3.engine import ConfigError, DataError, atomic_path, atomic_write_text
+from vit3.engine import ConfigError, DataError, atomic_path, atomic_write_text, checked
 
 LATENT_FORMAT = 1
 
@@ -34,7 +34,8 @@ class VAEConfig:
     # a Hugging Face hub name (needs the hub or its local cache) or a local folder written by
     # AutoencoderKL.save_pretrained; "" = train in pixel space, no VAE
     name: str = "stabilityai/sd-vae-ft-ema"
-    scale: float = 0.18215  # latents are multiplied by this (Stable Diffusion's scaling factor)
+    # latents are multiplied by this (Stable Diffusion's scaling factor)
+    scale: float = checked(0.18215, (lambda v: v > 0, "a positive number"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -248,55 +248,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or inf."""
 
 
-class Checkpointer:
-    """Saves the training state; remembers the last save so that a second save of the same step (an
-    update that ends an epoch) is skipped, and refuses to save diverged weights.
-
-    Non-finite losses are recorded on the device (`watch`, no host sync) and checked at each log
-    and each save (`check`), on every process at once.
-    """
-
-    def __init__(self, accelerator, run_dir: Path, *, modules: dict[str, nn.Module], states: dict[str, Any],
-                 config: dict, keep_last: int, resumed_from: Path | None):
-        self.accelerator, self.root = accelerator, Path(run_dir) / "checkpoints"
-        self.modules, self.states, self.config, self.keep_last = modules, states, config, keep_last
-        self.last_good = resumed_from
-        self.last_saved = None
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
-
-    def watch(self, loss: torch.Tensor, step: int):
-        """Remember `step` if `loss` is not finite (the first such step)."""
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad)
-
-    def check(self):
-        """TrainingDiverged on every process if any process saw a non-finite loss."""
-        acc = self.accelerator
-        bad = acc.gather(self.first_bad.reshape(1)) if acc.num_processes > 1 else self.first_bad.reshape(1)
-        bad = [s for s in bad.tolist() if s >= 0]
-        if bad:
-            raise TrainingDiverged(f"the loss became NaN or inf at step {min(bad)}; training stopped. {self._advice()}")
-
-    def _advice(self) -> str:
-        return (f"Last good checkpoint: {self.last_good or 'none (no checkpoint was written before)'}. Resume from it "
-                "(resume=<that folder>) with a lower optim.lr, optim.clip_grad > 0, or mixed_precision=bf16 "
-                "instead of fp16")
-
-    def save(self, step: int, trainer_state: dict, key=None) -> Path | None:
-        """checkpoints/step-N; `key` (default: step) identifies the state, a repeat is skipped."""
-        key = step if key is None else key
-        if self.last_saved == key:
-            return None
-        self.check()  # never write diverged weights
-        finite = torch.stack([torch.isfinite(p).all() for m in self.modules.values() for p in m.parameters()]).all()
-        if not bool(finite):
-            raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saved. {self._advice()}")
-        path = save_checkpoint(self.accelerator, self.root, step, modules=self.modules, states=self.states,
-                               trainer_state=trainer_state, config=self.config, keep_last=self.keep_last)
-        self.last_saved, self.last_good = key, path
-        logger.info(f"saved checkpoint {path}")
-        return path
-
-
 # ----------------------------------------------------------------------------------------
 # Find, check, load
 # ----------------------------------------------------------------------------------------

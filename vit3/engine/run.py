@@ -181,7 +181,7 @@ class Run:
     """What `start_run` hands the trainer."""
 
     dir: Path
-    resume: Path | None  # the checkpoint to continue from
+    resume_from: Path | None  # the checkpoint to continue from (cfg.resume resolved)
     accelerator: object  # accelerate.Accelerator
     log: logging.Logger
     stop: StopSignal
