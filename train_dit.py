@@ -313,7 +313,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     lr = engine.scaled_lrs(cfg.optim, cfg.data.batch_size)[0]
     space = f"latents {in_channels}x{input_size}x{input_size} ({cfg.vae.name})" if vae else \
         f"pixels 3x{input_size}x{input_size}"
-    metrics_file = engine.log_start(run, config, cfg.seed, extra={
+    metrics_file = engine.log_start(run, cfg, extra={
         "global_batch": cfg.data.batch_size, "per_process_batch": micro, "grad_accum_steps": accum,
         "updates_per_epoch": sampler.updates_per_epoch, "scaled_lr": lr, "ema_decay": ema.decay if ema else None,
         "params": n_params, "train_images": len(dataset), "model_input": list(shape)}, lines=[

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vit3 import engine, load_weights
 from vit3.data import DataConfig, build_datasets, build_mixup, prepare_demo
-from vit3.engine import ConfigError, DataError, at_least, between, checked
+from vit3.engine import ConfigError, DataError, at_least, between, checked, launch
 
 
 @dataclasses.dataclass
@@ -56,10 +56,10 @@ class TrainConfig(engine.TrainConfig):
     mesa: float = checked(0.0, at_least(0.0))
     mesa_start: float = checked(0.25, between(0.0, 1.0))  # fraction of the epochs after which MESA is on
     weights: str = ""  # model weights to start from or to evaluate (.safetensors, .pth, checkpoint folder)
-    eval_only: bool = False  # evaluate the weights of `resume` or `weights` (model and EMA), then stop
+    eval_only: bool = launch(False)  # evaluate the weights of `resume` or `weights` (model and EMA), then stop
     eval_every_epochs: int = checked(1, at_least(1))
     # stop (with a checkpoint) after this many updates in total; 0 = full schedule
-    max_steps: int = checked(0, at_least(0, "an integer >= 0 (0 = the full schedule)"))
+    max_steps: int = launch(0, at_least(0, "an integer >= 0 (0 = the full schedule)"))
 
 
 @dataclasses.dataclass
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                                                                  cfg.optim.epochs * per_epoch, acc)
     n_params = sum(p.numel() for p in raw_model.parameters())
     lr, warmup_lr, min_lr = engine.scaled_lrs(cfg.optim, cfg.data.batch_size)
-    metrics_file = engine.log_start(run, config, cfg.seed, extra={
+    metrics_file = engine.log_start(run, cfg, extra={
         "global_batch": cfg.data.batch_size, "per_process_batch": micro, "grad_accum_steps": accum,
         "updates_per_epoch": sampler.updates_per_epoch, "scaled_lr": lr, "scaled_warmup_lr": warmup_lr,
         "scaled_min_lr": min_lr, "ema_decay": ema.decay if ema else None, "params": n_params,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from vit3 import engine
-from vit3.engine import SEED_RULE, at_least, between, checked, one_of
+from vit3.engine import SEED_RULE, at_least, between, checked, launch, one_of
 
 from .flow import DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_DISTRIBUTIONS
 from .latents import VAEConfig
@@ -114,7 +114,7 @@ class TrainConfig(engine.TrainConfig):
     flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
-    max_steps: int = checked(400_000, at_least(0))  # optimizer updates in total (the schedule's length)
+    max_steps: int = launch(400_000, at_least(0))  # optimizer updates in total (the schedule's length)
     weights: str = ""  # start from these weights: our .safetensors / checkpoint folder, or an official DiT³ / DiT .pt
     extract_only: bool = False  # only extract data.latents, then exit
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)

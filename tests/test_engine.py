@@ -226,12 +226,35 @@ def test_checkpoint_roundtrip_atomic_and_pruned(tmp_path):
         T.load_checkpoint(acc, root / "step-00000003", modules={"model": wrong}, states={})
 
 
+KEYS = ("name", "num_classes", "img_size", "kwargs")
+
+
+def test_config_diffs_leave_out_the_launch_keys():
+    """A key declared with `launch` (where to resume, when to stop, ...) may change on resume without a warning; the
+    engine learns which keys those are from the config, not from a list of names."""
+    @dataclasses.dataclass
+    class Section:
+        lr: float = 1.0
+        stop: int = T.launch(0)
+
+    @dataclasses.dataclass
+    class Cfg(T.TrainConfig):
+        inner: Section = dataclasses.field(default_factory=Section)
+        eval_only: bool = T.launch(False)
+
+    keys = T.launch_keys(Cfg())
+    assert set(keys) == {"run_name", "resume", "inner.stop", "eval_only"}
+    old = T.config_to_dict(Cfg())
+    new = T.config_to_dict(Cfg(resume="latest", eval_only=True, inner=Section(lr=2.0, stop=5)))
+    assert T.config_diffs(old, new, keys) == ["inner.lr: 1.0 -> 2.0"]
+
+
 def test_check_same_model_names_the_difference():
     state = {"config": {"model": {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}}}
-    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, KEYS, "c")
     with pytest.raises(ConfigError, match=r"another model \(model.name: checkpoint 'vit3_tiny' "
                                           r"vs this run 'vit3_small'"):
-        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, KEYS, "c")
 
 
 def test_resolve_run_numbering_and_latest(tmp_path):

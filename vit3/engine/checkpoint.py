@@ -314,9 +314,10 @@ def read_trainer_state(ckpt: Path) -> dict:
         return json.load(f)
 
 
-def check_same_model(ckpt_state: dict, model_config: dict, keys=("name", "num_classes", "img_size", "kwargs"),
-                     ckpt: Path | str = "", section: str = "model"):
-    """ConfigError if the checkpoint was written for another model than `model_config` describes.
+def check_same_model(ckpt_state: dict, model_config: dict, keys: tuple[str, ...], ckpt: Path | str = "",
+                     section: str = "model"):
+    """ConfigError if the checkpoint was written for another model than `model_config` describes in `keys`
+    (a trainer's architecture keys).
     num_classes 0 (= as in the data) takes the checkpoint's, so only explicit differences count."""
     old = (ckpt_state.get("config") or {}).get(section, {})
     now = dict(model_config)

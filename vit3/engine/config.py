@@ -60,17 +60,29 @@ def flat_config(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_diffs(old: dict, new: dict, prefix: str = "",
-                 ignore=("resume", "run_name", "max_steps", "eval_only")) -> list[str]:
-    """'key: old -> new' for each leaf that differs (a resumed run warns with these)."""
+def config_diffs(old: dict, new: dict, ignore=(), prefix: str = "") -> list[str]:
+    """'key: old -> new' for each leaf that differs, but the dotted keys in `ignore` (a resumed run warns with
+    these)."""
     diffs = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict) and k != "kwargs":
-            diffs += config_diffs(a, b, f"{prefix}{k}.", ignore)
-        elif a != b and k not in ignore:
+            diffs += config_diffs(a, b, ignore, f"{prefix}{k}.")
+        elif a != b and prefix + k not in ignore:
             diffs.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return diffs
+
+
+def launch_keys(cfg, prefix: str = "") -> list[str]:
+    """The dotted keys declared with `launch`: how this launch runs, not what it trains."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += launch_keys(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("launch"):
+            keys.append(prefix + f.name)
+    return keys
 
 
 def _field_names(cls) -> list[str]:
@@ -369,6 +381,12 @@ SEED_RULE = between(0, 2**63 - 1, "an integer from 0 to 2**63 - 1")
 def checked(default=dataclasses.MISSING, rule=None, **field_kwargs):
     """A dataclass field whose accepted values `rule` (check, what it must be) says; `load_config` checks it."""
     return dataclasses.field(default=default, metadata={"rule": rule}, **field_kwargs)
+
+
+def launch(default, rule=None):
+    """A field that says how this launch runs, not what it trains (where to resume, when to stop): a resumed run
+    may change it without a warning. `rule` as for `checked`."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "launch": True})
 
 
 def _get(cfg, dotted: str):

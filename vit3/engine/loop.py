@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
+from .config import ConfigError, config_to_dict, launch_keys
 from .files import atomic_write_text
 from .run import MetricsFile, Run, write_run_info
 from .train_config import EMAConfig, OptimConfig
@@ -115,10 +115,11 @@ def count_over_processes(count: torch.Tensor, accelerator) -> int:
 # ----------------------------------------------------------------------------------------
 # Start: run info
 # ----------------------------------------------------------------------------------------
-def log_start(run: Run, config: dict, seed: int, extra: dict, lines: list[str]) -> MetricsFile:
-    """run.json / config.yaml, the opening log lines, and the metrics file."""
+def log_start(run: Run, cfg, extra: dict, lines: list[str]) -> MetricsFile:
+    """run.json / config.yaml of the config dataclass `cfg`, the opening log lines, and the metrics file."""
     extra = {**extra, "resumed_from": str(run.resume_from or "")}
-    info = write_run_info(run.dir, config, run.accelerator, seed, extra=extra, resumed_from=run.resume_from)
+    info = write_run_info(run.dir, config_to_dict(cfg), run.accelerator, cfg.seed, extra=extra,
+                          resumed_from=run.resume_from, launch_keys=launch_keys(cfg))
     acc = run.accelerator
     run.log.info(f"run folder {run.dir} | git {info['git']} | {acc.num_processes} process(es) on {acc.device} | "
                  f"mixed precision {acc.mixed_precision}")

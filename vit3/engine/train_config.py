@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import SEED_RULE, at_least, between, checked, one_of
+from .config import SEED_RULE, at_least, between, checked, launch, one_of
 
 
 def timm_optimizer():
@@ -121,10 +121,10 @@ class TrainConfig:
     name: str = ""  # experiment name, run folder output_dir/NNN-name; "" = the config file's stem
     seed: int = checked(0, SEED_RULE)
     output_dir: str = "results"
-    run_name: str = ""  # fixed run folder output_dir/run_name instead of a numbered one
+    run_name: str = launch("")  # fixed run folder output_dir/run_name instead of a numbered one
     # "no" | "fp16" (with a grad scaler) | "bf16", via Accelerate (the TTT inner step runs in float32 regardless)
     mixed_precision: str = checked("bf16", one_of("no", "fp16", "bf16"))
-    resume: str = ""  # "latest" | "auto" (latest if any, else fresh) | a checkpoint or run folder
+    resume: str = launch("")  # "latest" | "auto" (latest if any, else fresh) | a checkpoint or run folder
     compile: bool = False  # torch.compile the model
     # torch intra-op threads per process (torch.set_num_threads); 0 = torch's default
     threads: int = checked(0, at_least(0, "an integer >= 0 (0 = torch's default)"))
