@@ -344,8 +344,9 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     model.train()
     while step < cfg.max_steps and stopped is None:
         epoch = st.epoch
+        # epochs hold whole updates and a resume starts at an update's first micro-batch, so Accelerate's
+        # accumulation count (reset by nothing here) stays in phase with the updates
         sampler.set_epoch(epoch, st.updates_in_epoch * accum)
-        acc.step = 0  # epochs hold whole updates, so accumulation restarts in phase
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"step (epoch {epoch + 1})",
                    disable=not (acc.is_main_process and cfg.log.progress), dynamic_ncols=True)

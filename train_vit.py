@@ -273,8 +273,9 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     model.train()
     while st.epoch < total_epochs and stopped is None:
         epoch = st.epoch
+        # epochs hold whole updates and a resume starts at an update's first micro-batch, so Accelerate's
+        # accumulation count (reset by nothing here) stays in phase with the updates
         sampler.set_epoch(epoch, st.updates_in_epoch * accum)
-        acc.step = 0  # epochs hold whole updates, so accumulation restarts in phase
         mesa_on = cfg.mesa > 0 and epoch >= mesa_epoch
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=sampler.batches_per_epoch, initial=st.updates_in_epoch * accum,
