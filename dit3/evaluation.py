@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vit3.engine import DataError
+from vit3.errors import DataError
 
 FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's InceptionV3 layers (as ADM's evaluator)
 INCEPTION = "inception-v3-compat"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit3.engine import ConfigError, DataError, atomic_path, atomic_write_text
+from vit3.errors import ConfigError, DataError
 
 LATENT_FORMAT = 1
 
@@ -150,6 +150,8 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from vit3.engine.files import atomic_path, atomic_write_text  # the training engine: not loaded by `import dit3`
 
     root = Path(root).expanduser()
     spec = _spec(dataset, image_size, vae_name, shard_size, dtype)

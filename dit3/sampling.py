@@ -31,8 +31,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
-from vit3.engine import atomic_path
-
 from .diffusion import create_diffusion
 
 SAMPLERS = ("ddpm", "ddim", "dpm")  # DDPM runs
@@ -160,6 +158,8 @@ def save_pngs(images: np.ndarray, paths: Sequence[Path]):
     """uint8 [B, H, W, 3] images to these PNG paths, each written atomically."""
     from PIL import Image
 
+    from vit3.engine.files import atomic_path  # the training engine: not loaded by `import dit3`
+
     for img, path in zip(images, paths):
         with atomic_path(path, suffix=".png") as tmp:
             Image.fromarray(img).save(tmp)
@@ -169,6 +169,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     """[B, 3, H, W] in [-1, 1] -> PNG grid, written atomically; images under 64 pixels are enlarged
     (nearest neighbour) so a grid of small images is viewable as it is."""
     from torchvision.utils import save_image
+
+    from vit3.engine.files import atomic_path
 
     zoom = max(1, 64 // images.shape[-1])
     if zoom > 1:

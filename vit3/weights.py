@@ -30,7 +30,7 @@ from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source  # timm's choice of weight source; not re-exported
 from tqdm import tqdm
 
-from .engine.config import ConfigError
+from .errors import ConfigError
 
 
 class _ConfigAsDict:

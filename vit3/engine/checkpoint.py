@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from .config import ConfigError
+from ..errors import ConfigError, TrainingDiverged, WriteError
 from .files import follow_umask, is_permission_error, remove_path
 
 logger = logging.getLogger("vit3.train")
@@ -121,11 +121,6 @@ def pretrained_weights_file(folder: Path) -> Path:
 # ----------------------------------------------------------------------------------------
 # Save
 # ----------------------------------------------------------------------------------------
-class WriteError(OSError):
-    """A checkpoint or output could not be written (disk full, quota, permissions); nothing partial is left
-    under a final name and what was there before is intact."""
-
-
 def _write_error(e: OSError, tmp: Path, root: Path) -> WriteError:
     """Remove the partial folder; the error names the folder, the space it took and the space left."""
     written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
@@ -242,10 +237,6 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int, newest: int):
             shutil.rmtree(p, ignore_errors=True)
     for p in Path(ckpt_root).glob(".tmp-step-*"):  # left over by a crash during a save
         shutil.rmtree(p, ignore_errors=True)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN or inf."""
 
 
 class Checkpointer:
