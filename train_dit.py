@@ -496,7 +496,6 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     while step < cfg.max_steps and stopped is None:
         epoch = state["epoch"]
         sampler.set_epoch(epoch, state["updates_in_epoch"] * accum)
-        acc.step = 0  # epochs hold whole updates, so accumulation restarts in phase
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"step (epoch {epoch + 1})",
                    disable=not (acc.is_main_process and cfg.log.progress), dynamic_ncols=True)

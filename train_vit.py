@@ -251,7 +251,8 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {num_classes} classes, img {cfg.model.img_size} | "
         f"train {len(train_loader.dataset)} / val {len(val_loader.dataset)} images from {cfg.data.path}",
         f"global batch {cfg.data.batch_size} = {acc.num_processes} x {accum} x {micro} | lr {lr:.3g} "
-        f"(warm-up from {warmup_lr:.3g}, min {min_lr:.3g}) | {sampler.updates_per_epoch} updates/epoch"])
+        f"(warm-up from {warmup_lr:.3g}, min {min_lr:.3g}) | {sampler.updates_per_epoch} updates/epoch"],
+        unrecorded=("eval_only",))
     models = {"val": raw_model, **({"val_ema": ema.module} if ema else {})}
 
     if cfg.eval_only:
@@ -299,7 +300,6 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     while state["epoch"] < total_epochs and stopped is None:
         epoch = state["epoch"]
         sampler.set_epoch(epoch, state["updates_in_epoch"] * accum)
-        acc.step = 0  # epochs hold whole updates, so accumulation restarts in phase
         mesa_on = cfg.mesa > 0 and epoch >= mesa_epoch
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=sampler.batches_per_epoch, initial=state["updates_in_epoch"] * accum,

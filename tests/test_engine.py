@@ -228,11 +228,26 @@ def test_checkpoint_roundtrip_atomic_and_pruned(tmp_path):
 
 
 def test_check_same_model_names_the_difference():
+    """The trainer names the keys that fix its architecture; the engine assumes none (no classifier's img_size)."""
+    keys = ("name", "num_classes", "img_size", "kwargs")
     state = {"config": {"model": {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}}}
-    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, keys, ckpt="c")
     with pytest.raises(ConfigError, match=r"another model \(model.name: checkpoint 'vit3_tiny' "
                                           r"vs this run 'vit3_small'"):
-        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, keys,
+                           ckpt="c")
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 64, "kwargs": {}}, ("name",))
+    with pytest.raises(TypeError, match="keys"):
+        T.check_same_model(state, {"name": "vit3_tiny"}, ckpt="c")
+
+
+def test_config_diffs_ignore_where_a_run_resumes_and_only_what_the_trainer_adds():
+    """resume, run_name, max_steps say where a run resumes and how far it goes; any other key, a classifier's
+    eval_only included, is a change unless the trainer says otherwise (train_vit.py: unrecorded=("eval_only",))."""
+    old = {"resume": "", "run_name": "a", "max_steps": 1, "eval_only": False, "optim": {"lr": 1.0}}
+    new = {"resume": "latest", "run_name": "b", "max_steps": 2, "eval_only": True, "optim": {"lr": 2.0}}
+    assert T.config_diffs(old, new) == ["eval_only: False -> True", "optim.lr: 1.0 -> 2.0"]
+    assert T.config_diffs(old, new, ignore=("resume", "run_name", "max_steps", "eval_only")) == ["optim.lr: 1.0 -> 2.0"]
 
 
 def test_resolve_run_numbering_and_latest(tmp_path):

@@ -364,9 +364,10 @@ def read_trainer_state(ckpt: Path) -> dict:
         return json.load(f)
 
 
-def check_same_model(ckpt_state: dict, model_config: dict, keys=("name", "num_classes", "img_size", "kwargs"),
-                     ckpt: Path | str = "", section: str = "model"):
-    """ConfigError if the checkpoint was written for another model than `model_config` describes.
+def check_same_model(ckpt_state: dict, model_config: dict, keys: tuple[str, ...], ckpt: Path | str = "",
+                     section: str = "model"):
+    """ConfigError if the checkpoint was written for another model than `model_config` describes in the `keys`
+    that fix its architecture (each trainer names its own).
     num_classes 0 (= as in the data) takes the checkpoint's, so only explicit differences count."""
     old = (ckpt_state.get("config") or {}).get(section, {})
     now = dict(model_config)
@@ -381,8 +382,8 @@ def check_same_model(ckpt_state: dict, model_config: dict, keys=("name", "num_cl
 
 
 def module_weights_file(ckpt: Path, name: str) -> Path | None:
-    """The weights of module `name` in a checkpoint: its save_pretrained folder, or (classifiers, and
-    DiT³ checkpoints written before the diffusers format) `name.safetensors`."""
+    """The weights of module `name` in a checkpoint: its save_pretrained folder (a diffusers model: DiT³) or
+    `name.safetensors` (a timm classifier)."""
     for path in (pretrained_weights_file(Path(ckpt) / name), Path(ckpt) / f"{name}.safetensors"):
         if path.is_file():
             return path

@@ -104,8 +104,9 @@ def flat_config(d: dict, prefix: str = "") -> dict:
 
 
 def config_diffs(old: dict, new: dict, prefix: str = "",
-                 ignore=("resume", "run_name", "max_steps", "eval_only")) -> list[str]:
-    """'key: old -> new' for each leaf that differs (a resumed run warns with these)."""
+                 ignore: tuple[str, ...] = ("resume", "run_name", "max_steps")) -> list[str]:
+    """'key: old -> new' for each leaf that differs (a resumed run warns with these), but for the `ignore` keys:
+    by default those that say where a run resumes and how far it goes."""
     diffs = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)

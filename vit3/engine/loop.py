@@ -112,10 +112,13 @@ def count_over_processes(count: torch.Tensor, accelerator) -> int:
 # ----------------------------------------------------------------------------------------
 # Start: run info, resume
 # ----------------------------------------------------------------------------------------
-def log_start(run: Run, config: dict, seed: int, extra: dict, lines: list[str]) -> MetricsFile:
-    """run.json / config.yaml, the opening log lines, and the metrics file."""
+def log_start(run: Run, config: dict, seed: int, extra: dict, lines: list[str],
+              unrecorded: tuple[str, ...] = ()) -> MetricsFile:
+    """run.json / config.yaml, the opening log lines, and the metrics file; `unrecorded`: the trainer's keys whose
+    change from the checkpoint's config is not a change of the run (train_vit.py's eval_only)."""
     extra = {**extra, "resumed_from": str(run.resume or "")}
-    info = write_run_info(run.dir, config, run.accelerator, seed, extra=extra, resumed_from=run.resume)
+    info = write_run_info(run.dir, config, run.accelerator, seed, extra=extra, resumed_from=run.resume,
+                          unrecorded=unrecorded)
     acc = run.accelerator
     run.log.info(f"run folder {run.dir} | git {info['git']} | {acc.num_processes} process(es) on {acc.device} | "
                  f"mixed precision {acc.mixed_precision}")

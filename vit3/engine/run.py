@@ -302,15 +302,17 @@ def environment_info(accelerator) -> dict:
 
 
 def write_run_info(run_dir: Path, config: dict, accelerator, seed: int, extra: dict | None = None,
-                   resumed_from: Path | None = None) -> dict:
+                   resumed_from: Path | None = None, unrecorded: tuple[str, ...] = ()) -> dict:
     """Main process: config.yaml (resolved) and run.json (git hash, seed, command, environment).
 
     A resumed run keeps the config.yaml and run.json of its start and appends this launch under "resumes",
-    with "changed": each setting that differs from the checkpoint's, as 'key: old -> new' (also logged).
+    with "changed": each setting that differs from the checkpoint's, as 'key: old -> new' (also logged),
+    but for where it resumes, its run_name and max_steps, and the trainer's `unrecorded` keys.
     """
     changed = []
     if resumed_from is not None:
-        changed = config_diffs(read_trainer_state(resumed_from).get("config") or {}, config)
+        changed = config_diffs(read_trainer_state(resumed_from).get("config") or {}, config,
+                               ignore=("resume", "run_name", "max_steps", *unrecorded))
     info = {
         "git": git_hash(),
         "seed": seed,
