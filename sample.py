@@ -277,11 +277,12 @@ def bulk(model, vae, scale, args, state: PartialState, out: Path, flow=None) -> 
     images_dir = out / "images"
     with writing(out.parent, "the sample folder"):
         images_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out, state)
+    # one sample.py per output folder: the main process takes out/.lock, every process hears if it failed
+    lock = engine.on_main_process(state, lambda: engine.acquire_lock(out, "sample folder"))
     try:
-        return _draw_all(model, vae, scale, args, state, out, flow)
+        return _draw_all(model, vae, scale, args, state, out, ckpt, flow)
     finally:
-        if lock is not None:
+        if state.is_main_process:
             engine.release_lock(lock)
 
 

@@ -75,7 +75,7 @@ from .loop import (
     split_batch,
     write_json,
 )
-from .run import MetricsFile, Run, discard, finish, resolve_run, start_run, write_run_info
+from .run import MetricsFile, Run, discard, finish, on_main_process, resolve_run, start_run, write_run_info
 from .script import run_script
 from .signals import StopSignal, ignore_stop_signals
 
@@ -142,6 +142,7 @@ __all__ = [
     "acquire_lock",
     "discard",
     "finish",
+    "on_main_process",
     "release_lock",
     "resolve_run",
     "run_script",
