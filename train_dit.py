@@ -47,7 +47,6 @@ from dit3.flow import (
 from dit3.latents import (
     LatentShards,
     VAEConfig,
-    decode,
     extract_latents,
     image_transform,
     latents_complete,
@@ -55,7 +54,7 @@ from dit3.latents import (
     vae_downsample,
 )
 from dit3.models import DiT3_models
-from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
+from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample_images, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import InMemoryFolder, open_image_folder
@@ -112,7 +111,10 @@ class FlowConfig:
 
 
 @dataclasses.dataclass
-class SampleConfig:
+class TrainingSamplesConfig:
+    """The `sample` section: what the run draws while it trains (grids, FID) and at its end (the digits
+    accuracy). sample.py's own options are its SampleConfig."""
+
     every: int = 10000  # a grid from the EMA model every N updates (0 = only at the end)
     classes: list = dataclasses.field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
     per_class: int = 1  # grid columns: samples per class
@@ -121,7 +123,7 @@ class SampleConfig:
     steps: int = 250  # ddpm: respaced steps; flow: SiT's grid points (steps - 1 steps; dopri5: its own)
     cfg_scale: float = 4.0  # classifier-free guidance (1 = none)
     seed: int = 0  # the grid's noise: the same images at every step of a run
-    digits_accuracy: int = 0  # digits demo: classify N guided samples per class with an SVC on the real digits
+    digits_per_class: int = 0  # digits demo, at the end: N guided samples per class judged by an SVC on the real digits
     # periodic FID of the EMA model (main process): fid_samples balanced samples against fid_ref
     fid_every: int = 0  # updates between evaluations (0 = off)
     fid_samples: int = 1000
@@ -153,7 +155,7 @@ class TrainConfig:
     extract_only: bool = False  # only extract data.latents, then exit
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    sample: TrainingSamplesConfig = dataclasses.field(default_factory=TrainingSamplesConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(
         every_steps=50_000, every_epochs=0, keep_last=3))
     log: LogConfig = dataclasses.field(default_factory=lambda: LogConfig(every=100))
@@ -200,7 +202,7 @@ RULES = {  # accepted values of this trainer's keys, beside engine.TRAINER_RULES
     "sample.fid_every": engine.at_least(0, "an integer >= 0 (0 = no periodic FID)"),
     "sample.seed": engine.SEED_RULE,
     "sample.fid_samples": engine.at_least(4, "an integer >= 4 (precision and recall need 4 samples)"),
-    "sample.digits_accuracy": engine.at_least(0),
+    "sample.digits_per_class": engine.at_least(0),
 }
 
 
@@ -274,21 +276,20 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
 # ----------------------------------------------------------------------------------------
 # Samples during training (main process, EMA model)
 # ----------------------------------------------------------------------------------------
-def draw(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
-         autocast) -> torch.Tensor:
+def draw_images(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
+                autocast) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1]: sample.sampler with sample.steps, decoded by the VAE."""
     sampler = cfg.sample.sampler
     flow = flow_scheduler(dataclasses.asdict(cfg.flow), sampler) if cfg.objective == "flow" else None
-    x = sample(model, labels, shape, sampler=sampler, num_steps=cfg.sample.steps, cfg_scale=cfg_scale,
-               generator=generator, autocast=autocast, flow=flow)
-    return decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1)
+    return sample_images(model, labels, shape, vae, cfg.vae.scale, sampler=sampler, num_steps=cfg.sample.steps,
+                         cfg_scale=cfg_scale, generator=generator, autocast=autocast, flow=flow)
 
 
 def sample_grid(model, cfg: TrainConfig, vae, shape, path: Path, accelerator) -> Path:
     """PNG grid of the fixed classes x per_class from fixed noise (the same images at every step)."""
     sc = cfg.sample
     labels = torch.tensor([c for c in sc.classes for _ in range(sc.per_class)], device=accelerator.device)
-    images = draw(model, labels, torch.Generator().manual_seed(sc.seed), sc.cfg_scale, cfg, vae, shape,
+    images = draw_images(model, labels, torch.Generator().manual_seed(sc.seed), sc.cfg_scale, cfg, vae, shape,
                   accelerator.autocast)
     return save_grid(images, path, nrow=sc.per_class * max(1, 8 // sc.per_class))
 
@@ -302,7 +303,8 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
         idx = list(range(lo, min(lo + batch, sc.fid_samples)))
         labels = torch.tensor([i % model.num_classes for i in idx], device=dev)
         generators = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx]
-        images = to_uint8(draw(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape, accelerator.autocast))
+        images = to_uint8(draw_images(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape,
+                                      accelerator.autocast))
         save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
     metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
                                inception_weights=sc.fid_inception_weights or None, classifier=sc.fid_classifier or None)
@@ -310,13 +312,14 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
     return {f"fid/{k}": v for k, v in metrics.items() if not isinstance(v, str)}
 
 
-def digits_accuracy(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
-    """Digits demo: the share of guided samples that an SVC trained on the real digits labels as asked."""
+def digits_accuracy_of_model(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
+    """Digits demo: the share of sample.digits_per_class guided samples per class that an SVC trained on the real
+    digits labels as asked."""
     t0 = time.time()
     clf = DigitsClassifier(Path(cfg.data.path).parent)
-    n, sc = cfg.sample.digits_accuracy, cfg.sample
+    n, sc = cfg.sample.digits_per_class, cfg.sample
     labels = torch.arange(model.num_classes, device=run.accelerator.device).repeat_interleave(n)
-    x = draw(model, labels, torch.Generator().manual_seed(sc.seed + 1), sc.cfg_scale, cfg, None, shape,
+    x = draw_images(model, labels, torch.Generator().manual_seed(sc.seed + 1), sc.cfg_scale, cfg, None, shape,
              run.accelerator.autocast)
     acc = clf.accuracy(x, labels)
     run.log.info(f"digits sample accuracy {100 * acc:.1f}% ({len(labels)} guided samples, cfg {sc.cfg_scale}, "
@@ -555,8 +558,8 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     if stopped == "done" and acc.is_main_process:
         result["grid"] = sample_grid(sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc)
         log.info(f"final sample grid {result['grid']}")
-        if cfg.sample.digits_accuracy:
-            result["digits_accuracy"] = digits_accuracy(sample_model, cfg, shape, run)
+        if cfg.sample.digits_per_class:
+            result["digits_accuracy"] = digits_accuracy_of_model(sample_model, cfg, shape, run)
             metrics_file.write(step, {"samples/digits_accuracy": result["digits_accuracy"]})
     engine.finish(run, f"done at step {step}" + (f" (stopped: {stopped})" if result["stopped"] else ""))
     return result

@@ -32,6 +32,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from .diffusion import create_diffusion
+from .latents import decode
 
 SAMPLERS = ("ddpm", "ddim", "dpm")  # DDPM runs
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde-euler", "sde-heun")  # flow-matching runs
@@ -139,9 +140,12 @@ def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler:
     return x
 
 
-def sample_ddpm(model, labels: torch.Tensor, shape: tuple[int, int, int], **kwargs) -> torch.Tensor:
-    """`sample` with DiT's sampler: respaced ancestral DDPM with the learned variance."""
-    return sample(model, labels, shape, sampler="ddpm", **kwargs)
+def sample_images(model, labels: torch.Tensor, shape: tuple[int, int, int], vae=None, scale: float = 1.0,
+                  **kwargs) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1]: `sample` (kwargs: sampler, num_steps, guidance, generator, ...), then the
+    VAE's decoding of the latents scaled by `scale`, or (vae None, pixel space) the samples clamped."""
+    x = sample(model, labels, shape, **kwargs)
+    return decode(vae, x, scale) if vae is not None else x.clamp(-1, 1)
 
 
 def sample_seed(seed: int, i: int, stream: int = 0) -> int:

@@ -444,7 +444,8 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(T.checkpoint.torch, "save", full)
     if free is not None:
-        monkeypatch.setattr(T.checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, free))
+        full_disk = shutil._ntuple_diskusage(1 << 40, 1 << 40, free)
+        monkeypatch.setattr(T.checkpoint.shutil, "disk_usage", lambda p: full_disk)
     with pytest.raises(T.WriteError, match=r"cannot write a checkpoint into .*checkpoints: the disk is full"
                                                      r".*needs about .* GiB are free.*previous checkpoints are intact"):
         _save(root, 2)

@@ -25,8 +25,9 @@ def test_importing_the_packages_leaves_the_training_engine_unloaded():
     """A timm user's `import vit3` (and `import dit3`) loads no checkpoint, run-folder, lock or signal code, and
     no accelerate: the error classes the model and weight code raise live in vit3.errors. A fresh interpreter,
     as this one has imported the engine already."""
-    code = ("import sys, vit3; print(sorted(m for m in sys.modules if m.startswith('vit3.engine') or m == 'accelerate'))"
-            "; import dit3; print(sorted(m for m in sys.modules if m.startswith('vit3.engine')))")
+    code = ("import sys, vit3\n"
+            "print(sorted(m for m in sys.modules if m.startswith('vit3.engine') or m == 'accelerate'))\n"
+            "import dit3\nprint(sorted(m for m in sys.modules if m.startswith('vit3.engine')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
 

@@ -437,7 +437,7 @@ def test_demo_config_two_steps(tmp_path):
     digits = prepare_digits(tmp_path / "digits16", 16)
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo"
     assert 0.0 <= r["digits_accuracy"] <= 1.0 and (r["run_dir"] / "digits_accuracy.json").is_file()
 
@@ -475,7 +475,7 @@ def test_flow_demo_config_is_the_demo_with_flow_matching(tmp_path):
     digits = prepare_digits(tmp_path / "digits16", 16)
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo_flow.yaml"), f"data.path={digits}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo_flow"
     assert 0.0 <= r["digits_accuracy"] <= 1.0
     assert json.loads((r["run_dir"] / "digits_accuracy.json").read_text())["sampler"] == sampler
