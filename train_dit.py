@@ -58,7 +58,7 @@ from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample_images, sample_seed, s
 from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import InMemoryFolder, open_image_folder
-from vit3.digits import DigitsClassifier, default_demo_path, prepare_digits
+from vit3.digits import DigitsClassifier, prepare_demo_folder
 from vit3.engine import CheckpointConfig, ConfigError, DataError, EMAConfig, LogConfig, OptimConfig
 
 
@@ -239,12 +239,11 @@ def resolve_data(cfg: TrainConfig) -> DataConfig:
     """The data config with the demo folder written and filled in."""
     if not cfg.data.demo:
         return cfg.data
-    if cfg.data.demo != "digits":
-        raise ConfigError(f"unknown data.demo {cfg.data.demo!r}: the built-in demo dataset is 'digits' ('' for none)")
-    root = Path(cfg.data.path) if cfg.data.path else default_demo_path("digits", cfg.model.image_size)
-    root = prepare_digits(root.parent if root.name == "train" else root, cfg.model.image_size)
+    root = Path(cfg.data.path) if cfg.data.path else ""
+    if root and root.name == "train":  # data.path names the train split, as for ImageNet
+        root = root.parent
+    root = prepare_demo_folder(cfg.data.demo, root, cfg.model.image_size)
     return dataclasses.replace(cfg.data, path=str(root / "train"))
-
 
 
 def build_data(cfg: TrainConfig, accelerator, vae, log):
