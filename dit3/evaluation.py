@@ -120,11 +120,6 @@ def feature_extractor(cuda: bool, inception_weights=None, classifier=None):
     return ext, fid_layer, isc_layer
 
 
-def inception(cuda: bool, weights: str | Path | None = None):
-    """torch-fidelity's InceptionV3, from its download or a local weights file."""
-    return feature_extractor(cuda, weights)[0]
-
-
 # ----------------------------------------------------------------------------------------
 # Images and their features
 # ----------------------------------------------------------------------------------------

@@ -37,3 +37,12 @@ def test_the_engine_raises_the_same_error_classes():
 
     assert (engine.ConfigError, engine.DataError, engine.WriteError, engine.TrainingDiverged) == (
         errors.ConfigError, errors.DataError, errors.WriteError, errors.TrainingDiverged)
+
+
+def test_no_test_only_api_in_the_packages():
+    """What only the tests called lives in the tests: a DDPMScheduler factory beside dit3.sampling.make_scheduler,
+    a bare Inception getter beside evaluation.feature_extractor, a DDPM shorthand of sample(sampler="ddpm")."""
+    from dit3 import diffusion, evaluation, sampling
+
+    assert not hasattr(diffusion, "ddpm_scheduler") and not hasattr(evaluation, "inception")
+    assert not hasattr(sampling, "sample_ddpm")

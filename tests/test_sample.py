@@ -427,7 +427,7 @@ def frechet(fa: np.ndarray, fb: np.ndarray) -> float:
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_equals_an_independent_frechet(inception_weights, tmp_path):
-    from dit3.evaluation import FID_LAYER, fidelity_metrics, image_features, inception
+    from dit3.evaluation import FID_LAYER, feature_extractor, fidelity_metrics, image_features
 
     a = _images(tmp_path / "a", 24, 0)
     b = _images(tmp_path / "b", 24, 1, shift=40)
@@ -440,7 +440,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_equals_an_independent_frechet(i
     assert {"inception_score_mean", "kernel_inception_distance_mean", "precision", "recall"} <= set(diff)
 
     # independent Frechet distance on the same features
-    ext = inception(False, inception_weights)
+    ext = feature_extractor(False, inception_weights)[0]
     fa = image_features(a, ext, False, 8)[FID_LAYER].double().numpy()
     fb = image_features(b, ext, False, 8)[FID_LAYER].double().numpy()
     assert diff["frechet_inception_distance"] == pytest.approx(frechet(fa, fb), rel=1e-3)
@@ -488,10 +488,10 @@ def test_fid_reference_npz_is_checked(inception_weights, tmp_path):
 def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, tmp_path):
     """pytorch-fid's statistics files hold float64 mu and sigma, ours a float32 mu: both load and give the
     Frechet distance of an independent formula; a malformed file is named with the fields it needs."""
-    from dit3.evaluation import FID_LAYER, fidelity_metrics, image_features, inception
+    from dit3.evaluation import FID_LAYER, feature_extractor, fidelity_metrics, image_features
 
     a, b = _images(tmp_path / "a", 8, 0), _images(tmp_path / "b", 8, 1, shift=40)
-    ext = inception(False, inception_weights)
+    ext = feature_extractor(False, inception_weights)[0]
     fa, fb = (image_features(d, ext, False)[FID_LAYER].double().numpy() for d in (a, b))
     expect = frechet(fa, fb)
     mu_b, s_b = fb.mean(0), np.cov(fb, rowvar=False)
