@@ -33,11 +33,12 @@ def _read_official(path: Path) -> Mapping:
                           "(expected a train_dit.py checkpoint folder or an official DiT³ / DiT .pt)") from None
 
 
-def load_official_checkpoint(model: DiT3, checkpoint: str | PathLike | Mapping, *, ema: bool = True) -> DiT3:
+def load_official_checkpoint(model: DiT3, checkpoint: str | PathLike | Mapping, *, ema: bool) -> DiT3:
     """Load official DiT³ (or DiT) weights into `model`, strictly; returns the model.
 
-    checkpoint: a file as the official train.py saves it ({'model', 'ema', 'opt', 'args'}; `ema` picks
-    'ema' or 'model'), or such a dict, or a bare state dict (DiT's released files are bare EMA weights).
+    checkpoint: a file as the official train.py saves it ({'model', 'ema', 'opt', 'args'}; `ema`, required
+    as in `vit3.load_official_checkpoint`, picks 'ema' or 'model'), or such a dict, or a bare state dict
+    (DiT's released files are bare EMA weights, loaded whatever `ema` says).
     Files load with weights_only=True, the argparse.Namespace under 'args' allow-listed for it.
     A `pos_embed` stored for another latent size is replaced by the model's own (it is a fixed table).
     """
