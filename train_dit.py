@@ -36,7 +36,6 @@ from dit3.evaluation import fidelity_metrics
 from dit3.flow import create_flow, flow_scheduler
 from dit3.latents import (
     LatentShards,
-    decode,
     extract_latents,
     image_transform,
     latents_complete,
@@ -44,12 +43,12 @@ from dit3.latents import (
     vae_downsample,
 )
 from dit3.models import DiT3_models
-from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
+from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample_images, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.train_config import DataConfig, TrainConfig
 from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import InMemoryFolder, open_image_folder
-from vit3.digits import DigitsClassifier, default_demo_path, prepare_digits
+from vit3.digits import DigitsClassifier, prepare_demo_folder
 from vit3.engine import ConfigError, DataError
 
 FLAGS = {"--extract-latents": "extract_only=true"}
@@ -91,12 +90,11 @@ def resolve_data(cfg: TrainConfig) -> DataConfig:
     """The data config with the demo folder written and filled in."""
     if not cfg.data.demo:
         return cfg.data
-    if cfg.data.demo != "digits":
-        raise ConfigError(f"unknown data.demo {cfg.data.demo!r}: the built-in demo dataset is 'digits' ('' for none)")
-    root = Path(cfg.data.path) if cfg.data.path else default_demo_path("digits", cfg.model.image_size)
-    root = prepare_digits(root.parent if root.name == "train" else root, cfg.model.image_size)
+    root = Path(cfg.data.path) if cfg.data.path else ""
+    if root and root.name == "train":  # data.path names the train split, as for ImageNet
+        root = root.parent
+    root = prepare_demo_folder(cfg.data.demo, root, cfg.model.image_size)
     return dataclasses.replace(cfg.data, path=str(root / "train"))
-
 
 
 def build_data(cfg: TrainConfig, accelerator, vae, log):
@@ -128,22 +126,21 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
 # ----------------------------------------------------------------------------------------
 # Samples during training (main process, EMA model)
 # ----------------------------------------------------------------------------------------
-def draw(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
-         autocast) -> torch.Tensor:
+def draw_images(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
+                autocast) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1]: sample.sampler with sample.steps, decoded by the VAE."""
     sampler = cfg.sample.sampler
     flow = flow_scheduler(dataclasses.asdict(cfg.flow), sampler) if cfg.objective == "flow" else None
-    x = sample(model, labels, shape, sampler=sampler, num_steps=cfg.sample.steps, cfg_scale=cfg_scale,
-               generator=generator, autocast=autocast, flow=flow)
-    return decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1)
+    return sample_images(model, labels, shape, vae, cfg.vae.scale, sampler=sampler, num_steps=cfg.sample.steps,
+                         cfg_scale=cfg_scale, generator=generator, autocast=autocast, flow=flow)
 
 
 def sample_grid(model, cfg: TrainConfig, vae, shape, path: Path, accelerator) -> Path:
     """PNG grid of the fixed classes x per_class from fixed noise (the same images at every step)."""
     sc = cfg.sample
     labels = torch.tensor([c for c in sc.classes for _ in range(sc.per_class)], device=accelerator.device)
-    images = draw(model, labels, torch.Generator().manual_seed(sc.seed), sc.cfg_scale, cfg, vae, shape,
-                  accelerator.autocast)
+    images = draw_images(model, labels, torch.Generator().manual_seed(sc.seed), sc.cfg_scale, cfg, vae, shape,
+                         accelerator.autocast)
     return save_grid(images, path, nrow=sc.per_class * max(1, 8 // sc.per_class))
 
 
@@ -156,7 +153,8 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
         idx = list(range(lo, min(lo + batch, sc.fid_samples)))
         labels = torch.tensor([i % model.num_classes for i in idx], device=dev)
         generators = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx]
-        images = to_uint8(draw(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape, accelerator.autocast))
+        images = to_uint8(draw_images(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape,
+                                      accelerator.autocast))
         save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
     metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
                                inception_weights=sc.fid_inception_weights or None, classifier=sc.fid_classifier or None)
@@ -164,14 +162,15 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
     return {f"fid/{k}": v for k, v in metrics.items() if not isinstance(v, str)}
 
 
-def digits_accuracy(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
-    """Digits demo: the share of guided samples that an SVC trained on the real digits labels as asked."""
+def digits_accuracy_of_model(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
+    """Digits demo: the share of sample.digits_per_class guided samples per class that an SVC trained on the real
+    digits labels as asked."""
     t0 = time.time()
     clf = DigitsClassifier(Path(cfg.data.path).parent)
-    n, sc = cfg.sample.digits_accuracy, cfg.sample
+    n, sc = cfg.sample.digits_per_class, cfg.sample
     labels = torch.arange(model.num_classes, device=run.accelerator.device).repeat_interleave(n)
-    x = draw(model, labels, torch.Generator().manual_seed(sc.seed + 1), sc.cfg_scale, cfg, None, shape,
-             run.accelerator.autocast)
+    x = draw_images(model, labels, torch.Generator().manual_seed(sc.seed + 1), sc.cfg_scale, cfg, None, shape,
+                    run.accelerator.autocast)
     acc = clf.accuracy(x, labels)
     run.log.info(f"digits sample accuracy {100 * acc:.1f}% ({len(labels)} guided samples, cfg {sc.cfg_scale}, "
                  f"{sc.sampler} {sc.steps} steps; the SVC scores {100 * clf.val_accuracy:.1f}% on real val digits) "
@@ -403,8 +402,8 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     if stopped == "done" and acc.is_main_process:
         result["grid"] = sample_grid(sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc)
         log.info(f"final sample grid {result['grid']}")
-        if cfg.sample.digits_accuracy:
-            result["digits_accuracy"] = digits_accuracy(sample_model, cfg, shape, run)
+        if cfg.sample.digits_per_class:
+            result["digits_accuracy"] = digits_accuracy_of_model(sample_model, cfg, shape, run)
             metrics_file.write(step, {"samples/digits_accuracy": result["digits_accuracy"]})
     engine.finish(run, f"done at step {step}" + (f" (stopped: {stopped})" if result["stopped"] else ""))
     return result

@@ -9,7 +9,6 @@ from vit3 import engine
 from vit3.engine import SEED_RULE, at_least, between, checked, launch, one_of
 
 from .flow import DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_DISTRIBUTIONS
-from .latents import VAEConfig
 from .sampling import FLOW_SAMPLERS, SAMPLERS
 
 POSITIVE = (lambda v: v > 0, "a positive number")
@@ -47,6 +46,15 @@ class DataConfig(engine.DataConfig):
 
 
 @dataclasses.dataclass
+class VAEConfig:
+    # a Hugging Face hub name (needs the hub or its local cache) or a local folder written by
+    # AutoencoderKL.save_pretrained; "" = train in pixel space, no VAE
+    name: str = "stabilityai/sd-vae-ft-ema"
+    # latents are multiplied by this (Stable Diffusion's scaling factor)
+    scale: float = checked(0.18215, POSITIVE)
+
+
+@dataclasses.dataclass
 class FlowConfig:
     """objective=flow: SiT's flow matching (arXiv 2401.08740), t from noise 0 to data 1 (dit3.flow). The
     sampling keys (shift on) serve the grids and FID, and are sample.py's defaults for the run."""
@@ -75,7 +83,10 @@ class FlowConfig:
 
 
 @dataclasses.dataclass
-class SampleConfig:
+class TrainingSamplesConfig:
+    """The `sample` section: what the run draws while it trains (grids, FID) and at its end (the digits
+    accuracy). sample.py's own options are its SampleConfig."""
+
     # a grid from the EMA model every N updates (0 = only at the end)
     every: int = checked(10000, at_least(0, "an integer >= 0 (0 = only the final grid)"))
     classes: list = checked(rule=(lambda v: len(v) > 0, "a non-empty list of class ids"),
@@ -86,8 +97,8 @@ class SampleConfig:
     steps: int = checked(250, STEPS)  # ddpm: respaced steps; flow: SiT's grid points (steps - 1 steps; dopri5: its own)
     cfg_scale: float = checked(4.0, GUIDANCE)  # classifier-free guidance (1 = none)
     seed: int = checked(0, SEED_RULE)  # the grid's noise: the same images at every step of a run
-    # digits demo: classify N guided samples per class with an SVC on the real digits
-    digits_accuracy: int = checked(0, at_least(0))
+    # digits demo, at the end: N guided samples per class judged by an SVC on the real digits
+    digits_per_class: int = checked(0, at_least(0))
     # periodic FID of the EMA model (main process): fid_samples balanced samples against fid_ref
     fid_every: int = checked(0, at_least(0, "an integer >= 0 (0 = no periodic FID)"))  # updates between evaluations
     fid_samples: int = checked(1000, at_least(4, "an integer >= 4 (precision and recall need 4 samples)"))
@@ -117,4 +128,4 @@ class TrainConfig(engine.TrainConfig):
     max_steps: int = launch(400_000, at_least(0))  # optimizer updates in total (the schedule's length)
     weights: str = ""  # start from these weights: our .safetensors / checkpoint folder, or an official DiT³ / DiT .pt
     extract_only: bool = False  # only extract data.latents, then exit
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    sample: TrainingSamplesConfig = dataclasses.field(default_factory=TrainingSamplesConfig)

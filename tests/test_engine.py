@@ -1,10 +1,12 @@
 """Unit tests of the shared trainer engine (vit3/engine/): configs, sampler, RNG,
 checkpoints, optimizer / schedule, signals."""
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import types
 
@@ -226,9 +228,6 @@ def test_checkpoint_roundtrip_atomic_and_pruned(tmp_path):
         T.load_checkpoint(acc, root / "step-00000003", modules={"model": wrong}, states={})
 
 
-KEYS = ("name", "num_classes", "img_size", "kwargs")
-
-
 def test_config_diffs_leave_out_the_launch_keys():
     """A key declared with `launch` (where to resume, when to stop, ...) may change on resume without a warning; the
     engine learns which keys those are from the config, not from a list of names."""
@@ -250,11 +249,18 @@ def test_config_diffs_leave_out_the_launch_keys():
 
 
 def test_check_same_model_names_the_difference():
+    """The trainer names the keys that fix its architecture; the engine assumes none (no classifier's img_size)."""
+    keys = ("name", "num_classes", "img_size", "kwargs")
     state = {"config": {"model": {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}}}
-    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, KEYS, "c")
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, keys, ckpt="c")
     with pytest.raises(ConfigError, match=r"another model \(model.name: checkpoint 'vit3_tiny' "
                                           r"vs this run 'vit3_small'"):
-        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, KEYS, "c")
+        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, keys,
+                           ckpt="c")
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 64, "kwargs": {}}, ("name",))
+    with pytest.raises(TypeError, match="keys"):
+        T.check_same_model(state, {"name": "vit3_tiny"}, ckpt="c")
+
 
 
 def test_resolve_run_numbering_and_latest(tmp_path):
@@ -380,6 +386,14 @@ def test_damaged_checkpoints_are_skipped_with_a_warning(tmp_path):
         T.resolve_run(str(tmp_path), "x", resume=str(root / "step-00000002"))
 
 
+def test_a_checkpoint_without_its_manifest_is_not_used(tmp_path):
+    """Every checkpoint has a manifest.json (it is written last): one without is cut short, not of an older kind."""
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+    (root / "step-00000001" / "manifest.json").unlink()
+    assert T.verify_checkpoint(root / "step-00000001") == "no manifest.json"
+
+
 def test_resume_auto_says_when_no_checkpoint_can_be_used(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     _save(root, 1)
@@ -436,9 +450,12 @@ def test_diverged_weights_are_never_saved(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")])
-def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error):
+@pytest.mark.parametrize("error, free", [(OSError(errno.ENOSPC, "No space left on device"), None),
+                                         (OSError(errno.EDQUOT, "Disk quota exceeded"), None),
+                                         (RuntimeError("safetensors: IoError"), 0)])
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error, free):
+    """A full disk is known by the error's errno (torch files are written through Python files, which carry it);
+    safetensors' own error, which has none, counts as one when the disk has no room left for the weights."""
     root = tmp_path / "checkpoints"
     _save(root, 1)
 
@@ -446,11 +463,56 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monk
         raise error
 
     monkeypatch.setattr(T.checkpoint.torch, "save", full)
+    if free is not None:
+        full_disk = shutil._ntuple_diskusage(1 << 40, 1 << 40, free)
+        monkeypatch.setattr(T.checkpoint.shutil, "disk_usage", lambda p: full_disk)
     with pytest.raises(T.WriteError, match=r"cannot write a checkpoint into .*checkpoints: the disk is full"
                                                      r".*needs about .* GiB are free.*previous checkpoints are intact"):
         _save(root, 2)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no .tmp folder left
     assert T.verify_checkpoint(root / "step-00000001") is None
+
+
+def test_a_failed_save_with_room_on_the_disk_is_a_crash_not_a_full_disk(tmp_path, monkeypatch):
+    """An error without an errno while the disk has room (a bug, a foreign object) keeps its own traceback."""
+    root = tmp_path / "checkpoints"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unexpected pos 64")
+
+    monkeypatch.setattr(T.checkpoint.torch, "save", broken)
+    with pytest.raises(RuntimeError, match="unexpected pos 64"):
+        _save(root, 1)
+
+
+def test_torch_files_are_written_through_python_files_that_carry_the_errno(tmp_path, monkeypatch):
+    """torch.save given a path reports a full disk as RuntimeError("unexpected pos"); given a Python file, the
+    file's OSError with its errno comes through."""
+    import builtins
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(T.checkpoint, "open", lambda p, mode="r", *a, **k: Full(real_open(p, mode, *a, **k))
+                        if str(p).endswith(".pt") else real_open(p, mode, *a, **k), raising=False)
+    with pytest.raises(T.WriteError, match="the disk is full") as e:
+        _save(tmp_path / "checkpoints", 1)
+    assert e.value.errno == errno.ENOSPC
 
 
 def test_one_writer_per_folder(tmp_path):

@@ -4,6 +4,7 @@ Tiny DiT³s (32-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images, i
 through a tiny randomly initialised AutoencoderKL saved to a local folder (no hub access).
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -438,7 +439,7 @@ def test_demo_config_two_steps(tmp_path):
     digits = prepare_digits(tmp_path / "digits16", 16)
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo"
     assert 0.0 <= r["digits_accuracy"] <= 1.0 and (r["run_dir"] / "digits_accuracy.json").is_file()
 
@@ -476,7 +477,7 @@ def test_flow_demo_config_is_the_demo_with_flow_matching(tmp_path):
     digits = prepare_digits(tmp_path / "digits16", 16)
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo_flow.yaml"), f"data.path={digits}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo_flow"
     assert 0.0 <= r["digits_accuracy"] <= 1.0
     assert json.loads((r["run_dir"] / "digits_accuracy.json").read_text())["sampler"] == sampler
@@ -492,3 +493,25 @@ def test_digits_classifier_is_accurate_on_real_digits_and_not_on_noise(tmp_path)
     assert clf.accuracy(x, torch.as_tensor(y)) == pytest.approx(clf.val_accuracy)
     noise = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert clf.accuracy(noise, torch.arange(10).repeat(20)) < 0.3
+
+
+def test_both_trainers_write_the_demo_data_in_one_place(tmp_path, monkeypatch):
+    """data.demo=digits goes through one function: both trainers' default is the same cache folder, train_dit's
+    data.path names the train split of a folder it writes, and an unknown demo names the one there is."""
+    import dataclasses
+
+    from vit3.data import DataConfig as ClassifierData
+    from vit3.data import prepare_demo
+    from vit3.digits import prepare_demo_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    vit = prepare_demo(ClassifierData(demo="digits"), 16)
+    cfg = train_dit.TrainConfig(data=train_dit.DataConfig(demo="digits", path=""),
+                                model=ModelConfig(image_size=16))
+    dit = train_dit.resolve_data(cfg)
+    assert Path(vit.path) == Path(dit.path).parent == tmp_path / "cache" / "vit3" / "digits16"
+    given = train_dit.resolve_data(dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, path=str(tmp_path / "d" / "train"))))
+    assert given.path == str(tmp_path / "d" / "train") and (tmp_path / "d" / "val" / "3").is_dir()
+    with pytest.raises(ConfigError, match="unknown data.demo 'mnist'.*'digits'"):
+        prepare_demo_folder("mnist", "", 16)

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .digits import default_demo_path, prepare_digits
+from .digits import prepare_demo_folder
 from .engine import ConfigError, DataError, at_least, between, checked, one_of, seeded_rng
 from .engine import DataConfig as LoaderConfig
 
@@ -275,12 +275,10 @@ def build_datasets(cfg: DataConfig, img_size: int):
 # Demo data
 # ----------------------------------------------------------------------------------------
 def prepare_demo(cfg: DataConfig, img_size: int) -> DataConfig:
-    """If cfg.demo names a demo dataset, write it (if needed) and return cfg with its path."""
+    """If cfg.demo names a demo dataset, write it (if needed) and return cfg with its path: data.path if set,
+    else the cache folder."""
     if not cfg.demo:
         return cfg
-    if cfg.demo != "digits":
-        raise ConfigError(f"unknown data.demo {cfg.demo!r}: the built-in demo dataset is 'digits' ('' for none)")
-    path = cfg.path if cfg.path and cfg.path != DataConfig.path else str(default_demo_path("digits", img_size))
-    prepare_digits(path, img_size)
-    return dataclasses.replace(cfg, path=path)
+    root = prepare_demo_folder(cfg.demo, "" if cfg.path == DataConfig.path else cfg.path, img_size)
+    return dataclasses.replace(cfg, path=str(root))
 

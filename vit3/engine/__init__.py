@@ -14,9 +14,8 @@
 
 Nothing here knows about ViT³ or DiT³.
 """
+from ..errors import ConfigError, DataError, TrainingDiverged, WriteError
 from .checkpoint import (
-    TrainingDiverged,
-    WriteError,
     capture_rng_state,
     check_same_model,
     find_latest_checkpoint,
@@ -31,8 +30,6 @@ from .checkpoint import (
 )
 from .config import (
     SEED_RULE,
-    ConfigError,
-    DataError,
     at_least,
     between,
     check_values,
@@ -73,7 +70,7 @@ from .loop import (
     split_batch,
     write_json,
 )
-from .run import MetricsFile, Run, discard, finish, resolve_run, start_run, write_run_info
+from .run import MetricsFile, Run, discard, finish, on_main_process, resolve_run, start_run, write_run_info
 from .script import run_script
 from .signals import StopSignal, ignore_stop_signals
 from .state import Checkpointer, TrainState
@@ -146,6 +143,7 @@ __all__ = [
     "acquire_lock",
     "discard",
     "finish",
+    "on_main_process",
     "release_lock",
     "resolve_run",
     "run_script",

@@ -24,13 +24,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config, CLI value or checkpoint that does not fit; the message names the fix."""
-
-
-class DataError(ValueError):
-    """Missing, empty, inconsistent or unreadable data; the message names the fix."""
+from ..errors import ConfigError
 
 
 # ----------------------------------------------------------------------------------------

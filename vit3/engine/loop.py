@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, config_to_dict, launch_keys
+from ..errors import ConfigError
+from .config import config_to_dict, launch_keys
 from .files import atomic_write_text
 from .run import MetricsFile, Run, write_run_info
 from .train_config import EMAConfig, OptimConfig

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .checkpoint import TrainingDiverged, load_checkpoint, save_checkpoint, seed_process
+from ..errors import TrainingDiverged
+from .checkpoint import load_checkpoint, save_checkpoint, seed_process
 
 if TYPE_CHECKING:
     from .run import Run
