@@ -46,8 +46,8 @@ from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from dit3.flow import DIFFUSION_FORMS, LAST_STEPS, FlowScheduler, flow_scheduler
-from dit3.latents import decode, load_vae, vae_downsample
-from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
+from dit3.latents import load_vae, vae_downsample
+from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample_images, sample_seed, save_grid, save_pngs, to_uint8
 from dit3.weights import load_dit3
 from vit3 import engine
 from vit3.engine import ConfigError, WriteError
@@ -78,7 +78,9 @@ class SampleConfig:
     atol: float | None = None  # flow dopri5: absolute tolerance; None = the run's
     rtol: float | None = None  # flow dopri5: relative tolerance; None = the run's
     seed: int = 0
-    batch_size: int = 32  # samples per network call (fixed batches: the samples do not depend on it)
+    # samples per network call. Each sample has its own noise, but bulk mode keeps it on a restart: float
+    # rounding can follow the batch's shape, and dopri5 picks its steps for the whole batch
+    batch_size: int = 32
     mixed_precision: str = "no"  # no | bf16 | fp16
     classes: list[int] | None = None  # grid mode: one column per class
     per_class: int = 1  # grid mode: rows
@@ -200,19 +202,19 @@ def labels_for(indices: list[int], num_classes: int, mode: str, seed: int) -> li
             for i in indices]
 
 
-def draw(model, vae, scale, labels: list[int], seeds: list[int], args, device, flow=None) -> torch.Tensor:
-    """uint8 images [B, H, W, 3] for these labels and per-sample seeds (flow: a flow run's FlowScheduler)."""
+def draw_images(model, vae, scale, labels: list[int], seeds: list[int], args, device, flow=None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] for these labels and per-sample seeds (flow: a flow run's FlowScheduler)."""
     cfg = model.config
     size = (cfg.input_size, cfg.input_size) if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
     autocast = None
     if args.mixed_precision != "no":
         dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16
         autocast = lambda: torch.autocast(torch.device(device).type, dtype=dtype)  # noqa: E731
-    x = sample(model, torch.tensor(labels, device=device), (cfg.in_channels, *size), sampler=args.sampler,
-               num_steps=args.steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
-               cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
-               generator=[torch.Generator().manual_seed(s) for s in seeds], autocast=autocast, flow=flow)
-    return to_uint8(decode(vae, x, scale) if vae is not None else x.clamp(-1, 1))
+    return sample_images(model, torch.tensor(labels, device=device), (cfg.in_channels, *size), vae, scale,
+                         sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                         cfg_channels=args.cfg_channels,
+                         cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+                         generator=[torch.Generator().manual_seed(s) for s in seeds], autocast=autocast, flow=flow)
 
 
 def flow_settings(flow: FlowScheduler | None) -> dict | None:
@@ -253,35 +255,19 @@ def writing(out: Path, what: str):
                                   "Free space and run the same command again: it continues where it stopped") from None
 
 
-def _lock(out: Path, state: PartialState) -> Path | None:
-    """One sample.py per output folder: the main process takes out/.lock; every process hears if it failed."""
-    from accelerate.utils import broadcast_object_list
-
-    error, lock = [None], None
-    if state.is_main_process:
-        try:
-            lock = engine.acquire_lock(out, "sample folder")
-        except ConfigError as e:
-            error = [str(e)]
-    if state.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0]:
-        raise ConfigError(error[0])
-    return lock
-
-
-def bulk(model, vae, scale, args, state: PartialState, out: Path, flow=None) -> Path:
+def bulk(model, vae, scale, args, state: PartialState, out: Path, ckpt: Path, flow=None) -> Path:
     """Draw args.num_samples images into out/images/NNNNNN.png (resumable), then out/samples.npz."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; bulk mode writes a folder (images/, samples.npz): name a folder")
     images_dir = out / "images"
     with writing(out.parent, "the sample folder"):
         images_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out, state)
+    # one sample.py per output folder: the main process takes out/.lock, every process hears if it failed
+    lock = engine.on_main_process(state, lambda: engine.acquire_lock(out, "sample folder"))
     try:
-        return _draw_all(model, vae, scale, args, state, out, flow)
+        return _draw_all(model, vae, scale, args, state, out, ckpt, flow)
     finally:
-        if lock is not None:
+        if state.is_main_process:
             engine.release_lock(lock)
 
 
@@ -305,17 +291,17 @@ def read_spec(path: Path, spec: dict) -> dict:
     return old
 
 
-def _draw_all(model, vae, scale, args, state: PartialState, out: Path, flow) -> Path:
+def _draw_all(model, vae, scale, args, state: PartialState, out: Path, ckpt: Path, flow) -> Path:
     images_dir = out / "images"
     # a restart may only continue the same drawing: other settings would mix two sample sets
-    spec = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()), "ema": args.ema, "sampler": args.sampler,
+    spec = {"ckpt": str(ckpt.resolve()), "ema": args.ema, "sampler": args.sampler,
             "steps": args.steps, "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels,
             "cfg_interval": list(args.cfg_interval) if args.cfg_interval else None, "seed": args.seed,
             "labels": args.labels, "batch_size": args.batch_size, "vae": args.vae or None,
             "mixed_precision": args.mixed_precision, "flow": flow_settings(flow)}
     spec_path = out / "spec.json"
     if os.path.lexists(spec_path):
-        old = {"mixed_precision": "no", **read_spec(spec_path, spec)}  # spec files before it was recorded
+        old = read_spec(spec_path, spec)
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items() if old.get(k) != v)
         if diff:
             raise ConfigError(f"{out} holds samples drawn with other settings ({diff}); use another --out")
@@ -333,20 +319,20 @@ def _draw_all(model, vae, scale, args, state: PartialState, out: Path, flow) -> 
     t0, done = time.time(), 0
     for idx in tqdm(mine, desc=f"sampling (process {state.process_index})", disable=not state.is_main_process):
         labels = labels_for(idx, model.num_classes, args.labels, args.seed)
-        images = draw(model, vae, scale, labels, [sample_seed(args.seed, i) for i in idx], args, state.device, flow)
+        images = draw_images(model, vae, scale, labels, [sample_seed(args.seed, i) for i in idx], args, state.device,
+                             flow)
         with writing(out, "sample images"):
-            save_pngs(images.numpy(), [images_dir / f"{i:06d}.png" for i in idx])
+            save_pngs(to_uint8(images).numpy(), [images_dir / f"{i:06d}.png" for i in idx])
         done += len(idx)
     state.wait_for_everyone()
     npz = out / "samples.npz"
     if state.is_main_process:
         with writing(out, "samples.npz"):
             save_npz(npz, read_images(images_dir, n))
-        labels = labels_for(list(range(n)), model.num_classes, args.labels, args.seed)
-        info = {"num_samples": n, "labels": labels, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
-                "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "cfg_interval": args.cfg_interval,
-                "flow": flow_settings(flow),
-                "ckpt": str(args.ckpt), "ema": args.ema, "processes": state.num_processes,
+        # the drawing's settings (spec.json's) and what it drew: "labels" lists the classes (spec.json's "labels"
+        # is the mode that chose them), and how fast
+        drawn = labels_for(list(range(n)), model.num_classes, args.labels, args.seed)
+        info = {**spec, "num_samples": n, "labels": drawn, "processes": state.num_processes,
                 "seconds_per_image_this_process": (time.time() - t0) / done if done else None}
         with writing(out, "info.json"):
             engine.atomic_write_text(out / "info.json", json.dumps(info, indent=2))
@@ -387,25 +373,24 @@ def main(argv=None) -> dict:
         labels = [c for _ in range(args.per_class) for c in args.classes]
         seeds = [sample_seed(args.seed, i) for i in range(len(labels))]
         t0 = time.time()
-        images = draw(model, vae, scale, labels, seeds, args, state.device, flow) if state.is_main_process else None
         if state.is_main_process:
+            images = draw_images(model, vae, scale, labels, seeds, args, state.device, flow)
             out = Path(args.out) if args.out else run_dir / "samples" / (
                 f"{ckpt.name}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}-seed{args.seed}.png")
-            grid = images.permute(0, 3, 1, 2).float() / 127.5 - 1
             with writing(out.parent, "the sample grid"):
-                result["grid"] = save_grid(grid, out, nrow=len(args.classes))
+                result["grid"] = save_grid(images, out, nrow=len(args.classes))
             print(f"wrote {out} ({len(labels)} samples in {time.time() - t0:.1f} s)")
         state.wait_for_everyone()
     if args.num_samples:
         if not args.out:
             raise ConfigError("--num-samples needs --out DIR")
-        result["npz"] = bulk(model, vae, scale, args, state, Path(args.out), flow)
+        result["npz"] = bulk(model, vae, scale, args, state, Path(args.out), ckpt, flow)
         if state.is_main_process:
             print(f"wrote {result['npz']}")
             if args.fid_ref:
                 result["metrics"] = fidelity(Path(args.out), args, state)
             if args.digits_accuracy:
-                result["digits_accuracy"] = digits_accuracy(config, Path(args.out), args)
+                result["digits_accuracy"] = digits_accuracy_of_folder(config, Path(args.out), args)
     return result
 
 
@@ -477,7 +462,8 @@ def fidelity(out: Path, args, state: PartialState) -> dict:
     return metrics
 
 
-def digits_accuracy(config: dict, out: Path, args) -> float:
+def digits_accuracy_of_folder(config: dict, out: Path, args) -> float:
+    """Digits demo: the share of the samples in `out` that an SVC trained on the run's real digits labels as asked."""
     from vit3.digits import DigitsClassifier
 
     if "data" not in config:

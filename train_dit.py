@@ -23,7 +23,6 @@ Everything runs inside main(argv) so tests can run a few CPU steps in-process.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import time
 from pathlib import Path
@@ -34,20 +33,9 @@ from tqdm.auto import tqdm
 
 from dit3.diffusion import create_diffusion
 from dit3.evaluation import fidelity_metrics
-from dit3.flow import (
-    DIFFUSION_FORMS,
-    LAST_STEPS,
-    LOSS_WEIGHTS,
-    PATHS,
-    PREDICTIONS,
-    TIME_DISTRIBUTIONS,
-    create_flow,
-    flow_scheduler,
-)
+from dit3.flow import create_flow, flow_scheduler
 from dit3.latents import (
     LatentShards,
-    VAEConfig,
-    decode,
     extract_latents,
     image_transform,
     latents_complete,
@@ -55,153 +43,18 @@ from dit3.latents import (
     vae_downsample,
 )
 from dit3.models import DiT3_models
-from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample, sample_seed, save_grid, save_pngs, to_uint8
+from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample_images, sample_seed, save_grid, save_pngs, to_uint8
+from dit3.train_config import DataConfig, TrainConfig
 from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import InMemoryFolder, open_image_folder
-from vit3.digits import DigitsClassifier, default_demo_path, prepare_digits
-from vit3.engine import CheckpointConfig, ConfigError, DataError, EMAConfig, LogConfig, OptimConfig
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    name: str = "DiT3-B/2"  # a dit3.DiT3_models name: DiT3-{S,B,L,XL}/{2,4,8}, DiT-*, DiT3-LA-*
-    num_classes: int = 1000  # 0 = the number of class folders
-    image_size: int = 256  # pixels; the model sees image_size / 8 latents (image_size itself in pixel space)
-    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
-    grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, ~30% slower)
-    kwargs: dict = dataclasses.field(default_factory=dict)  # more DiT3 arguments (depth, mixer_kwargs, ...)
-
-
-@dataclasses.dataclass
-class DataConfig:
-    path: str = "data/imagenet/train"  # an ImageFolder: one sub-folder of images per class
-    demo: str = ""  # "digits": scikit-learn's digits, written as an ImageFolder under ~/.cache/vit3 (path "")
-    batch_size: int = 256  # global: per process = batch_size / (processes * grad_accum_steps)
-    num_workers: int = 4
-    pin_memory: bool = True
-    hflip: bool = True  # random horizontal flips (DiT); turn off for data that is not mirror-symmetric
-    bad_images: str = "error"  # "error" names an unreadable file; "skip" replaces it and counts
-    in_memory: bool = False  # decode every image once and keep them in memory (small data sets: the digits demo)
-    latents: str = ""  # folder of pre-extracted latents: extracted there first if incomplete, then trained on
-    latent_shard_size: int = 1024  # images per shard
-    latent_dtype: str = "float16"  # storage of the posterior mean / std: float16 or float32
-    extract_batch_size: int = 64  # images per VAE call during extraction (per process)
-
-
-@dataclasses.dataclass
-class FlowConfig:
-    """objective=flow: SiT's flow matching (arXiv 2401.08740), t from noise 0 to data 1 (dit3.flow). The
-    sampling keys (shift on) serve the grids and FID, and are sample.py's defaults for the run."""
-
-    path: str = "linear"  # the interpolant: linear (SiT's default), gvp (cos / sin), vp (score SDE's VP)
-    prediction: str = "velocity"  # what the network predicts: velocity, noise or score
-    loss_weight: str = "none"  # noise / score predictions: none, velocity or likelihood (SiT's weights)
-    train_eps: float | None = None  # training times keep this far from the ends; null = SiT's default
-    sample_eps: float | None = None  # the same for sampling; null = SiT's default
-    time_dist: str = "uniform"  # training times: uniform (SiT) or logit_normal (LightningDiT, SD3)
-    logit_mean: float = 0.0  # logit_normal: t = sigmoid(N(mean, std)); mean < 0 favours noisier times
-    logit_std: float = 1.0
-    shift: float = 1.0  # timestep shift of the fixed-step grids toward noise (SD3; > 1 for larger images)
-    diffusion_form: str = "sigma"  # SDE samplers: w(t) = sigma, SBDM, constant, linear, decreasing, ...
-    diffusion_norm: float = 1.0  # SDE samplers: the scale of w(t)
-    last_step: str = "mean"  # SDE samplers: the last step to t = 1: mean, tweedie, euler or none
-    last_step_size: float = 0.04  # SDE samplers: its size
-    atol: float = 1e-6  # dopri5: absolute tolerance
-    rtol: float = 1e-3  # dopri5: relative tolerance
-
-
-@dataclasses.dataclass
-class SampleConfig:
-    every: int = 10000  # a grid from the EMA model every N updates (0 = only at the end)
-    classes: list = dataclasses.field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
-    per_class: int = 1  # grid columns: samples per class
-    # "" = ddpm for objective=ddpm (also ddim, dpm), sde-euler for flow (also euler, heun, dopri5, sde-heun)
-    sampler: str = ""
-    steps: int = 250  # ddpm: respaced steps; flow: SiT's grid points (steps - 1 steps; dopri5: its own)
-    cfg_scale: float = 4.0  # classifier-free guidance (1 = none)
-    seed: int = 0  # the grid's noise: the same images at every step of a run
-    digits_accuracy: int = 0  # digits demo: classify N guided samples per class with an SVC on the real digits
-    # periodic FID of the EMA model (main process): fid_samples balanced samples against fid_ref
-    fid_every: int = 0  # updates between evaluations (0 = off)
-    fid_samples: int = 1000
-    fid_ref: str = ""  # an image folder, an ADM-style .npz (arr_0) or a statistics .npz (mu, sigma)
-    fid_cfg_scale: float = 1.0  # papers report FID-50K without guidance
-    fid_inception_weights: str = ""  # local InceptionV3 weights for torch-fidelity ("" = its download)
-    fid_classifier: str = ""  # a train_vit.py run whose features replace Inception's (domain FID)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    name: str = ""  # experiment name, run folder output_dir/NNN-name; "" = the config file's stem
-    seed: int = 0
-    output_dir: str = "results"
-    run_name: str = ""  # fixed run folder output_dir/run_name instead of a numbered one
-    mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16" (the TTT inner step runs in float32 regardless)
-    tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs
-    objective: str = "ddpm"  # ddpm (DiT's hybrid loss) or flow (SiT's flow matching: the flow section)
-    flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
-        lr=1e-4, lr_batch=0, weight_decay=0.0, sched="constant", warmup_epochs=0, clip_grad=0.0))
-    ema: EMAConfig = dataclasses.field(default_factory=lambda: EMAConfig(decay=0.9999, decay_batch=0))
-    max_steps: int = 400_000  # optimizer updates in total (the schedule's length)
-    resume: str = ""  # "latest" | "auto" (latest if any, else fresh) | a checkpoint or run folder
-    weights: str = ""  # start from these weights: our .safetensors / checkpoint folder, or an official DiT³ / DiT .pt
-    extract_only: bool = False  # only extract data.latents, then exit
-    compile: bool = False  # torch.compile the model
-    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(
-        every_steps=50_000, every_epochs=0, keep_last=3))
-    log: LogConfig = dataclasses.field(default_factory=lambda: LogConfig(every=100))
-
+from vit3.digits import DigitsClassifier, prepare_demo_folder
+from vit3.engine import ConfigError, DataError
 
 FLAGS = {"--extract-latents": "extract_only=true"}
 ARCH_KEYS = ("name", "num_classes", "image_size", "kwargs")  # a checkpoint must match these to resume
 FLOW_KEYS = ("path", "prediction")  # a flow checkpoint must match these to resume
 DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "sde-euler"}  # the grids' sampler when sample.sampler is ""
-GUIDANCE = engine.at_least(0.0, ">= 0 (1 or less: no guidance, as in DiT and diffusers)")
-EPS = (lambda v: v is None or 0 <= v < 0.5, "null (SiT's default) or a number in [0, 0.5)")
-RULES = {  # accepted values of this trainer's keys, beside engine.TRAINER_RULES
-    "objective": engine.one_of("ddpm", "flow"),
-    "flow.path": engine.one_of(*PATHS),
-    "flow.prediction": engine.one_of(*PREDICTIONS),
-    "flow.loss_weight": engine.one_of(*LOSS_WEIGHTS),
-    "flow.train_eps": EPS,
-    "flow.sample_eps": EPS,
-    "flow.time_dist": engine.one_of(*TIME_DISTRIBUTIONS),
-    "flow.logit_std": (lambda v: v > 0, "a positive number"),
-    "flow.shift": (lambda v: v > 0, "a positive number (1 = no shift)"),
-    "flow.diffusion_form": engine.one_of(*DIFFUSION_FORMS),
-    "flow.diffusion_norm": engine.at_least(0.0),
-    "flow.last_step": engine.one_of(*LAST_STEPS),
-    "flow.last_step_size": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
-    "flow.atol": (lambda v: v > 0, "a positive number"),
-    "flow.rtol": (lambda v: v > 0, "a positive number"),
-    "sample.sampler": engine.one_of("", *SAMPLERS, *FLOW_SAMPLERS),
-    "model.num_classes": engine.at_least(0, "an integer >= 0 (0 = the number of class folders)"),
-    "model.image_size": engine.at_least(1),
-    "model.class_dropout_prob": engine.between(0.0, 1.0),
-    "vae.scale": (lambda v: v > 0, "a positive number"),
-    "data.demo": engine.one_of("", "digits"),
-    "data.latent_shard_size": engine.at_least(1),
-    "data.latent_dtype": engine.one_of("float16", "float32"),
-    "data.extract_batch_size": engine.at_least(1),
-    "max_steps": engine.at_least(0),
-    "sample.every": engine.at_least(0, "an integer >= 0 (0 = only the final grid)"),
-    "sample.classes": (lambda v: len(v) > 0, "a non-empty list of class ids"),
-    "sample.per_class": engine.at_least(1),
-    "sample.steps": engine.between(1, 1000, "an integer from 1 to 1000 (the diffusion chain has 1000 steps)"),
-    "sample.cfg_scale": GUIDANCE,
-    "sample.fid_cfg_scale": GUIDANCE,
-    "sample.fid_every": engine.at_least(0, "an integer >= 0 (0 = no periodic FID)"),
-    "sample.seed": engine.SEED_RULE,
-    "sample.fid_samples": engine.at_least(4, "an integer >= 4 (precision and recall need 4 samples)"),
-    "sample.digits_accuracy": engine.at_least(0),
-}
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,12 +90,11 @@ def resolve_data(cfg: TrainConfig) -> DataConfig:
     """The data config with the demo folder written and filled in."""
     if not cfg.data.demo:
         return cfg.data
-    if cfg.data.demo != "digits":
-        raise ConfigError(f"unknown data.demo {cfg.data.demo!r}: the built-in demo dataset is 'digits' ('' for none)")
-    root = Path(cfg.data.path) if cfg.data.path else default_demo_path("digits", cfg.model.image_size)
-    root = prepare_digits(root.parent if root.name == "train" else root, cfg.model.image_size)
+    root = Path(cfg.data.path) if cfg.data.path else ""
+    if root and root.name == "train":  # data.path names the train split, as for ImageNet
+        root = root.parent
+    root = prepare_demo_folder(cfg.data.demo, root, cfg.model.image_size)
     return dataclasses.replace(cfg.data, path=str(root / "train"))
-
 
 
 def build_data(cfg: TrainConfig, accelerator, vae, log):
@@ -274,22 +126,21 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
 # ----------------------------------------------------------------------------------------
 # Samples during training (main process, EMA model)
 # ----------------------------------------------------------------------------------------
-def draw(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
-         autocast) -> torch.Tensor:
+def draw_images(model: nn.Module, labels: torch.Tensor, generator, cfg_scale: float, cfg: TrainConfig, vae, shape,
+                autocast) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1]: sample.sampler with sample.steps, decoded by the VAE."""
     sampler = cfg.sample.sampler
     flow = flow_scheduler(dataclasses.asdict(cfg.flow), sampler) if cfg.objective == "flow" else None
-    x = sample(model, labels, shape, sampler=sampler, num_steps=cfg.sample.steps, cfg_scale=cfg_scale,
-               generator=generator, autocast=autocast, flow=flow)
-    return decode(vae, x, cfg.vae.scale) if vae else x.clamp(-1, 1)
+    return sample_images(model, labels, shape, vae, cfg.vae.scale, sampler=sampler, num_steps=cfg.sample.steps,
+                         cfg_scale=cfg_scale, generator=generator, autocast=autocast, flow=flow)
 
 
 def sample_grid(model, cfg: TrainConfig, vae, shape, path: Path, accelerator) -> Path:
     """PNG grid of the fixed classes x per_class from fixed noise (the same images at every step)."""
     sc = cfg.sample
     labels = torch.tensor([c for c in sc.classes for _ in range(sc.per_class)], device=accelerator.device)
-    images = draw(model, labels, torch.Generator().manual_seed(sc.seed), sc.cfg_scale, cfg, vae, shape,
-                  accelerator.autocast)
+    images = draw_images(model, labels, torch.Generator().manual_seed(sc.seed), sc.cfg_scale, cfg, vae, shape,
+                         accelerator.autocast)
     return save_grid(images, path, nrow=sc.per_class * max(1, 8 // sc.per_class))
 
 
@@ -302,7 +153,8 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
         idx = list(range(lo, min(lo + batch, sc.fid_samples)))
         labels = torch.tensor([i % model.num_classes for i in idx], device=dev)
         generators = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx]
-        images = to_uint8(draw(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape, accelerator.autocast))
+        images = to_uint8(draw_images(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape,
+                                      accelerator.autocast))
         save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
     metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
                                inception_weights=sc.fid_inception_weights or None, classifier=sc.fid_classifier or None)
@@ -310,14 +162,15 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
     return {f"fid/{k}": v for k, v in metrics.items() if not isinstance(v, str)}
 
 
-def digits_accuracy(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
-    """Digits demo: the share of guided samples that an SVC trained on the real digits labels as asked."""
+def digits_accuracy_of_model(model, cfg: TrainConfig, shape, run: engine.Run) -> float:
+    """Digits demo: the share of sample.digits_per_class guided samples per class that an SVC trained on the real
+    digits labels as asked."""
     t0 = time.time()
     clf = DigitsClassifier(Path(cfg.data.path).parent)
-    n, sc = cfg.sample.digits_accuracy, cfg.sample
+    n, sc = cfg.sample.digits_per_class, cfg.sample
     labels = torch.arange(model.num_classes, device=run.accelerator.device).repeat_interleave(n)
-    x = draw(model, labels, torch.Generator().manual_seed(sc.seed + 1), sc.cfg_scale, cfg, None, shape,
-             run.accelerator.autocast)
+    x = draw_images(model, labels, torch.Generator().manual_seed(sc.seed + 1), sc.cfg_scale, cfg, None, shape,
+                    run.accelerator.autocast)
     acc = clf.accuracy(x, labels)
     run.log.info(f"digits sample accuracy {100 * acc:.1f}% ({len(labels)} guided samples, cfg {sc.cfg_scale}, "
                  f"{sc.sampler} {sc.steps} steps; the SVC scores {100 * clf.val_accuracy:.1f}% on real val digits) "
@@ -368,7 +221,6 @@ def main(argv: list[str] | None = None) -> dict:
     """Train as the config and overrides in argv say; returns a summary."""
     cfg, cfg_path = engine.load_config(TrainConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name.replace("/", "-"))
-    engine.check_values(cfg, {**engine.TRAINER_RULES, **RULES})
     cfg = check_objective(cfg)
     if cfg.max_steps <= 0 and not cfg.extract_only:
         raise ConfigError(f"max_steps must be positive (the number of updates to train), got {cfg.max_steps}")
@@ -393,15 +245,15 @@ def main(argv: list[str] | None = None) -> dict:
 def check_resumed_objective(cfg: TrainConfig, run: engine.Run):
     """The network's output means what the objective says, so a resumed run keeps its objective (and flow
     settings); ConfigError otherwise."""
-    if not run.resume:
+    if not run.resume_from:
         return
-    trained = engine.read_trainer_state(run.resume)
+    trained = engine.read_trainer_state(run.resume_from)
     objective = (trained.get("config") or {}).get("objective", "ddpm")  # checkpoints before flow: ddpm
     if objective != cfg.objective:
-        raise ConfigError(f"checkpoint {run.resume} was trained with objective={objective}, this run asks for "
+        raise ConfigError(f"checkpoint {run.resume_from} was trained with objective={objective}, this run asks for "
                           f"objective={cfg.objective}: resume it with its own, or start a new run")
     if objective == "flow":
-        engine.check_same_model(trained, dataclasses.asdict(cfg.flow), FLOW_KEYS, run.resume, section="flow")
+        engine.check_same_model(trained, dataclasses.asdict(cfg.flow), FLOW_KEYS, run.resume_from, section="flow")
 
 
 def classes_of(cfg: TrainConfig, dataset) -> int:
@@ -448,9 +300,8 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     # ---- model, EMA, optimizer ---------------------------------------------------------------
     engine.seed_process(cfg.seed)  # same init on every process
     raw_model = create_model(cfg, num_classes, input_size, in_channels).to(dev)
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
-        cfg.optim, epochs=math.ceil(cfg.max_steps / sampler.updates_per_epoch)))
-    model, ema, optimizer, scheduler = engine.build_optimization(raw_model, cfg, sampler.updates_per_epoch, acc)
+    model, ema, optimizer, scheduler = engine.build_optimization(raw_model, cfg, sampler.updates_per_epoch,
+                                                                 cfg.max_steps, acc)
     fc = cfg.flow
     diffusion = create_diffusion("") if cfg.objective == "ddpm" else None
     flow = create_flow(fc.path, fc.prediction, fc.loss_weight, fc.train_eps, fc.sample_eps, fc.time_dist,
@@ -461,7 +312,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     lr = engine.scaled_lrs(cfg.optim, cfg.data.batch_size)[0]
     space = f"latents {in_channels}x{input_size}x{input_size} ({cfg.vae.name})" if vae else \
         f"pixels 3x{input_size}x{input_size}"
-    metrics_file = engine.log_start(run, config, cfg.seed, extra={
+    metrics_file = engine.log_start(run, cfg, extra={
         "global_batch": cfg.data.batch_size, "per_process_batch": micro, "grad_accum_steps": accum,
         "updates_per_epoch": sampler.updates_per_epoch, "scaled_lr": lr, "ema_decay": ema.decay if ema else None,
         "params": n_params, "train_images": len(dataset), "model_input": list(shape)}, lines=[
@@ -472,31 +323,29 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         f"objective: {objective} | samples: {cfg.sample.sampler}, {cfg.sample.steps} steps"])
 
     # ---- resume or start ----------------------------------------------------------------------
-    state = {"epoch": 0, "updates_in_epoch": 0, "global_step": 0, "skipped_images": 0}
-    ckpt = engine.Checkpointer(acc, run.dir, modules={"model": raw_model, **({"ema": ema.module} if ema else {})},
+    ckpt = engine.Checkpointer(run, modules={"model": raw_model, **({"ema": ema.module} if ema else {})},
                                states={"optimizer": optimizer, "scheduler": scheduler, "scaler": acc.scaler},
-                               config=config, keep_last=cfg.checkpoint.keep_last, resumed_from=run.resume)
-    if engine.resume(run, ckpt, state) is not None:
-        ckpt.last_saved = state["global_step"]
-    else:
-        if cfg.weights:  # an official file: its EMA weights; our checkpoint: its trained weights
-            load_dit3_weights(raw_model, cfg.weights, ema=Path(cfg.weights).suffix in (".pt", ".pth"))
-            if ema is not None:
-                ema.set(raw_model)
-        engine.seed_process(cfg.seed + 1 + acc.process_index)  # noise, timesteps, label dropout differ per process
+                               config=config, keep_last=cfg.checkpoint.keep_last)
+    if not ckpt.restore(cfg.seed, sampler.updates_per_epoch) and cfg.weights:
+        # an official file: its EMA weights; our checkpoint: its trained weights
+        load_dit3_weights(raw_model, cfg.weights, ema=Path(cfg.weights).suffix in (".pt", ".pth"))
+        if ema is not None:
+            ema.set(raw_model)
+    st = ckpt.state
     if acc.log_with:
         acc.init_trackers(cfg.name, config=engine.flat_config(config))
 
     # ---- train --------------------------------------------------------------------------------
     sample_model = ema.module if ema is not None else raw_model
     tlog = engine.TrainLog(acc, metrics_file, cfg.log.every)
-    step, stopped = state["global_step"], None
+    step, stopped = st.global_step, None
     log.info(f"training to step {cfg.max_steps} from step {step}")
     model.train()
     while step < cfg.max_steps and stopped is None:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch, state["updates_in_epoch"] * accum)
-        acc.step = 0  # epochs hold whole updates, so accumulation restarts in phase
+        epoch = st.epoch
+        # epochs hold whole updates and a resume starts at an update's first micro-batch, so Accelerate's
+        # accumulation count (reset by nothing here) stays in phase with the updates
+        sampler.set_epoch(epoch, st.updates_in_epoch * accum)
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"step (epoch {epoch + 1})",
                    disable=not (acc.is_main_process and cfg.log.progress), dynamic_ncols=True)
@@ -519,9 +368,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
             if not acc.sync_gradients:
                 continue
 
-            step += 1
-            state["updates_in_epoch"] += 1
-            state["global_step"] = step
+            step = st.advance()
             bar.update(1)
             ckpt.watch(loss, step)
             engine.after_update(step, scheduler, ema, raw_model)
@@ -529,35 +376,34 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                 ckpt.check()
                 tlog.write(step, optimizer, bar)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                ckpt.save(step, state)
+                ckpt.save()
             with tlog.paused():  # throughput counts training time only
                 sample_during_training(sample_model, cfg, vae, shape, step, micro, run, metrics_file)
             stopped = "done" if step >= cfg.max_steps else run.stop.reason(acc, step, cfg.checkpoint.stop_check_every)
             if stopped:
                 break
         bar.close()
-        if state["updates_in_epoch"] >= sampler.updates_per_epoch:  # the epoch ran out
-            state["epoch"], state["updates_in_epoch"] = epoch + 1, 0
+        if st.updates_in_epoch >= sampler.updates_per_epoch:  # the epoch ran out
             n_skipped = engine.count_over_processes(skipped, acc)
-            state["skipped_images"] += n_skipped
+            st.end_epoch(n_skipped)
             if n_skipped:
                 log.warning(f"epoch {epoch + 1}: skipped {n_skipped} unreadable images (data.bad_images=skip)")
             if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
-                ckpt.save(step, state)
+                ckpt.save()
     if step >= cfg.max_steps:  # also a run resumed from its last checkpoint: the final grid is drawn again
         stopped = "done"
     elif stopped:
         log.info(f"stopping at step {step} ({stopped}): saving a checkpoint")
-    ckpt.save(step, state)
+    ckpt.save()
 
-    result = {"run_dir": run.dir, "step": step, "state": state, "stopped": None if stopped == "done" else stopped,
+    result = {"run_dir": run.dir, "step": step, "state": st, "stopped": None if stopped == "done" else stopped,
               "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,
               "ema": ema.module if ema else None, "local_train": tlog.meters.last_local}
     if stopped == "done" and acc.is_main_process:
         result["grid"] = sample_grid(sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc)
         log.info(f"final sample grid {result['grid']}")
-        if cfg.sample.digits_accuracy:
-            result["digits_accuracy"] = digits_accuracy(sample_model, cfg, shape, run)
+        if cfg.sample.digits_per_class:
+            result["digits_accuracy"] = digits_accuracy_of_model(sample_model, cfg, shape, run)
             metrics_file.write(step, {"samples/digits_accuracy": result["digits_accuracy"]})
     engine.finish(run, f"done at step {step}" + (f" (stopped: {stopped})" if result["stopped"] else ""))
     return result

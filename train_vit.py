@@ -32,62 +32,45 @@ from tqdm.auto import tqdm
 
 from vit3 import engine, load_weights
 from vit3.data import DataConfig, build_datasets, build_mixup, prepare_demo
-from vit3.engine import CheckpointConfig, ConfigError, DataError, EMAConfig, LogConfig, OptimConfig
+from vit3.engine import ConfigError, DataError, at_least, between, checked, launch
 
 
 @dataclasses.dataclass
 class ModelConfig:
     name: str = "vit3_small"  # a registered timm model: vit3_tiny/small/base, hvit3_tiny/small/base, ...
-    num_classes: int = 0  # 0 = the number of class folders
-    img_size: int = 224
-    drop_path_rate: float = 0.1
+    # 0 = the number of class folders
+    num_classes: int = checked(0, at_least(0, "an integer >= 0 (0 = the number of class folders)"))
+    img_size: int = checked(224, at_least(1))
+    drop_path_rate: float = checked(0.1, between(0.0, 1.0))
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, slower)
     kwargs: dict = dataclasses.field(default_factory=dict)  # more create_model kwargs (depth, embed_dim, mixer, ...)
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    name: str = ""  # experiment name, run folder output_dir/NNN-name; "" = the config file's stem
-    seed: int = 0
-    output_dir: str = "results"
-    run_name: str = ""  # fixed run folder output_dir/run_name instead of a numbered one
-    mixed_precision: str = "bf16"  # "no" | "fp16" (with a grad scaler) | "bf16", via Accelerate
+class TrainConfig(engine.TrainConfig):
+    """The engine's keys (run folder, seed, precision, optim, ema, checkpoint, log, ...) and these."""
+
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
-    mesa: float = 0.0  # weight of CE(out, softmax(EMA out)); needs ema.enabled (H-ViT³: 1.0/1.5/2.0 for T/S/B)
-    mesa_start: float = 0.25  # fraction of the epochs after which MESA is on
-    resume: str = ""  # "latest" | "auto" (latest if any, else fresh) | a checkpoint or run folder
+    # weight of CE(out, softmax(EMA out)); needs ema.enabled (H-ViT³: 1.0/1.5/2.0 for T/S/B)
+    mesa: float = checked(0.0, at_least(0.0))
+    mesa_start: float = checked(0.25, between(0.0, 1.0))  # fraction of the epochs after which MESA is on
     weights: str = ""  # model weights to start from or to evaluate (.safetensors, .pth, checkpoint folder)
-    eval_only: bool = False  # evaluate the weights of `resume` or `weights` (model and EMA), then stop
-    eval_every_epochs: int = 1
-    max_steps: int = 0  # stop (with a checkpoint) after this many updates in total; 0 = full schedule
-    compile: bool = False  # torch.compile the model
-    threads: int = 0  # torch intra-op threads per process (torch.set_num_threads); 0 = torch's default
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    eval_only: bool = launch(False)  # evaluate the weights of `resume` or `weights` (model and EMA), then stop
+    eval_every_epochs: int = checked(1, at_least(1))
+    # stop (with a checkpoint) after this many updates in total; 0 = full schedule
+    max_steps: int = launch(0, at_least(0, "an integer >= 0 (0 = the full schedule)"))
+
+
+@dataclasses.dataclass
+class VitState(engine.TrainState):
+    """The engine's position and the best top-1 so far, of the model and of its EMA."""
+
+    best_top1: float = 0.0
+    best_ema_top1: float = 0.0
 
 
 FLAGS = {"--eval": "eval_only=true"}
-RULES = {  # accepted values of this trainer's keys, beside engine.TRAINER_RULES
-    "model.num_classes": engine.at_least(0, "an integer >= 0 (0 = the number of class folders)"),
-    "model.img_size": engine.at_least(1),
-    "model.drop_path_rate": engine.between(0.0, 1.0),
-    "data.demo": engine.one_of("", "digits"),
-    "data.eval_batch_size": engine.at_least(0, "an integer >= 0 (0 = the training micro-batch)"),
-    "data.mixup": engine.at_least(0.0),
-    "data.cutmix": engine.at_least(0.0),
-    "data.mixup_prob": engine.between(0.0, 1.0),
-    "data.label_smoothing": engine.between(0.0, 1.0),
-    "data.reprob": engine.between(0.0, 1.0),
-    "data.hflip": engine.between(0.0, 1.0),
-    "optim.epochs": engine.at_least(1),
-    "mesa": engine.at_least(0.0),
-    "mesa_start": engine.between(0.0, 1.0),
-    "eval_every_epochs": engine.at_least(1),
-    "max_steps": engine.at_least(0, "an integer >= 0 (0 = the full schedule)"),
-}
 ARCH_KEYS = ("name", "num_classes", "img_size", "kwargs")  # a checkpoint must match these to resume
 
 
@@ -185,19 +168,20 @@ def evaluate_all(models: dict[str, nn.Module], loader, run: engine.Run) -> dict:
     return results
 
 
-def evaluate_epoch(models: dict[str, nn.Module], loader, run: engine.Run, state: dict, step: int,
+def evaluate_epoch(models: dict[str, nn.Module], loader, run: engine.Run, state: VitState, step: int,
                    metrics_file: engine.MetricsFile) -> dict:
-    """End of an epoch: evaluate, keep the best top-1 in `state`, log to the trackers and metrics.jsonl."""
+    """After epoch `state.epoch` is counted: evaluate, keep the best top-1 in `state`, log to the trackers and
+    metrics.jsonl."""
     results = evaluate_all(models, loader, run)
     for key, best in (("val", "best_top1"), ("val_ema", "best_ema_top1")):
         if key in results:
-            state[best] = max(state[best], results[key]["top1"])
+            setattr(state, best, max(getattr(state, best), results[key]["top1"]))
     flat = {f"{k}/{m}": v for k, r in results.items() for m, v in r.items()}
-    flat["train/skipped_images"] = state["skipped_images"]
+    flat["train/skipped_images"] = state.skipped_images
     run.accelerator.log(flat, step=step)
-    metrics_file.write(step, {"epoch": state["epoch"] + 1, **flat})
-    run.log.info(f"epoch {state['epoch'] + 1}: best top-1 {state['best_top1']:.2f}"
-                 + (f" ema {state['best_ema_top1']:.2f}" if "val_ema" in results else ""))
+    metrics_file.write(step, {"epoch": state.epoch, **flat})
+    run.log.info(f"epoch {state.epoch}: best top-1 {state.best_top1:.2f}"
+                 + (f" ema {state.best_ema_top1:.2f}" if "val_ema" in results else ""))
     return results
 
 
@@ -218,7 +202,6 @@ def main(argv: list[str] | None = None) -> dict:
     """Train (or evaluate) as the config and overrides in argv say; returns a summary."""
     cfg, cfg_path = engine.load_config(TrainConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name)
-    engine.check_values(cfg, {**engine.TRAINER_RULES, **RULES})
     if cfg.mesa > 0 and not cfg.ema.enabled:
         raise ConfigError("mesa > 0 needs the EMA teacher: set ema.enabled=true or mesa=0")
     if cfg.eval_only and not (cfg.resume or cfg.weights):
@@ -240,10 +223,12 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
 
     engine.seed_process(cfg.seed)  # same init on every process
     raw_model = create_model(cfg.model, num_classes).to(dev)
-    model, ema, optimizer, scheduler = engine.build_optimization(raw_model, cfg, max(sampler.updates_per_epoch, 1), acc)
+    per_epoch = max(sampler.updates_per_epoch, 1)  # evaluation alone may have less than a batch of training data
+    model, ema, optimizer, scheduler = engine.build_optimization(raw_model, cfg, per_epoch,
+                                                                 cfg.optim.epochs * per_epoch, acc)
     n_params = sum(p.numel() for p in raw_model.parameters())
     lr, warmup_lr, min_lr = engine.scaled_lrs(cfg.optim, cfg.data.batch_size)
-    metrics_file = engine.log_start(run, config, cfg.seed, extra={
+    metrics_file = engine.log_start(run, cfg, extra={
         "global_batch": cfg.data.batch_size, "per_process_batch": micro, "grad_accum_steps": accum,
         "updates_per_epoch": sampler.updates_per_epoch, "scaled_lr": lr, "scaled_warmup_lr": warmup_lr,
         "scaled_min_lr": min_lr, "ema_decay": ema.decay if ema else None, "params": n_params,
@@ -255,7 +240,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     models = {"val": raw_model, **({"val_ema": ema.module} if ema else {})}
 
     if cfg.eval_only:
-        src = Path(run.resume or cfg.weights)
+        src = Path(run.resume_from or cfg.weights)
         load_weights(raw_model, src)
         if ema is not None and not load_weights(ema.module, src, ema=True):
             del models["val_ema"]
@@ -265,24 +250,14 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         return {"run_dir": run.dir, "eval": results, "model": raw_model, "ema": ema.module if ema else None}
 
     # ---- resume or start ----------------------------------------------------------------------
-    state = {"epoch": 0, "updates_in_epoch": 0, "global_step": 0, "best_top1": 0.0, "best_ema_top1": 0.0,
-             "skipped_images": 0}
-    ckpt = engine.Checkpointer(acc, run.dir, modules={"model": raw_model, **({"ema": ema.module} if ema else {})},
+    ckpt = engine.Checkpointer(run, modules={"model": raw_model, **({"ema": ema.module} if ema else {})},
                                states={"optimizer": optimizer, "scheduler": scheduler, "scaler": acc.scaler},
-                               config=config, keep_last=cfg.checkpoint.keep_last, resumed_from=run.resume)
-    old = engine.resume(run, ckpt, state)
-    if old is not None:
-        if state["updates_in_epoch"] > sampler.updates_per_epoch:
-            log.warning(f"checkpoint is {state['updates_in_epoch']} updates into an epoch of "
-                        f"{sampler.updates_per_epoch}: the epoch is taken as finished")
-            state["updates_in_epoch"] = sampler.updates_per_epoch
-        ckpt.last_saved = (state["global_step"], state["epoch"])
-    else:
-        if cfg.weights:
-            load_weights(raw_model, cfg.weights)
-            if ema is not None:
-                ema.set(raw_model)
-        engine.seed_process(cfg.seed + 1 + acc.process_index)  # dropout / drop-path / mixup differ per process
+                               config=config, keep_last=cfg.checkpoint.keep_last, state=VitState())
+    if not ckpt.restore(cfg.seed, sampler.updates_per_epoch) and cfg.weights:
+        load_weights(raw_model, cfg.weights)
+        if ema is not None:
+            ema.set(raw_model)
+    st = ckpt.state
     if acc.log_with:  # (main process only, inside Accelerate)
         acc.init_trackers(cfg.name, config=engine.flat_config(config))
 
@@ -292,17 +267,18 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     total_epochs = cfg.optim.epochs + cfg.optim.cooldown_epochs
     mesa_epoch = int(cfg.mesa_start * total_epochs)
     tlog = engine.TrainLog(acc, metrics_file, cfg.log.every)
-    step, stopped, last_eval = state["global_step"], None, {}
-    log.info(f"training {total_epochs} epochs from epoch {state['epoch']} (step {step})"
+    step, stopped, last_eval = st.global_step, None, {}
+    log.info(f"training {total_epochs} epochs from epoch {st.epoch} (step {step})"
              + (f", MESA {cfg.mesa} from epoch {mesa_epoch}" if cfg.mesa > 0 else ""))
     model.train()
-    while state["epoch"] < total_epochs and stopped is None:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch, state["updates_in_epoch"] * accum)
-        acc.step = 0  # epochs hold whole updates, so accumulation restarts in phase
+    while st.epoch < total_epochs and stopped is None:
+        epoch = st.epoch
+        # epochs hold whole updates and a resume starts at an update's first micro-batch, so Accelerate's
+        # accumulation count (reset by nothing here) stays in phase with the updates
+        sampler.set_epoch(epoch, st.updates_in_epoch * accum)
         mesa_on = cfg.mesa > 0 and epoch >= mesa_epoch
         skipped = torch.zeros((), dtype=torch.long)
-        bar = tqdm(total=sampler.batches_per_epoch, initial=state["updates_in_epoch"] * accum,
+        bar = tqdm(total=sampler.batches_per_epoch, initial=st.updates_in_epoch * accum,
                    desc=f"epoch {epoch + 1}/{total_epochs}", disable=not (acc.is_main_process and cfg.log.progress),
                    dynamic_ncols=True)
         for x, y, bad in train_loader:
@@ -324,21 +300,19 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
             if not acc.sync_gradients:
                 continue
 
-            step += 1
-            state["updates_in_epoch"] += 1
+            step = st.advance()
             ckpt.watch(loss, step)
             engine.after_update(step, scheduler, ema, raw_model)
-            state["global_step"] = step
             if tlog.due(step):
                 ckpt.check()
-                tlog.write(step, optimizer, bar, epoch=epoch + state["updates_in_epoch"] / sampler.updates_per_epoch)
+                tlog.write(step, optimizer, bar, epoch=epoch + st.updates_in_epoch / sampler.updates_per_epoch)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                ckpt.save(step, state, key=(step, state["epoch"]))
+                ckpt.save()
             stopped = run.stop.reason(acc, step, cfg.checkpoint.stop_check_every) or \
                 (f"max_steps={cfg.max_steps}" if cfg.max_steps and step >= cfg.max_steps else None)
             if stopped:
                 log.info(f"stopping at step {step} ({stopped}): saving a checkpoint")
-                ckpt.save(step, state, key=(step, state["epoch"]))
+                ckpt.save()
                 break
         bar.close()
         if stopped:
@@ -347,26 +321,25 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         # ---- end of epoch: evaluate, checkpoint ------------------------------------------------
         with tlog.paused():  # images/s counts training time only
             n_skipped = engine.count_over_processes(skipped, acc)
-            state["skipped_images"] += n_skipped
+            st.end_epoch(n_skipped)
             if n_skipped:
                 log.warning(f"epoch {epoch + 1}: skipped {n_skipped} unreadable images (data.bad_images=skip)")
             last_epoch = epoch + 1 == total_epochs
             if (epoch + 1) % cfg.eval_every_epochs == 0 or last_epoch:
                 # the bare model: DDP's forward would broadcast buffers, a collective that hangs when
                 # the val shards hold different numbers of batches
-                last_eval = evaluate_epoch(models, val_loader, run, state, step, metrics_file)
-            state["epoch"], state["updates_in_epoch"] = epoch + 1, 0
+                last_eval = evaluate_epoch(models, val_loader, run, st, step, metrics_file)
             if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch:
-                ckpt.save(step, state, key=(step, state["epoch"]))
+                ckpt.save()
             stopped = run.stop.reason(acc, 0, 1)
             if stopped:
                 log.info(f"stopping after epoch {epoch + 1} ({stopped}): saving a checkpoint")
-                ckpt.save(step, state, key=(step, state["epoch"]))
+                ckpt.save()
 
     if acc.is_main_process:  # the weights the run ends with (a resumed run writes them again)
         export_timm(ema.module if ema is not None else raw_model, run.dir / "timm")
     engine.finish(run, f"done at step {step}" + (f" (stopped: {stopped})" if stopped else ""))
-    return {"run_dir": run.dir, "step": step, "state": state, "eval": last_eval, "stopped": stopped,
+    return {"run_dir": run.dir, "step": step, "state": st, "eval": last_eval, "stopped": stopped,
             "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,
             "ema": ema.module if ema else None, "local_train": tlog.meters.last_local}
 

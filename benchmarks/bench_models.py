@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -50,8 +49,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ttt import (RESULTS, empty_cache, error_line, malloc_note, malloc_record, ratio, rss_bytes,
-                       step_peak_bytes, sync, worker_env)
+from bench_ttt import (
+    RESULTS,
+    empty_cache,
+    error_line,
+    interleaved_times_ms,
+    malloc_note,
+    malloc_record,
+    ratio,
+    rss_bytes,
+    step_peak_bytes,
+    worker_env,
+)
 
 INFER_MODELS = {"vit3_tiny": "ViT³-T", "hvit3_tiny": "H-ViT³-T"}
 INFER_VARIANTS = {  # name -> (mixer, mixer_kwargs)
@@ -235,34 +244,6 @@ def ttt_path(model: torch.nn.Module) -> str | None:
 #################################################################################
 #                            Measurement                                        #
 #################################################################################
-
-def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
-    """Median step time of each variant over rounds of one step of each, in one process.
-
-    Warm-up: one step each, a second one when a round is short. Rounds: at least 5 (2 when a round
-    takes over 30 s, 1 when over 60 s), more while the time spent is under min_time per variant (at most 30).
-    """
-    def timed(step):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        return time.perf_counter() - t0
-
-    first = {k: timed(step) for k, step in steps.items()}  # warm-up: kernel choice, allocator steady state
-    round_s = sum(first.values())
-    if round_s < 10:
-        round_s = sum(timed(step) for step in steps.values())
-    min_rounds = 5 if round_s < 30 else 2 if round_s < 60 else 1
-    times = {k: [] for k in steps}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or (time.perf_counter() - start < min_time * len(steps) and rounds < 30):
-        for k, step in steps.items():
-            times[k].append(timed(step))
-        rounds += 1
-    return {k: {"time_ms": 1e3 * statistics.median(v), "rounds": len(v)} for k, v in times.items()}
-
 
 def peak_memory(step, device: str, before_model: int) -> dict:
     """Peak memory (MB) of one step above what was held just before it ("peak_mb") and above what the

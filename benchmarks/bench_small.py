@@ -24,13 +24,12 @@ import argparse
 import collections
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
+from bench_ttt import interleaved_times_ms
 from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,15 +41,8 @@ TARGET_STEP_RATIO = 1.3  # DiT³ step / DiT step at the demo size
 
 
 def median_ms(fns: dict, rounds: int) -> dict:
-    """Median time of each callable over `rounds` rounds that call each once in turn (after 3 warm-up rounds)."""
-    times = collections.defaultdict(list)
-    for r in range(rounds + 3):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= 3:
-                times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+    """Median time (ms) of each callable over `rounds` interleaved rounds: bench_ttt's timer, on the CPU."""
+    return {name: t["time_ms"] for name, t in interleaved_times_ms(fns, "cpu", rounds=rounds).items()}
 
 
 def aten_ops(fn, phases: tuple = ()) -> dict:
@@ -92,7 +84,7 @@ def update_step(config: dict, model_name: str):
     clip = o.get("clip_grad", 0.0)
     optim_cfg = engine.OptimConfig(lr=o.get("lr", 1e-4), lr_batch=0, weight_decay=o.get("weight_decay", 0.0),
                                    sched="constant", warmup_epochs=0, clip_grad=clip)
-    optimizer, _ = engine.create_optimizer_and_scheduler(model, optim_cfg, batch, 1)
+    optimizer, _ = engine.create_optimizer_and_scheduler(model, optim_cfg, batch, 1, 1)  # constant lr
     ema = engine.create_ema(model, engine.EMAConfig(decay=config.get("ema", {}).get("decay", 0.9999), decay_batch=0),
                             batch)
     if config.get("objective", "ddpm") == "flow":

@@ -230,23 +230,37 @@ def peak_memory_mb(step, device: str) -> float:
     return max(peak - base, 0) / 2 ** 20
 
 
-def interleaved_times_ms(steps: dict, device: str, min_time: float) -> dict:
-    """Median step time of each mixer, timed in rounds (one step of each per round) in one process, so
-    that machine noise and allocator state fall on all of them alike and the ratios stay stable."""
-    for step in steps.values():
+def interleaved_times_ms(steps: dict, device: str, min_time: float = 0.0, rounds: int | None = None,
+                         max_rounds: int = 30) -> dict:
+    """{name: {"time_ms": median, "rounds": n}} of each step, timed in rounds (one step of each per round) in one
+    process, so that machine noise and allocator state fall on all of them alike and the ratios stay stable. The
+    benchmarks' one timer (bench_models.py and bench_small.py use it): torch.utils.benchmark.Timer and
+    triton.testing.do_bench time one callable at a time, so they cannot interleave.
+
+    Warm-up: one step each (kernel choice, allocator steady state), a second one when a round is short.
+    Rounds: `rounds` if given; else at least 5 (2 when a round takes over 30 s, 1 when over 60 s), more while
+    the time spent is under min_time per step, at most max_rounds.
+    """
+    def timed(step):
+        sync(device)
+        t0 = time.perf_counter()
         step()
-        step()  # warm-up: kernel choice, allocator steady state
+        sync(device)
+        return time.perf_counter() - t0
+
+    round_s = sum(timed(step) for step in steps.values())
+    if round_s < 10:
+        round_s = sum(timed(step) for step in steps.values())
+    least = rounds if rounds is not None else 5 if round_s < 30 else 2 if round_s < 60 else 1
+    most = rounds if rounds is not None else max_rounds
     times = {k: [] for k in steps}
     start = time.perf_counter()
-    while len(times[next(iter(steps))]) < 5 or (time.perf_counter() - start < min_time * len(steps)
-                                               and len(times[next(iter(steps))]) < 20):
+    n = 0
+    while n < least or (time.perf_counter() - start < min_time * len(steps) and n < most):
         for k, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            times[k].append(timed(step))
+        n += 1
+    return {k: {"time_ms": 1e3 * statistics.median(v), "rounds": len(v)} for k, v in times.items()}
 
 
 def worker(kind: str, mixers: list[str], n: int, mode: str, device: str, c: int, heads: int, min_time: float,
@@ -255,7 +269,8 @@ def worker(kind: str, mixers: list[str], n: int, mode: str, device: str, c: int,
     steps = {m: make_step(m, n, mode, device, c, heads, batch) for m in mixers}
     if kind == "memory":
         return {"peak_mb": peak_memory_mb(steps[mixers[0]], device)}
-    return {m: {"time_ms": t} for m, t in interleaved_times_ms(steps, device, min_time).items()}
+    times = interleaved_times_ms(steps, device, min_time, max_rounds=20)
+    return {m: {"time_ms": t["time_ms"]} for m, t in times.items()}
 
 
 # Timing: glibc malloc serves every block from its heap and keeps what is freed (no mmap, no trim), so a
@@ -345,7 +360,7 @@ def measure_in_process(args, mixers: list[str], n: int, mode: str, device: str, 
             except Exception as e:
                 points["ttt_triton"]["inner_error"] = error_line(e)
     try:
-        times = interleaved_times_ms(steps, device, args.min_time)
+        times = {k: t["time_ms"] for k, t in interleaved_times_ms(steps, device, args.min_time, max_rounds=20).items()}
     except Exception as e:
         times = {}
         for m in ok:

@@ -258,7 +258,7 @@ def train(study: Study, out: Path, launcher: list[str], mixer: str, lr: float, s
            f"output_dir={out / 'runs'}", f"run_name={name}", f"model.name={mixer}-{study.size}",
            f"optim.lr={lr}", f"seed={seed}", f"max_steps={upto}",
            f"checkpoint.every_steps={math.gcd(*budget_steps(study))}",
-           "checkpoint.keep_last=0", "resume=auto", "sample.every=0", "sample.digits_accuracy=0", "sample.fid_every=0",
+           "checkpoint.keep_last=0", "resume=auto", "sample.every=0", "sample.digits_per_class=0", "sample.fid_every=0",
            "log.progress=false"]
     seconds = run_script(cmd, out / "logs" / f"{name}.log", f"training {name}", echo="(step ")
     State(out).add_seconds(f"train/{name}", seconds)

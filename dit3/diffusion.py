@@ -16,14 +16,14 @@ the variance. DiT creates its diffusion with ADM's loss type MSE, not
 RESCALED_MSE, so the VB term is not multiplied by num_timesteps / 1000 (a
 factor that is 1 at the 1000 training steps anyway).
 
-Sampling uses diffusers' schedulers (`ddpm_scheduler` is the matching
-DDPMScheduler); `p_mean_variance` / `p_sample` here are the reference they are
-checked against, and `respaced` builds ADM's shortened chains.
+DDPM sampling (`dit3.sampling`'s "ddpm", DiT's sampler) runs `p_sample` here on
+a chain `respaced` as ADM shortens it; the tests check each step against diffusers'
+DDPMScheduler (learned range), which `DiT3Pipeline` runs. DDIM and DPM-Solver++
+are diffusers' schedulers alone (`dit3.sampling.make_scheduler`).
 """
 import math
 
 import torch
-from diffusers import DDPMScheduler
 
 
 def linear_betas(num_timesteps: int = 1000) -> torch.Tensor:
@@ -254,13 +254,3 @@ def create_diffusion(timestep_respacing: int | str | list[int] | None = "", diff
         return diffusion
     return diffusion.respaced(space_timesteps(diffusion_steps, timestep_respacing))
 
-
-def ddpm_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """diffusers' DDPMScheduler for this diffusion (same betas, epsilon, learned-range variance, no clipping).
-
-    ADM's respaced sampling is `scheduler.set_timesteps(timesteps=space_timesteps(...)[::-1])`.
-    """
-    scale = 1000 / num_train_timesteps
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=scale * 1e-4, beta_end=scale * 0.02,
-                         beta_schedule="linear", variance_type="learned_range", clip_sample=False,
-                         prediction_type="epsilon")

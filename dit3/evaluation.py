@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vit3.engine import DataError
+from vit3.errors import DataError
 
 FID_LAYER, ISC_LAYER = "2048", "logits_unbiased"  # torch-fidelity's InceptionV3 layers (as ADM's evaluator)
 INCEPTION = "inception-v3-compat"
@@ -118,11 +118,6 @@ def feature_extractor(cuda: bool, inception_weights=None, classifier=None):
     ext = create_feature_extractor(kw["feature_extractor"], [fid_layer, isc_layer], cuda=cuda, verbose=False,
                                    feature_extractor_weights_path=kw["feature_extractor_weights_path"])
     return ext, fid_layer, isc_layer
-
-
-def inception(cuda: bool, weights: str | Path | None = None):
-    """torch-fidelity's InceptionV3, from its download or a local weights file."""
-    return feature_extractor(cuda, weights)[0]
 
 
 # ----------------------------------------------------------------------------------------

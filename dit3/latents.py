@@ -14,7 +14,6 @@ written to a temporary file and renamed, and finished shards are skipped on a re
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -24,17 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vit3.engine import ConfigError, DataError, atomic_path, atomic_write_text
+from vit3.errors import ConfigError, DataError
 
 LATENT_FORMAT = 1
-
-
-@dataclasses.dataclass
-class VAEConfig:
-    # a Hugging Face hub name (needs the hub or its local cache) or a local folder written by
-    # AutoencoderKL.save_pretrained; "" = train in pixel space, no VAE
-    name: str = "stabilityai/sd-vae-ft-ema"
-    scale: float = 0.18215  # latents are multiplied by this (Stable Diffusion's scaling factor)
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,6 +141,8 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from vit3.engine.files import atomic_path, atomic_write_text  # the training engine: not loaded by `import dit3`
 
     root = Path(root).expanduser()
     spec = _spec(dataset, image_size, vae_name, shard_size, dtype)

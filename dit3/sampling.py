@@ -31,9 +31,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
-from vit3.engine import atomic_path
-
 from .diffusion import create_diffusion
+from .latents import decode
 
 SAMPLERS = ("ddpm", "ddim", "dpm")  # DDPM runs
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde-euler", "sde-heun")  # flow-matching runs
@@ -141,9 +140,12 @@ def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler:
     return x
 
 
-def sample_ddpm(model, labels: torch.Tensor, shape: tuple[int, int, int], **kwargs) -> torch.Tensor:
-    """`sample` with DiT's sampler: respaced ancestral DDPM with the learned variance."""
-    return sample(model, labels, shape, sampler="ddpm", **kwargs)
+def sample_images(model, labels: torch.Tensor, shape: tuple[int, int, int], vae=None, scale: float = 1.0,
+                  **kwargs) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1]: `sample` (kwargs: sampler, num_steps, guidance, generator, ...), then the
+    VAE's decoding of the latents scaled by `scale`, or (vae None, pixel space) the samples clamped."""
+    x = sample(model, labels, shape, **kwargs)
+    return decode(vae, x, scale) if vae is not None else x.clamp(-1, 1)
 
 
 def sample_seed(seed: int, i: int, stream: int = 0) -> int:
@@ -160,6 +162,8 @@ def save_pngs(images: np.ndarray, paths: Sequence[Path]):
     """uint8 [B, H, W, 3] images to these PNG paths, each written atomically."""
     from PIL import Image
 
+    from vit3.engine.files import atomic_path  # the training engine: not loaded by `import dit3`
+
     for img, path in zip(images, paths):
         with atomic_path(path, suffix=".png") as tmp:
             Image.fromarray(img).save(tmp)
@@ -169,6 +173,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     """[B, 3, H, W] in [-1, 1] -> PNG grid, written atomically; images under 64 pixels are enlarged
     (nearest neighbour) so a grid of small images is viewable as it is."""
     from torchvision.utils import save_image
+
+    from vit3.engine.files import atomic_path
 
     zoom = max(1, 64 // images.shape[-1])
     if zoom > 1:

@@ -2,8 +2,6 @@
 
     checkpoints/step-N/ema/, model/   train_dit.py checkpoints: diffusers folders (config.json +
                                       safetensors), read with `DiT3.from_pretrained`
-    checkpoints/step-N/ema.safetensors  checkpoints written before that format (the model config
-                                      then sits in trainer_state.json)
     DiTTT-B-2.pt, DiT-XL-2-256x256.pt the official DiT³ / DiT release files (`load_official_checkpoint`)
 
 `load_dit3` builds the model from any of them; `load_dit3_weights` loads into a model already built
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vit3.engine import ConfigError, module_weights_file
+from vit3.errors import ConfigError
 
 from .models import DiT3, DiT3_models
 
@@ -35,11 +33,12 @@ def _read_official(path: Path) -> Mapping:
                           "(expected a train_dit.py checkpoint folder or an official DiT³ / DiT .pt)") from None
 
 
-def load_official_checkpoint(model: DiT3, checkpoint: str | PathLike | Mapping, *, ema: bool = True) -> DiT3:
+def load_official_checkpoint(model: DiT3, checkpoint: str | PathLike | Mapping, *, ema: bool) -> DiT3:
     """Load official DiT³ (or DiT) weights into `model`, strictly; returns the model.
 
-    checkpoint: a file as the official train.py saves it ({'model', 'ema', 'opt', 'args'}; `ema` picks
-    'ema' or 'model'), or such a dict, or a bare state dict (DiT's released files are bare EMA weights).
+    checkpoint: a file as the official train.py saves it ({'model', 'ema', 'opt', 'args'}; `ema`, required
+    as in `vit3.load_official_checkpoint`, picks 'ema' or 'model'), or such a dict, or a bare state dict
+    (DiT's released files are bare EMA weights, loaded whatever `ema` says).
     Files load with weights_only=True, the argparse.Namespace under 'args' allow-listed for it.
     A `pos_embed` stored for another latent size is replaced by the model's own (it is a fixed table).
     """
@@ -98,22 +97,14 @@ def load_dit3(path: str | PathLike, *, ema: bool = True, model_name: str | None 
                           "written by train_dit.py or an official .pt file")
     state = json.loads(state_file.read_text())
     name = "ema" if ema else "model"
-    weights = module_weights_file(path, name)
-    if weights is None:
+    folder = path / name  # save_pretrained's folder
+    if not (folder / "config.json").is_file():
         hint = " (trained without EMA: use the model weights)" if ema else ""
-        raise ConfigError(f"checkpoint {path} has no {name} weights{hint}")
+        raise ConfigError(f"checkpoint {path} has no {name} weights ({name}/config.json){hint}")
     try:
-        if weights.parent.name == name:  # a save_pretrained folder
-            model = DiT3.from_pretrained(weights.parent, low_cpu_mem_usage=False)
-        elif "model_config" in state:
-            from safetensors.torch import load_model
-
-            model = DiT3.from_config(state["model_config"])
-            load_model(model, str(weights), strict=True)
-        else:
-            raise ConfigError(f"checkpoint {path} has no model config: it was not written by train_dit.py")
+        model = DiT3.from_pretrained(folder, low_cpu_mem_usage=False)
     except (SafetensorError, OSError, EnvironmentError, RuntimeError) as e:
-        raise _weights_error(weights, e) from None
+        raise _weights_error(folder, e) from None
     return model, state["config"]
 
 

@@ -1,11 +1,13 @@
 """Every config key and CLI value is checked before any work starts: one line naming the key, the value and
 what is accepted (ConfigError: exit code 2 through engine.run_script, see test_engine.test_exit_codes and
 test_train_vit.test_unknown_config_key), for each of the three scripts."""
+import dataclasses
 import sys
 
 import pytest
 from trainer_helpers import load_script
 
+from vit3 import engine
 from vit3.engine import ConfigError, run_script
 
 
@@ -61,6 +63,29 @@ def test_bad_values_are_refused_before_any_work(script, argv, words, tmp_path):
     assert words in str(e.value) and "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())  # nothing was started
 
+
+@pytest.mark.parametrize("argv, words", [
+    (["threads=-1"], "threads=-1 is not accepted: it must be an integer >= 0"),
+    (["data.batch_size=0"], "data.batch_size=0 is not accepted: it must be an integer >= 1"),
+    (["data.bad_images=ignore"], "data.bad_images='ignore' is not accepted: it must be one of 'error', 'skip'"),
+    (["optim.lr=0"], "optim.lr=0.0 is not accepted: it must be a positive number"),
+    (["ema.decay=2"], "ema.decay=2.0 is not accepted: it must be between 0.0 and 1.0"),
+])
+def test_a_rule_of_the_base_config_holds_in_both_trainers(argv, words, tmp_path):
+    """Both trainers' configs extend engine.TrainConfig (and its data section): the rule declared once beside a
+    base key refuses the same value in each, and --help shows the base key's comment in each."""
+    for script in ("train_vit", "train_dit"):
+        module = load_script(script)
+        assert issubclass(module.TrainConfig, engine.TrainConfig)
+        assert isinstance(module.TrainConfig().data, engine.DataConfig)
+        with pytest.raises(ConfigError) as e:
+            module.main([*argv, f"output_dir={tmp_path}"])
+        assert words in str(e.value), script
+        assert not any(tmp_path.iterdir())
+        rule = {f.name: f.metadata.get("rule") for f in dataclasses.fields(module.TrainConfig().data)}["batch_size"]
+        assert rule is {f.name: f.metadata.get("rule") for f in dataclasses.fields(engine.DataConfig)}["batch_size"]
+        helped = engine.config.config_help(module.TrainConfig())
+        assert "data.batch_size=" in helped and "per process = batch_size / (processes * grad_accum_steps)" in helped
 
 
 @pytest.mark.parametrize("script", ["train_vit", "train_dit", "sample"])

@@ -40,21 +40,24 @@ def test_heap_keeps_small_attention_blocks_only():
     assert not bench_ttt.heap_keeps(1 << 20, 6)  # 3 x 6 x 2^40 x 4 bytes: more than any machine has
 
 
-@pytest.mark.parametrize("module", [bench_ttt, bench_models])
-def test_short_points_get_at_least_five_interleaved_rounds(module):
+def test_short_points_get_at_least_five_interleaved_rounds():
     calls = []
     steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    res = module.interleaved_times_ms(steps, "cpu", min_time=0.0)
+    res = bench_ttt.interleaved_times_ms(steps, "cpu", min_time=0.0)
     assert len(calls) == 4 + 10  # two warm-up steps each, then five rounds
     assert calls[4:] == ["a", "b"] * 5  # interleaved, one step of each per round
-    if module is bench_models:
-        assert res["a"]["rounds"] == res["b"]["rounds"] == 5
+    assert res["a"]["rounds"] == res["b"]["rounds"] == 5
+
+
+def test_the_benchmarks_share_one_timer():
+    assert bench_models.interleaved_times_ms is bench_ttt.interleaved_times_ms
+    assert not hasattr(bench_small, "statistics")  # its median_ms is bench_ttt's timer with fixed rounds
 
 
 def test_small_bench_rounds_interleave_and_ops_count_by_phase():
     calls = []
     res = bench_small.median_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2)
-    assert calls == ["a", "b"] * 5 and set(res) == {"a", "b"}  # 3 warm-up rounds, then 2 timed
+    assert calls == ["a", "b"] * 4 and set(res) == {"a", "b"}  # 2 warm-up rounds (short ones), then 2 timed
     x = torch.ones(8)
 
     def step():

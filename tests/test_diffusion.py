@@ -10,12 +10,12 @@ from scipy import integrate, stats
 from dit3.diffusion import (
     GaussianDiffusion,
     create_diffusion,
-    ddpm_scheduler,
     discretized_gaussian_log_likelihood,
     linear_betas,
     normal_kl,
     space_timesteps,
 )
+from dit3.sampling import make_scheduler
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)  # DDPM's schedule, written out
@@ -53,14 +53,14 @@ def bin_log_prob(x, mean, std):
     return np.log(max(upper - lower, 1e-12))
 
 
-def test_betas_match_diffusers_ddpm_scheduler():
+def test_betas_match_the_ddpm_scheduler_the_pipeline_samples_with():
     betas = linear_betas(T)
     assert betas.dtype == torch.float64 and len(betas) == T
     np.testing.assert_allclose(betas.numpy(), BETAS, rtol=1e-12)
     reference = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     diffusion = create_diffusion("")
     np.testing.assert_allclose(diffusion.alphas_cumprod.numpy(), reference.alphas_cumprod.double().numpy(), rtol=1e-5)
-    np.testing.assert_allclose(ddpm_scheduler().alphas_cumprod.numpy(), reference.alphas_cumprod.numpy())
+    np.testing.assert_allclose(make_scheduler("ddpm").alphas_cumprod.numpy(), reference.alphas_cumprod.numpy())
     # other step counts keep the schedule's shape: betas scaled by 1000 / steps, as ADM
     np.testing.assert_allclose(linear_betas(250).numpy(), np.linspace(4e-4, 0.08, 250), rtol=1e-12)
 
@@ -276,7 +276,7 @@ def test_respaced_chain():
 @pytest.mark.parametrize("respacing", ["", "25"])
 def test_p_sample_matches_diffusers_ddpm_step(respacing):
     """Our ancestral step is diffusers' DDPMScheduler step (learned range), also on ADM's respaced chain."""
-    diffusion, scheduler = create_diffusion(respacing), ddpm_scheduler()
+    diffusion, scheduler = create_diffusion(respacing), make_scheduler("ddpm")
     if respacing:
         scheduler.set_timesteps(timesteps=diffusion.timestep_map.flip(0).tolist())
     torch.manual_seed(0)

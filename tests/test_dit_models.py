@@ -186,23 +186,26 @@ def test_load_official_checkpoint(tmp_path):
     def same(a, b):
         return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
-    assert same(load_official_checkpoint(DiT3(**TINY), path), ema)
+    with pytest.raises(TypeError, match="ema"):  # which weights is the caller's choice, as in vit3's loader
+        load_official_checkpoint(DiT3(**TINY), path)
+    assert same(load_official_checkpoint(DiT3(**TINY), path, ema=True), ema)
     assert same(load_official_checkpoint(DiT3(**TINY), path, ema=False), live)
     with pytest.raises(KeyError):
-        load_official_checkpoint(DiT3(**TINY), {"model": live.state_dict()})
+        load_official_checkpoint(DiT3(**TINY), {"model": live.state_dict()}, ema=True)
 
     # a bare state dict into a model for another latent size (so another pos_embed)
     torch.save(ema.state_dict(), path)
-    other_size = load_official_checkpoint(DiT3(**{**TINY, "input_size": 16}), path)
+    other_size = load_official_checkpoint(DiT3(**{**TINY, "input_size": 16}), path, ema=True)
     assert torch.equal(other_size.pos_embed, sincos_pos_embed_2d(64, 8, 8)[None])
     assert torch.equal(other_size.blocks[1].attn.w3, ema.blocks[1].attn.w3)
     with pytest.raises(RuntimeError):  # strict
-        load_official_checkpoint(DiT3(**TINY), {k: v for k, v in ema.state_dict().items() if "cpe" not in k})
+        load_official_checkpoint(DiT3(**TINY), {k: v for k, v in ema.state_dict().items() if "cpe" not in k},
+                                 ema=True)
 
     # weights_only: anything but tensors, containers and the Namespace is refused, with an error naming the file
     torch.save({"ema": ema.state_dict(), "args": Path("x")}, path)
     with pytest.raises(ConfigError, match=r"cannot read .*0050000.pt \(UnpicklingError.*not a checkpoint"):
-        load_official_checkpoint(DiT3(**TINY), path)
+        load_official_checkpoint(DiT3(**TINY), path, ema=True)
 
 
 def test_registry():

@@ -1,11 +1,14 @@
 """Unit tests of the shared trainer engine (vit3/engine/): configs, sampler, RNG,
 checkpoints, optimizer / schedule, signals."""
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
+import types
 
 import numpy as np
 import pytest
@@ -225,12 +228,39 @@ def test_checkpoint_roundtrip_atomic_and_pruned(tmp_path):
         T.load_checkpoint(acc, root / "step-00000003", modules={"model": wrong}, states={})
 
 
+def test_config_diffs_leave_out_the_launch_keys():
+    """A key declared with `launch` (where to resume, when to stop, ...) may change on resume without a warning; the
+    engine learns which keys those are from the config, not from a list of names."""
+    @dataclasses.dataclass
+    class Section:
+        lr: float = 1.0
+        stop: int = T.launch(0)
+
+    @dataclasses.dataclass
+    class Cfg(T.TrainConfig):
+        inner: Section = dataclasses.field(default_factory=Section)
+        eval_only: bool = T.launch(False)
+
+    keys = T.launch_keys(Cfg())
+    assert set(keys) == {"run_name", "resume", "inner.stop", "eval_only"}
+    old = T.config_to_dict(Cfg())
+    new = T.config_to_dict(Cfg(resume="latest", eval_only=True, inner=Section(lr=2.0, stop=5)))
+    assert T.config_diffs(old, new, keys) == ["inner.lr: 1.0 -> 2.0"]
+
+
 def test_check_same_model_names_the_difference():
+    """The trainer names the keys that fix its architecture; the engine assumes none (no classifier's img_size)."""
+    keys = ("name", "num_classes", "img_size", "kwargs")
     state = {"config": {"model": {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}}}
-    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 32, "kwargs": {}}, keys, ckpt="c")
     with pytest.raises(ConfigError, match=r"another model \(model.name: checkpoint 'vit3_tiny' "
                                           r"vs this run 'vit3_small'"):
-        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, ckpt="c")
+        T.check_same_model(state, {"name": "vit3_small", "num_classes": 10, "img_size": 32, "kwargs": {}}, keys,
+                           ckpt="c")
+    T.check_same_model(state, {"name": "vit3_tiny", "num_classes": 10, "img_size": 64, "kwargs": {}}, ("name",))
+    with pytest.raises(TypeError, match="keys"):
+        T.check_same_model(state, {"name": "vit3_tiny"}, ckpt="c")
+
 
 
 def test_resolve_run_numbering_and_latest(tmp_path):
@@ -254,7 +284,8 @@ def test_resolve_run_numbering_and_latest(tmp_path):
 def test_optimizer_groups_and_schedule():
     model = _tiny()
     cfg = T.OptimConfig(epochs=10, warmup_epochs=2)
-    opt, sched = T.create_optimizer_and_scheduler(model, cfg, global_batch=1024, updates_per_epoch=5)
+    opt, sched = T.create_optimizer_and_scheduler(model, cfg, global_batch=1024, updates_per_epoch=5,
+                                                  schedule_updates=50)
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decay == {id(model[0].weight), id(model[2].weight)}  # not LayerNorm, not biases
     assert opt.defaults["betas"] == (0.9, 0.999)
@@ -355,6 +386,14 @@ def test_damaged_checkpoints_are_skipped_with_a_warning(tmp_path):
         T.resolve_run(str(tmp_path), "x", resume=str(root / "step-00000002"))
 
 
+def test_a_checkpoint_without_its_manifest_is_not_used(tmp_path):
+    """Every checkpoint has a manifest.json (it is written last): one without is cut short, not of an older kind."""
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+    (root / "step-00000001" / "manifest.json").unlink()
+    assert T.verify_checkpoint(root / "step-00000001") == "no manifest.json"
+
+
 def test_resume_auto_says_when_no_checkpoint_can_be_used(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     _save(root, 1)
@@ -384,30 +423,39 @@ def test_rolling_back_keeps_the_newer_line(tmp_path):
     assert run == run0  # the newest continues in place
 
 
+class _CPU(_OneProcess):
+    device = torch.device("cpu")
+
+
+def _run(tmp_path, resume_from=None):
+    """What a Checkpointer reads of a Run."""
+    return types.SimpleNamespace(accelerator=_CPU(), dir=tmp_path, resume_from=resume_from)
+
+
 def test_diverged_weights_are_never_saved(tmp_path):
     """Checkpointer.save refuses non-finite weights, and a non-finite loss seen on the device since the last
     check, naming the step and the last good checkpoint."""
     model = _tiny()
-
-    class Acc(_OneProcess):
-        device = torch.device("cpu")
-
-    ckpt = T.Checkpointer(Acc(), tmp_path, modules={"model": model}, states={}, config={}, keep_last=3,
-                          resumed_from=None)
-    good = ckpt.save(1, {"global_step": 1})
+    ckpt = T.Checkpointer(_run(tmp_path), modules={"model": model}, states={}, config={}, keep_last=3)
+    ckpt.state.advance()
+    good = ckpt.save()
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
+    ckpt.state.advance()
     with pytest.raises(T.TrainingDiverged, match=rf"weights hold NaN or inf at step 2.*Last good checkpoint: {good}"):
-        ckpt.save(2, {"global_step": 2})
+        ckpt.save()
     ckpt.watch(torch.tensor(float("nan")), 3)
     with pytest.raises(T.TrainingDiverged, match="loss became NaN or inf at step 3"):
         ckpt.check()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")])
-def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error):
+@pytest.mark.parametrize("error, free", [(OSError(errno.ENOSPC, "No space left on device"), None),
+                                         (OSError(errno.EDQUOT, "Disk quota exceeded"), None),
+                                         (RuntimeError("safetensors: IoError"), 0)])
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error, free):
+    """A full disk is known by the error's errno (torch files are written through Python files, which carry it);
+    safetensors' own error, which has none, counts as one when the disk has no room left for the weights."""
     root = tmp_path / "checkpoints"
     _save(root, 1)
 
@@ -415,11 +463,56 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint(tmp_path, monk
         raise error
 
     monkeypatch.setattr(T.checkpoint.torch, "save", full)
+    if free is not None:
+        full_disk = shutil._ntuple_diskusage(1 << 40, 1 << 40, free)
+        monkeypatch.setattr(T.checkpoint.shutil, "disk_usage", lambda p: full_disk)
     with pytest.raises(T.WriteError, match=r"cannot write a checkpoint into .*checkpoints: the disk is full"
                                                      r".*needs about .* GiB are free.*previous checkpoints are intact"):
         _save(root, 2)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no .tmp folder left
     assert T.verify_checkpoint(root / "step-00000001") is None
+
+
+def test_a_failed_save_with_room_on_the_disk_is_a_crash_not_a_full_disk(tmp_path, monkeypatch):
+    """An error without an errno while the disk has room (a bug, a foreign object) keeps its own traceback."""
+    root = tmp_path / "checkpoints"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unexpected pos 64")
+
+    monkeypatch.setattr(T.checkpoint.torch, "save", broken)
+    with pytest.raises(RuntimeError, match="unexpected pos 64"):
+        _save(root, 1)
+
+
+def test_torch_files_are_written_through_python_files_that_carry_the_errno(tmp_path, monkeypatch):
+    """torch.save given a path reports a full disk as RuntimeError("unexpected pos"); given a Python file, the
+    file's OSError with its errno comes through."""
+    import builtins
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(T.checkpoint, "open", lambda p, mode="r", *a, **k: Full(real_open(p, mode, *a, **k))
+                        if str(p).endswith(".pt") else real_open(p, mode, *a, **k), raising=False)
+    with pytest.raises(T.WriteError, match="the disk is full") as e:
+        _save(tmp_path / "checkpoints", 1)
+    assert e.value.errno == errno.ENOSPC
 
 
 def test_one_writer_per_folder(tmp_path):

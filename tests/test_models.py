@@ -139,11 +139,13 @@ def test_load_official_checkpoint(name, tmp_path):
     for ema, expected in ((False, model_sd), (True, ema_sd)):
         load_official_checkpoint(model, path, ema=ema)
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
-    load_official_checkpoint(model, model_sd)  # a bare state dict
+    with pytest.raises(TypeError, match="ema"):  # which weights is the caller's choice, as in dit3's loader
+        load_official_checkpoint(model, path)
+    load_official_checkpoint(model, model_sd, ema=False)  # a bare state dict
     assert torch.equal(model.head.bias, model_sd["head.bias"])
     del model_sd["head.bias"]
     with pytest.raises(RuntimeError, match="head.bias"):  # strict
-        load_official_checkpoint(model, {"model": model_sd})
+        load_official_checkpoint(model, {"model": model_sd}, ema=False)
     with pytest.raises(KeyError, match="state_dict_ema"):
         load_official_checkpoint(model, {"model": model_sd}, ema=True)
 

@@ -46,7 +46,7 @@ def train_digits(tmp, config: str, *extra) -> Path:
     GradientState._reset_state()
     r = train_dit.main(["--config", str(ROOT / "configs" / config), f"data.path={digits}", f"output_dir={tmp}",
                         "max_steps=2", "log.progress=false", "log.log_with=none", "data.num_workers=0",
-                        "sample.every=0", "sample.steps=2", "sample.per_class=1", "sample.digits_accuracy=0", *extra])
+                        "sample.every=0", "sample.steps=2", "sample.per_class=1", "sample.digits_per_class=0", *extra])
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return r["run_dir"]
@@ -264,29 +264,55 @@ def test_unwritable_folders_too_few_fid_samples_and_export_onto_a_file(run, tmp_
         _sample("--ckpt", run, "--classes", 1, "--steps", 2, "--out", ro / "grid.png")
 
 
-def test_checkpoints_are_diffusers_folders_and_the_old_format_still_loads(run, tmp_path):
-    """model/ and ema/ are save_pretrained folders that DiT3.from_pretrained reads alone; a checkpoint of the
-    format before (model.safetensors, ema.safetensors, the model config in trainer_state.json) still samples
-    the same images."""
+def test_checkpoints_are_diffusers_folders_and_only_those_load(run, tmp_path):
+    """model/ and ema/ are save_pretrained folders that DiT3.from_pretrained reads alone; bare .safetensors files
+    in their place (no release ever wrote them) are refused with the folder that is missing."""
     from dit3.models import DiT3
 
     ckpt = run / "checkpoints" / "step-00000002"
     assert (ckpt / "ema" / "config.json").is_file() and (ckpt / "model" / "config.json").is_file()
     ema = DiT3.from_pretrained(ckpt / "ema")
-    old = tmp_path / "old"
-    shutil.copytree(ckpt, old)
-    state = json.loads((old / "trainer_state.json").read_text())
-    state["model_config"] = {k: v for k, v in ema.config.items() if not k.startswith("_")}
-    (old / "trainer_state.json").write_text(json.dumps(state))
-    for name in ("model", "ema"):
-        shutil.move(old / name / "diffusion_pytorch_model.safetensors", old / f"{name}.safetensors")
-        shutil.rmtree(old / name)
-    (old / "manifest.json").unlink()  # that format had none
-    loaded, _ = load_dit3(old, ema=True)
+    loaded, _ = load_dit3(ckpt, ema=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()))
-    new = _sample("--ckpt", ckpt, "--classes", 1, 3, "--steps", 2, "--out", tmp_path / "new.png")["grid"]
-    again = _sample("--ckpt", old, "--classes", 1, 3, "--steps", 2, "--out", tmp_path / "old.png")["grid"]
-    assert Path(new).read_bytes() == Path(again).read_bytes()
+    flat = tmp_path / "flat"
+    shutil.copytree(ckpt, flat)
+    shutil.move(flat / "ema" / "diffusion_pytorch_model.safetensors", flat / "ema.safetensors")
+    shutil.rmtree(flat / "ema")
+    with pytest.raises(ConfigError, match=r"flat has no ema weights \(ema/config.json\)"):
+        load_dit3(flat, ema=True)
+
+
+def test_bulk_looks_up_the_checkpoint_once_and_records_what_it_loaded(run, tmp_path, monkeypatch):
+    """A run folder's newest usable checkpoint is found once (one warning for a damaged newer one), and spec.json
+    and info.json name that checkpoint; info.json holds spec.json's settings and what was drawn."""
+    shutil.copytree(run, tmp_path / "run")
+    newer = tmp_path / "run" / "checkpoints" / "step-00000003"
+    shutil.copytree(run / "checkpoints" / "step-00000002", newer)
+    (newer / "manifest.json").unlink()
+    calls = []
+    real = engine.find_latest_checkpoint
+    monkeypatch.setattr(engine, "find_latest_checkpoint", lambda *a, **k: calls.append(a) or real(*a, **k))
+    out = tmp_path / "bulk"
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step-00000003: no manifest.json") as seen:
+        _sample("--ckpt", tmp_path / "run", "--num-samples", 2, "--batch-size", 2, "--steps", 2, "--out", out)
+    assert len(calls) == 1 and len([w for w in seen if "skipping checkpoint" in str(w.message)]) == 1
+    spec, info = (json.loads((out / f).read_text()) for f in ("spec.json", "info.json"))
+    assert spec["ckpt"] == str((tmp_path / "run" / "checkpoints" / "step-00000002").resolve())
+    assert {k: v for k, v in info.items() if k in spec and k != "labels"} == {k: v for k, v in spec.items()
+                                                                               if k != "labels"}
+    assert info["labels"] == [0, 1] and spec["labels"] == "balanced" and info["num_samples"] == 2
+
+
+def test_a_spec_without_every_setting_is_refused(run, tmp_path):
+    """spec.json records every setting; one without mixed_precision is not taken as drawn in full precision."""
+    out = tmp_path / "bulk"
+    args = ("--ckpt", run, "--num-samples", 2, "--batch-size", 2, "--steps", 2, "--out", out)
+    _sample(*args)
+    spec = json.loads((out / "spec.json").read_text())
+    del spec["mixed_precision"]
+    (out / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match=r"other settings \(mixed_precision: None -> 'no'\)"):
+        _sample(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +427,7 @@ def frechet(fa: np.ndarray, fb: np.ndarray) -> float:
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_equals_an_independent_frechet(inception_weights, tmp_path):
-    from dit3.evaluation import FID_LAYER, fidelity_metrics, image_features, inception
+    from dit3.evaluation import FID_LAYER, feature_extractor, fidelity_metrics, image_features
 
     a = _images(tmp_path / "a", 24, 0)
     b = _images(tmp_path / "b", 24, 1, shift=40)
@@ -414,7 +440,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_equals_an_independent_frechet(i
     assert {"inception_score_mean", "kernel_inception_distance_mean", "precision", "recall"} <= set(diff)
 
     # independent Frechet distance on the same features
-    ext = inception(False, inception_weights)
+    ext = feature_extractor(False, inception_weights)[0]
     fa = image_features(a, ext, False, 8)[FID_LAYER].double().numpy()
     fb = image_features(b, ext, False, 8)[FID_LAYER].double().numpy()
     assert diff["frechet_inception_distance"] == pytest.approx(frechet(fa, fb), rel=1e-3)
@@ -462,10 +488,10 @@ def test_fid_reference_npz_is_checked(inception_weights, tmp_path):
 def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, tmp_path):
     """pytorch-fid's statistics files hold float64 mu and sigma, ours a float32 mu: both load and give the
     Frechet distance of an independent formula; a malformed file is named with the fields it needs."""
-    from dit3.evaluation import FID_LAYER, fidelity_metrics, image_features, inception
+    from dit3.evaluation import FID_LAYER, feature_extractor, fidelity_metrics, image_features
 
     a, b = _images(tmp_path / "a", 8, 0), _images(tmp_path / "b", 8, 1, shift=40)
-    ext = inception(False, inception_weights)
+    ext = feature_extractor(False, inception_weights)[0]
     fa, fb = (image_features(d, ext, False)[FID_LAYER].double().numpy() for d in (a, b))
     expect = frechet(fa, fb)
     mu_b, s_b = fb.mean(0), np.cov(fb, rowvar=False)
@@ -522,7 +548,7 @@ def test_training_runs_a_periodic_fid(inception_weights, tmp_path):
     GradientState._reset_state()
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={root}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.digits_accuracy=0",
+                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.digits_per_class=0",
                         "sample.fid_every=1", "sample.fid_samples=5", f"sample.fid_ref={root / 'val' / '0'}",
                         f"sample.fid_inception_weights={inception_weights}"])
     AcceleratorState._reset_state(True)

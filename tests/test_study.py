@@ -132,3 +132,23 @@ def test_update_step_follows_the_config_objective():
     assert losses[-1] < losses[0], losses
     step = update_step({**cfg, "objective": "flow"}, "DiT3-S/2")
     assert step().item() == pytest.approx(2.0, abs=0.15)
+
+
+def test_a_sweep_run_stopped_early_is_the_prefix_of_the_longer_run():
+    """The study continues the chosen lr's sweep run from the sweep budget to the end. With the study's
+    schedule (warm-up, then constant) the lr of every update is the same whichever max_steps sizes the
+    schedule; data order, RNG and EMA resume bit for bit (tests/test_train_dit.py's resume test)."""
+    import torch
+    from vit3 import engine
+
+    o = yaml.safe_load((ROOT / "configs" / "study_digits.yaml").read_text())["optim"]
+    cfg = engine.OptimConfig(lr=o["lr"], lr_batch=0, sched=o["sched"], warmup_epochs=o["warmup_epochs"],
+                             warmup_lr=o["warmup_lr"])
+    lrs = []
+    for total in (500, 1000):
+        opt, sched = engine.create_optimizer_and_scheduler(torch.nn.Linear(2, 2), cfg, 64, 22, total)
+        lrs.append([])
+        for k in range(500):
+            sched.step_update(k)
+            lrs[-1].append(opt.param_groups[0]["lr"])
+    assert lrs[0] == lrs[1] and lrs[0][0] == o["warmup_lr"] and lrs[0][-1] == o["lr"]

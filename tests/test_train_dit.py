@@ -4,6 +4,7 @@ Tiny DiT³s (32-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images, i
 through a tiny randomly initialised AutoencoderKL saved to a local folder (no hub access).
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from trainer_helpers import (
 
 from dit3 import diffusion as D
 from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
+from dit3.train_config import ModelConfig
 from dit3.weights import load_dit3_weights
 from vit3 import engine as T
 from vit3.digits import prepare_digits
@@ -103,7 +105,7 @@ def test_ema_starts_as_the_model_and_follows_with_its_decay(data, tmp_path):
     model, ema = checkpoint_weights(r["run_dir"], 1), checkpoint_weights(r["run_dir"], 1, "ema")
     # after one update with decay 0.5 from a copy of the initial weights: ema = (init + model) / 2
     T.seed_process(0)  # the trainer builds its model right after this seeding
-    init = train_dit.create_model(train_dit.TrainConfig(model=train_dit.ModelConfig(
+    init = train_dit.create_model(train_dit.TrainConfig(model=ModelConfig(
         name="DiT3-S/2", kwargs=yaml.safe_load(TINY))), 3, 8, 3).state_dict()
     for k in model:
         torch.testing.assert_close(ema[k], (init[k] + model[k]) / 2, rtol=1e-6, atol=1e-7, msg=k)
@@ -292,7 +294,7 @@ def test_two_processes_agree(data, vae_dir, tmp_path):
     assert log.count("saved checkpoint") == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert sorted(p.name for p in (run / "checkpoints" / "step-00000004").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
-    model = train_dit.create_model(train_dit.TrainConfig(model=train_dit.ModelConfig(
+    model = train_dit.create_model(train_dit.TrainConfig(model=ModelConfig(
         name="DiT3-S/2", kwargs=yaml.safe_load(TINY))), 3, 8, 4)
     load_dit3_weights(model, run / "checkpoints" / "step-00000004")
     assert weights_digest(model) == ranks[0]["model_digest"]
@@ -437,7 +439,7 @@ def test_demo_config_two_steps(tmp_path):
     digits = prepare_digits(tmp_path / "digits16", 16)
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo"
     assert 0.0 <= r["digits_accuracy"] <= 1.0 and (r["run_dir"] / "digits_accuracy.json").is_file()
 
@@ -447,7 +449,7 @@ def test_shipped_flow_configs_follow_sits_recipe(config):
     """SiT's train.py: linear path, velocity, uniform times, AdamW lr 1e-4, no weight decay, batch 256, EMA
     0.9999, class dropout 0.1, 400K updates; its FID sampler (SDE Euler, 250 steps) draws the grids."""
     cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
-    T.check_values(cfg, {**T.TRAINER_RULES, **train_dit.RULES})
+    T.check_values(cfg)
     assert cfg.name == config and cfg.objective == "flow"
     assert cfg.model.name == {"sit_b2_in256": "DiT-B/2", "dit3_b2_in256_flow": "DiT3-B/2"}[config]
     assert (cfg.model.image_size, cfg.model.num_classes, cfg.model.class_dropout_prob) == (256, 1000, 0.1)
@@ -475,7 +477,7 @@ def test_flow_demo_config_is_the_demo_with_flow_matching(tmp_path):
     digits = prepare_digits(tmp_path / "digits16", 16)
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo_flow.yaml"), f"data.path={digits}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_accuracy=1"])
+                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo_flow"
     assert 0.0 <= r["digits_accuracy"] <= 1.0
     assert json.loads((r["run_dir"] / "digits_accuracy.json").read_text())["sampler"] == sampler
@@ -491,3 +493,25 @@ def test_digits_classifier_is_accurate_on_real_digits_and_not_on_noise(tmp_path)
     assert clf.accuracy(x, torch.as_tensor(y)) == pytest.approx(clf.val_accuracy)
     noise = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert clf.accuracy(noise, torch.arange(10).repeat(20)) < 0.3
+
+
+def test_both_trainers_write_the_demo_data_in_one_place(tmp_path, monkeypatch):
+    """data.demo=digits goes through one function: both trainers' default is the same cache folder, train_dit's
+    data.path names the train split of a folder it writes, and an unknown demo names the one there is."""
+    import dataclasses
+
+    from vit3.data import DataConfig as ClassifierData
+    from vit3.data import prepare_demo
+    from vit3.digits import prepare_demo_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    vit = prepare_demo(ClassifierData(demo="digits"), 16)
+    cfg = train_dit.TrainConfig(data=train_dit.DataConfig(demo="digits", path=""),
+                                model=ModelConfig(image_size=16))
+    dit = train_dit.resolve_data(cfg)
+    assert Path(vit.path) == Path(dit.path).parent == tmp_path / "cache" / "vit3" / "digits16"
+    given = train_dit.resolve_data(dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, path=str(tmp_path / "d" / "train"))))
+    assert given.path == str(tmp_path / "d" / "train") and (tmp_path / "d" / "val" / "3").is_dir()
+    with pytest.raises(ConfigError, match="unknown data.demo 'mnist'.*'digits'"):
+        prepare_demo_folder("mnist", "", 16)

@@ -297,7 +297,7 @@ def test_corrupt_image_error_or_skip(tmp_path):
         _run(tmp_path / "d", tmp_path / "out", "optim.epochs=1")
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         r = _run(tmp_path / "d", tmp_path / "out", "optim.epochs=1", "data.bad_images=skip")
-    assert r["state"]["skipped_images"] == 1  # all 24 images are used once per epoch
+    assert r["state"].skipped_images == 1  # all 24 images are used once per epoch
 
 
 def test_image_size_not_divisible_by_patch(data, tmp_path):

@@ -22,38 +22,41 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .digits import default_demo_path, prepare_digits
-from .engine import ConfigError, DataError, seeded_rng
+from .digits import prepare_demo_folder
+from .engine import ConfigError, DataError, at_least, between, checked, one_of, seeded_rng
+from .engine import DataConfig as LoaderConfig
+
+SHARE = between(0.0, 1.0)
 
 
 @dataclasses.dataclass
-class DataConfig:
+class DataConfig(LoaderConfig):
+    """train_vit.py's data section: the engine's (batch_size, num_workers, pin_memory, bad_images) and these."""
+
     path: str = "data/imagenet"  # holds train/ and val/ (one sub-folder per class)
-    demo: str = ""  # "digits": build the demo dataset under `path` (empty path: ~/.cache/vit3)
-    batch_size: int = 1024  # global batch: per process = batch_size / (processes * grad_accum_steps)
-    eval_batch_size: int = 0  # per process; 0 = the per-process training batch
-    num_workers: int = 8
-    pin_memory: bool = True
-    bad_images: str = "error"  # unreadable image: "error" names the file, "skip" substitutes the next one and counts
+    # "digits": build the demo dataset under `path` (empty path: ~/.cache/vit3)
+    demo: str = checked("", one_of("", "digits"))
+    # per process; 0 = the per-process training batch
+    eval_batch_size: int = checked(0, at_least(0, "an integer >= 0 (0 = the training micro-batch)"))
     # training transforms (timm.data.create_transform)
     interpolation: str = "bicubic"
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
+    hflip: float = checked(0.5, SHARE)
     color_jitter: float = 0.4
     auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" = none
-    reprob: float = 0.25
+    reprob: float = checked(0.25, SHARE)
     remode: str = "pixel"
     recount: int = 1
     # evaluation transform: resize to img_size / crop_pct, centre crop img_size
     crop_pct: float = 0.875
     # Mixup / CutMix (timm Mixup); both 0 = off, then label_smoothing applies to hard labels
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
+    mixup: float = checked(0.8, at_least(0.0))
+    cutmix: float = checked(1.0, at_least(0.0))
+    mixup_prob: float = checked(1.0, SHARE)
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
-    label_smoothing: float = 0.1
+    label_smoothing: float = checked(0.1, SHARE)
 
 
 # ----------------------------------------------------------------------------------------
@@ -272,12 +275,10 @@ def build_datasets(cfg: DataConfig, img_size: int):
 # Demo data
 # ----------------------------------------------------------------------------------------
 def prepare_demo(cfg: DataConfig, img_size: int) -> DataConfig:
-    """If cfg.demo names a demo dataset, write it (if needed) and return cfg with its path."""
+    """If cfg.demo names a demo dataset, write it (if needed) and return cfg with its path: data.path if set,
+    else the cache folder."""
     if not cfg.demo:
         return cfg
-    if cfg.demo != "digits":
-        raise ConfigError(f"unknown data.demo {cfg.demo!r}: the built-in demo dataset is 'digits' ('' for none)")
-    path = cfg.path if cfg.path and cfg.path != DataConfig.path else str(default_demo_path("digits", img_size))
-    prepare_digits(path, img_size)
-    return dataclasses.replace(cfg, path=path)
+    root = prepare_demo_folder(cfg.demo, "" if cfg.path == DataConfig.path else cfg.path, img_size)
+    return dataclasses.replace(cfg, path=str(root))
 

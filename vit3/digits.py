@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine.files import temp_dir
+from .errors import ConfigError
 
 
 # ----------------------------------------------------------------------------------------
@@ -30,6 +31,14 @@ from .engine.files import temp_dir
 def default_demo_path(name: str, img_size: int) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "vit3" / f"{name}{img_size}"
+
+
+def prepare_demo_folder(demo: str, root: str | os.PathLike, img_size: int) -> Path:
+    """The folder (train/, val/) of the built-in demo data set `demo` at `img_size`, written once: at `root`, or
+    ("") in the cache, ~/.cache/vit3/<demo><img_size>. Both trainers' `data.demo` come here."""
+    if demo != "digits":
+        raise ConfigError(f"unknown data.demo {demo!r}: the built-in demo dataset is 'digits' ('' for none)")
+    return prepare_digits(root or default_demo_path(demo, img_size), img_size)
 
 
 def prepare_digits(root: str | os.PathLike, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:

@@ -30,7 +30,7 @@ from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source  # timm's choice of weight source; not re-exported
 from tqdm import tqdm
 
-from .engine.config import ConfigError
+from .errors import ConfigError
 
 
 class _ConfigAsDict:
@@ -42,15 +42,16 @@ class _ConfigAsDict:
         return OrderedDict()
 
 
-def load_official_checkpoint(model: nn.Module, checkpoint: str | PathLike | Mapping, *, ema: bool = False) -> nn.Module:
+def load_official_checkpoint(model: nn.Module, checkpoint: str | PathLike | Mapping, *, ema: bool) -> nn.Module:
     """Load official ViT³ / H-ViT³ weights into `model`, strictly; returns the model.
 
     checkpoint: a file as saved by the official trainers ({'model': state_dict, 'optimizer': ...,
     'config': ...}; H-ViT³'s main_ema.py adds the EMA weights as 'state_dict_ema'), or such a
     dict, or a bare state dict. Files load with weights_only=True. `ema=True` takes
-    'state_dict_ema'. The stored RoPE tables (`*.rope.rotations`) are dropped: ours are
-    computed for each input. The head must match (num_classes=1000): load first, then
-    `reset_classifier` to fine-tune.
+    'state_dict_ema', `ema=False` 'model' (or the bare state dict); the keyword is required, as in
+    `dit3.load_official_checkpoint`, since which weights a file gives differs between the releases.
+    The stored RoPE tables (`*.rope.rotations`) are dropped: ours are computed for each input. The head
+    must match (num_classes=1000): load first, then `reset_classifier` to fine-tune.
     """
     if not isinstance(checkpoint, Mapping):
         with official_file_globals():

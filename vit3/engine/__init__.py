@@ -1,21 +1,21 @@
 """What the classification (train_vit.py) and diffusion (train_dit.py) trainers share, one concern a file:
 
-    config.py      dataclasses + yaml + command-line overrides, `--help` from the fields' comments
+    config.py      dataclasses + yaml + command-line overrides, `--help` from the fields' comments, value rules
+    train_config.py  the base config both trainers extend (run, seed, data batch, optimizer, EMA, checkpoints, log)
     run.py         run folders, resume resolution, run info, logging, `start_run`
     lock.py        one writer per folder
     checkpoint.py  atomic checkpoints (weights, optimizer, RNG, position), load, prune
+    state.py       the training state (step, epoch, position) and the Checkpointer that restores and saves it
     files.py       writes that stay inside their folder: temporary names, renames, no links followed
     data_order.py  the seeded, sharded, resumable sampler and the loaders on it
     signals.py     SIGTERM / SIGUSR1 -> save and stop
-    loop.py        the functions both loops call: optimizer, EMA, update step, metrics, resume
+    loop.py        the functions both loops call: optimizer, EMA, update step, metrics
     script.py      the scripts' `__main__`: exit codes, no hang on the way out
 
 Nothing here knows about ViT³ or DiT³.
 """
+from ..errors import ConfigError, DataError, TrainingDiverged, WriteError
 from .checkpoint import (
-    Checkpointer,
-    TrainingDiverged,
-    WriteError,
     capture_rng_state,
     check_same_model,
     find_latest_checkpoint,
@@ -30,19 +30,15 @@ from .checkpoint import (
 )
 from .config import (
     SEED_RULE,
-    TRAINER_RULES,
-    CheckpointConfig,
-    ConfigError,
-    DataError,
-    EMAConfig,
-    LogConfig,
-    OptimConfig,
     at_least,
     between,
     check_values,
+    checked,
     config_diffs,
     config_to_dict,
     flat_config,
+    launch,
+    launch_keys,
     load_config,
     merge_config,
     one_of,
@@ -70,17 +66,19 @@ from .loop import (
     create_optimizer_and_scheduler,
     log_start,
     optimizer_step,
-    resume,
     scaled_lrs,
     split_batch,
     write_json,
 )
-from .run import MetricsFile, Run, discard, finish, resolve_run, start_run, write_run_info
+from .run import MetricsFile, Run, discard, finish, on_main_process, resolve_run, start_run, write_run_info
 from .script import run_script
 from .signals import StopSignal, ignore_stop_signals
+from .state import Checkpointer, TrainState
+from .train_config import CheckpointConfig, DataConfig, EMAConfig, LogConfig, OptimConfig, TrainConfig
 
 __all__ = [
     "Checkpointer",
+    "TrainState",
     "WriteError",
     "TrainingDiverged",
     "capture_rng_state",
@@ -96,19 +94,23 @@ __all__ = [
     "verify_checkpoint",
     "CheckpointConfig",
     "ConfigError",
+    "DataConfig",
     "DataError",
     "EMAConfig",
     "LogConfig",
     "OptimConfig",
+    "TrainConfig",
     "SEED_RULE",
-    "TRAINER_RULES",
     "at_least",
     "between",
     "check_values",
+    "checked",
     "one_of",
     "config_diffs",
     "config_to_dict",
     "flat_config",
+    "launch",
+    "launch_keys",
     "load_config",
     "merge_config",
     "atomic_dir",
@@ -133,7 +135,6 @@ __all__ = [
     "create_optimizer_and_scheduler",
     "log_start",
     "optimizer_step",
-    "resume",
     "scaled_lrs",
     "split_batch",
     "write_json",
@@ -142,6 +143,7 @@ __all__ = [
     "acquire_lock",
     "discard",
     "finish",
+    "on_main_process",
     "release_lock",
     "resolve_run",
     "run_script",

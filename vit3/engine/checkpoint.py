@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from .config import ConfigError
+from ..errors import ConfigError, WriteError
 from .files import follow_umask, is_permission_error, remove_path
 
 logger = logging.getLogger("vit3.train")
@@ -121,11 +121,6 @@ def pretrained_weights_file(folder: Path) -> Path:
 # ----------------------------------------------------------------------------------------
 # Save
 # ----------------------------------------------------------------------------------------
-class WriteError(OSError):
-    """A checkpoint or output could not be written (disk full, quota, permissions); nothing partial is left
-    under a final name and what was there before is intact."""
-
-
 def _write_error(e: OSError, tmp: Path, root: Path) -> WriteError:
     """Remove the partial folder; the error names the folder, the space it took and the space left."""
     written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
@@ -144,24 +139,34 @@ def _write_error(e: OSError, tmp: Path, root: Path) -> WriteError:
         f"The previous checkpoints are intact: free space (or lower checkpoint.keep_last) and resume=latest")
 
 
-def _as_write_error(e: Exception) -> OSError | None:
-    """The OSError behind a failed write, or None for any other failure. torch.save reports a full disk as
-    a RuntimeError of its zip writer ("unexpected pos"), safetensors as a SafetensorError ("IoError")."""
+def _as_write_error(e: Exception, folder: Path, weights_bytes: int) -> OSError | None:
+    """The OSError behind a failed write, or None for any other failure (a bug: its traceback is kept).
+
+    An OSError carries its errno (ENOSPC: disk full, EDQUOT: quota); the torch files are written through Python
+    file objects so that theirs does. safetensors reports a failed write as its own error type, without an
+    errno: that failure counts as a full disk when the disk has less space left than the weights need."""
     if isinstance(e, OSError):
         return e
-    text = str(e)
-    first = (text.splitlines() or [type(e).__name__])[0][:300]
-    if "No space left" in text or "code: 28" in text or "unexpected pos" in text:
-        return OSError(errno.ENOSPC, first)
-    if "IoError" in text or "PytorchStreamWriter" in text:
-        return OSError(errno.EIO, first)
+    if shutil.disk_usage(folder).free < weights_bytes:
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(e).__name__})")
     return None
+
+
+def _weights_bytes(modules: dict[str, nn.Module]) -> int:
+    return sum(t.nbytes for m in modules.values() for t in m.state_dict().values())
+
+
+def _save_torch(obj, path: Path):
+    """torch.save through a Python file: a failed write raises OSError with its errno, where torch's own file
+    writer raises a RuntimeError ("unexpected pos") that does not say why."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _write_files(tmp: Path, accelerator, modules, states, trainer_state: dict, config: dict, step: int):
     from safetensors.torch import save_model
 
-    torch.save(capture_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    _save_torch(capture_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if not accelerator.is_main_process:
         return
     for name, module in modules.items():
@@ -171,7 +176,7 @@ def _write_files(tmp: Path, accelerator, modules, states, trainer_state: dict, c
             save_model(module, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
     for name, obj in states.items():
         if obj is not None:
-            torch.save(obj.state_dict(), tmp / f"{name}.pt")
+            _save_torch(obj.state_dict(), tmp / f"{name}.pt")
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     state = {**trainer_state, "step": step, "world_size": accelerator.num_processes, "config": config}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -200,7 +205,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[st
     try:
         _write_files(tmp, accelerator, modules, states, trainer_state, config, step)
     except Exception as e:
-        failed = _as_write_error(e)
+        failed = _as_write_error(e, tmp, _weights_bytes(modules))
         if failed is None:
             raise
     if accelerator.num_processes > 1:  # every process must leave the save together, failed or not
@@ -244,57 +249,6 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int, newest: int):
         shutil.rmtree(p, ignore_errors=True)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN or inf."""
-
-
-class Checkpointer:
-    """Saves the training state; remembers the last save so that a second save of the same step (an
-    update that ends an epoch) is skipped, and refuses to save diverged weights.
-
-    Non-finite losses are recorded on the device (`watch`, no host sync) and checked at each log
-    and each save (`check`), on every process at once.
-    """
-
-    def __init__(self, accelerator, run_dir: Path, *, modules: dict[str, nn.Module], states: dict[str, Any],
-                 config: dict, keep_last: int, resumed_from: Path | None):
-        self.accelerator, self.root = accelerator, Path(run_dir) / "checkpoints"
-        self.modules, self.states, self.config, self.keep_last = modules, states, config, keep_last
-        self.last_good = resumed_from
-        self.last_saved = None
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
-
-    def watch(self, loss: torch.Tensor, step: int):
-        """Remember `step` if `loss` is not finite (the first such step)."""
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad)
-
-    def check(self):
-        """TrainingDiverged on every process if any process saw a non-finite loss."""
-        acc = self.accelerator
-        bad = acc.gather(self.first_bad.reshape(1)) if acc.num_processes > 1 else self.first_bad.reshape(1)
-        bad = [s for s in bad.tolist() if s >= 0]
-        if bad:
-            raise TrainingDiverged(f"the loss became NaN or inf at step {min(bad)}; training stopped. {self._advice()}")
-
-    def _advice(self) -> str:
-        return (f"Last good checkpoint: {self.last_good or 'none (no checkpoint was written before)'}. Resume from it "
-                "(resume=<that folder>) with a lower optim.lr, optim.clip_grad > 0, or mixed_precision=bf16 "
-                "instead of fp16")
-
-    def save(self, step: int, trainer_state: dict, key=None) -> Path | None:
-        """checkpoints/step-N; `key` (default: step) identifies the state, a repeat is skipped."""
-        key = step if key is None else key
-        if self.last_saved == key:
-            return None
-        self.check()  # never write diverged weights
-        finite = torch.stack([torch.isfinite(p).all() for m in self.modules.values() for p in m.parameters()]).all()
-        if not bool(finite):
-            raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saved. {self._advice()}")
-        path = save_checkpoint(self.accelerator, self.root, step, modules=self.modules, states=self.states,
-                               trainer_state=trainer_state, config=self.config, keep_last=self.keep_last)
-        self.last_saved, self.last_good = key, path
-        logger.info(f"saved checkpoint {path}")
-        return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -312,8 +266,8 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     if not isinstance(state, dict) or "step" not in state:
         return "trainer_state.json holds no step"
     manifest = ckpt / "manifest.json"
-    if not manifest.is_file():  # written before manifests: the files that must be there
-        return None if any(ckpt.glob("model*")) else "no model weights"
+    if not manifest.is_file():
+        return "no manifest.json"
     try:
         sizes = json.loads(manifest.read_text())["sizes"]
     except (OSError, ValueError, KeyError) as e:
@@ -363,9 +317,10 @@ def read_trainer_state(ckpt: Path) -> dict:
         return json.load(f)
 
 
-def check_same_model(ckpt_state: dict, model_config: dict, keys=("name", "num_classes", "img_size", "kwargs"),
-                     ckpt: Path | str = "", section: str = "model"):
-    """ConfigError if the checkpoint was written for another model than `model_config` describes.
+def check_same_model(ckpt_state: dict, model_config: dict, keys: tuple[str, ...], ckpt: Path | str = "",
+                     section: str = "model"):
+    """ConfigError if the checkpoint was written for another model than `model_config` describes in the `keys`
+    that fix its architecture (each trainer names its own).
     num_classes 0 (= as in the data) takes the checkpoint's, so only explicit differences count."""
     old = (ckpt_state.get("config") or {}).get(section, {})
     now = dict(model_config)
@@ -380,8 +335,8 @@ def check_same_model(ckpt_state: dict, model_config: dict, keys=("name", "num_cl
 
 
 def module_weights_file(ckpt: Path, name: str) -> Path | None:
-    """The weights of module `name` in a checkpoint: its save_pretrained folder, or (classifiers, and
-    DiT³ checkpoints written before the diffusers format) `name.safetensors`."""
+    """The weights of module `name` in a checkpoint: its save_pretrained folder (a diffusers model: DiT³) or
+    `name.safetensors` (a timm classifier)."""
     for path in (pretrained_weights_file(Path(ckpt) / name), Path(ckpt) / f"{name}.safetensors"):
         if path.is_file():
             return path

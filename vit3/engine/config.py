@@ -24,62 +24,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config, CLI value or checkpoint that does not fit; the message names the fix."""
-
-
-class DataError(ValueError):
-    """Missing, empty, inconsistent or unreadable data; the message names the fix."""
-
-
-# ----------------------------------------------------------------------------------------
-# Sections both trainers share
-# ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class OptimConfig:
-    """AdamW + warm-up + cosine, stepped every optimizer update (official ViT³ recipe)."""
-
-    opt: str = "adamw"  # any timm optimizer name
-    lr: float = 5e-4  # base lr for a global batch of `lr_batch` images
-    warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
-    lr_batch: int = 512  # lr, warmup_lr, min_lr are scaled by global_batch / lr_batch; 0 = no scaling
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.05  # not applied to 1-D params, biases and model.no_weight_decay()
-    sched: str = "cosine"  # any timm scheduler name, or "constant"
-    epochs: int = 300
-    warmup_epochs: int = 20
-    cooldown_epochs: int = 0
-    clip_grad: float = 5.0  # max global grad norm; 0 = no clipping
-    grad_accum_steps: int = 1  # micro-batches per optimizer update
-
-
-@dataclasses.dataclass
-class EMAConfig:
-    enabled: bool = True  # keep an EMA of the weights (evaluated, sampled, exported)
-    decay: float = 0.9996
-    # decay is per `decay_batch` images: the per-update decay is decay ** (global_batch / decay_batch),
-    # as the official main_ema.py does (0.9996 per 4096 -> 0.9999 per update at batch 1024); 0 = as given
-    decay_batch: int = 4096
-
-
-@dataclasses.dataclass
-class CheckpointConfig:
-    every_steps: int = 0  # also save every N optimizer updates (0 = only at epoch ends and on stop)
-    every_epochs: int = 1  # save every N epochs (0 = never at epoch ends)
-    keep_last: int = 3  # checkpoints kept; older ones are deleted (0 = keep all)
-    # with several processes, updates between the all-reduce that agrees on a SIGTERM / SIGUSR1
-    # (one process alone checks every update, for free)
-    stop_check_every: int = 10
-
-
-@dataclasses.dataclass
-class LogConfig:
-    every: int = 50  # optimizer updates between logged (all-reduced) train metrics
-    log_with: str = "tensorboard"  # Accelerate trackers, comma separated ("tensorboard,wandb"); "none"
-    progress: bool = True  # tqdm bar on the main process
+from ..errors import ConfigError
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,17 +54,29 @@ def flat_config(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_diffs(old: dict, new: dict, prefix: str = "",
-                 ignore=("resume", "run_name", "max_steps", "eval_only")) -> list[str]:
-    """'key: old -> new' for each leaf that differs (a resumed run warns with these)."""
+def config_diffs(old: dict, new: dict, ignore=(), prefix: str = "") -> list[str]:
+    """'key: old -> new' for each leaf that differs, but the dotted keys in `ignore` (a resumed run warns with
+    these)."""
     diffs = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict) and k != "kwargs":
-            diffs += config_diffs(a, b, f"{prefix}{k}.", ignore)
-        elif a != b and k not in ignore:
+            diffs += config_diffs(a, b, ignore, f"{prefix}{k}.")
+        elif a != b and prefix + k not in ignore:
             diffs.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return diffs
+
+
+def launch_keys(cfg, prefix: str = "") -> list[str]:
+    """The dotted keys declared with `launch`: how this launch runs, not what it trains."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += launch_keys(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("launch"):
+            keys.append(prefix + f.name)
+    return keys
 
 
 def _field_names(cls) -> list[str]:
@@ -258,7 +215,16 @@ def override(cfg, dotted: str, value, source: str = "command line"):
 # Command line
 # ----------------------------------------------------------------------------------------
 def _comments(cls) -> dict[str, str]:
-    """field name -> the comment beside it (or on the lines just above it) in the class source."""
+    """field name -> the comment beside it (or on the lines just above it) in the source of the class that
+    declares it (a subclass's inherited fields keep their base class's comments)."""
+    found = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            found.update(_class_comments(klass))
+    return found
+
+
+def _class_comments(cls) -> dict[str, str]:
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
@@ -317,8 +283,8 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
                 usage: str = ""):
     """Build a `cls` config from `--config FILE` and overrides (see the module docstring).
 
-    `flags` maps extra bare options to overrides, e.g. {"--no-ema": "ema=false"}. Returns
-    (config, path of the yaml or None).
+    `flags` maps extra bare options to overrides, e.g. {"--no-ema": "ema=false"}. Every value is checked
+    against the rule beside its field (`check_values`). Returns (config, path of the yaml or None).
     """
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     flags = flags or {}
@@ -383,6 +349,7 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
         cfg = merge_config(cfg, data, source=str(path))
     for key, raw in overrides:
         cfg = override(cfg, key.strip(), raw)
+    check_values(cfg)
     return cfg, path
 
 
@@ -401,68 +368,19 @@ def one_of(*choices):
     return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
 
 
-def timm_optimizer():
-    from timm.optim import list_optimizers
-
-    names = set(list_optimizers())
-    return (lambda v: v in names), "a timm optimizer name (timm.optim.list_optimizers(): adamw, sgd, lamb, ...)"
-
-
-def _is_timm_scheduler(name: str) -> bool:
-    """Whether timm builds a scheduler of this name (it raises ValueError for others); "constant" is ours."""
-    import torch
-    from timm.scheduler import create_scheduler_v2
-
-    if name == "constant":
-        return True
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    try:
-        return create_scheduler_v2(optimizer, sched=name, num_epochs=2, updates_per_epoch=1)[0] is not None
-    except ValueError:
-        return False
-
-
-def trackers():
-    from accelerate.utils import LoggerType
-
-    known = {t.value for t in LoggerType} | {"none"}
-    return ((lambda v: all(t.strip() in known for t in v.split(",") if t.strip())),
-            f"a comma-separated list of Accelerate trackers ({', '.join(sorted(known))})")
-
-
 # torch seeds are 64-bit; a process adds its rank to the seed
 SEED_RULE = between(0, 2**63 - 1, "an integer from 0 to 2**63 - 1")
-# what both trainers accept; each adds its own keys
-TRAINER_RULES = {
-    "seed": SEED_RULE,
-    "mixed_precision": one_of("no", "fp16", "bf16"),
-    "threads": at_least(0, "an integer >= 0 (0 = torch's default)"),
-    "data.batch_size": at_least(1),
-    "data.num_workers": at_least(0),
-    "data.bad_images": one_of("error", "skip"),
-    "optim.opt": timm_optimizer(),
-    "optim.sched": (_is_timm_scheduler, "a timm scheduler name (cosine, step, multistep, plateau, poly, tanh, ...) "
-                                        "or constant"),
-    "optim.lr": (lambda v: v > 0, "a positive number"),
-    "optim.warmup_lr": at_least(0.0),
-    "optim.min_lr": at_least(0.0),
-    "optim.lr_batch": at_least(0, "an integer >= 0 (0 = no scaling)"),
-    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "optim.eps": (lambda v: v > 0, "a positive number"),
-    "optim.weight_decay": at_least(0.0),
-    "optim.warmup_epochs": at_least(0),
-    "optim.cooldown_epochs": at_least(0),
-    "optim.clip_grad": at_least(0.0, ">= 0 (0 = no clipping)"),
-    "optim.grad_accum_steps": at_least(1),
-    "ema.decay": between(0.0, 1.0),
-    "ema.decay_batch": at_least(0, "an integer >= 0 (0 = the decay as given)"),
-    "checkpoint.every_steps": at_least(0, "an integer >= 0 (0 = not by steps)"),
-    "checkpoint.every_epochs": at_least(0, "an integer >= 0 (0 = not at epoch ends)"),
-    "checkpoint.keep_last": at_least(0, "an integer >= 0 (0 = keep every checkpoint)"),
-    "checkpoint.stop_check_every": at_least(1),
-    "log.every": at_least(1),
-    "log.log_with": trackers(),
-}
+
+
+def checked(default=dataclasses.MISSING, rule=None, **field_kwargs):
+    """A dataclass field whose accepted values `rule` (check, what it must be) says; `load_config` checks it."""
+    return dataclasses.field(default=default, metadata={"rule": rule}, **field_kwargs)
+
+
+def launch(default, rule=None):
+    """A field that says how this launch runs, not what it trains (where to resume, when to stop): a resumed run
+    may change it without a warning. `rule` as for `checked`."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "launch": True})
 
 
 def _get(cfg, dotted: str):
@@ -471,10 +389,21 @@ def _get(cfg, dotted: str):
     return cfg
 
 
-def check_values(cfg, rules: dict):
-    """ConfigError (exit code 2) naming the first key whose value is not accepted, the value, and what is.
-    inf and nan are never accepted: no key means anything by them (a guidance scale of inf draws black images)."""
-    for key, (ok, what) in rules.items():
+def _field_rules(cfg, prefix: str = ""):
+    """(dotted key, rule) of each `checked` field of `cfg` and of its sections, in the order they are declared."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _field_rules(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("rule"):
+            yield prefix + f.name, f.metadata["rule"]
+
+
+def check_values(cfg, rules: dict | None = None):
+    """ConfigError (exit code 2) naming the first key whose value is not accepted, the value, and what is: the
+    rule beside each field (`checked`), then the {dotted key: rule} of `rules`. inf and nan are never accepted:
+    no key means anything by them (a guidance scale of inf draws black images)."""
+    for key, (ok, what) in [*_field_rules(cfg), *(rules or {}).items()]:
         value = _get(cfg, key)
         finite = not (isinstance(value, float) and not math.isfinite(value))
         try:

@@ -25,7 +25,9 @@ class ResumableBatchSampler:
     accum_steps images; process r takes micro-batch m as perm[(m*R + r)*b:(m*R + r + 1)*b].
     Items are (dataset index, sample seed) so augmentation is seeded per sample (`seeded_rng`)
     and does not depend on loader workers. `set_epoch(e, start_batch)` skips consumed batches
-    without loading them; incomplete trailing updates are dropped.
+    without loading them; incomplete trailing updates are dropped. So an epoch, and a resumed one
+    (start_batch a multiple of accum_steps), holds whole updates: Accelerate's count of accumulated
+    micro-batches stays in phase from epoch to epoch, with nothing to reset.
     """
 
     def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0,

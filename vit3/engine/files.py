@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 
 def _read_umask() -> int:

@@ -9,7 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 LOCK = ".lock"
 HEARTBEAT_S, STALE_S = 30, 300  # a holder touches its lock every 30 s; one untouched for 5 minutes is stale

@@ -1,5 +1,5 @@
 """The plain functions both training loops call: batch split, optimizer / schedule / EMA, the update
-step, train-metric logging without per-step host syncs, resume. The loops themselves stay in the
+step, train-metric logging without per-step host syncs. The loops themselves stay in the
 trainers, where they can be read top to bottom.
 """
 from __future__ import annotations
@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import Checkpointer, load_checkpoint
-from .config import ConfigError, EMAConfig, OptimConfig
+from ..errors import ConfigError
+from .config import config_to_dict, launch_keys
 from .files import atomic_write_text
 from .run import MetricsFile, Run, write_run_info
+from .train_config import EMAConfig, OptimConfig
 
 logger = logging.getLogger("vit3.train")
 
@@ -39,8 +40,10 @@ def scaled_lrs(cfg: OptimConfig, global_batch: int) -> tuple[float, float, float
     return cfg.lr * s, cfg.warmup_lr * s, cfg.min_lr * s
 
 
-def create_optimizer_and_scheduler(model: nn.Module, cfg: OptimConfig, global_batch: int, updates_per_epoch: int):
-    """timm AdamW (no decay on 1-D params, biases, model.no_weight_decay()) and a per-update schedule.
+def create_optimizer_and_scheduler(model: nn.Module, cfg: OptimConfig, global_batch: int, updates_per_epoch: int,
+                                    schedule_updates: int):
+    """timm AdamW (no decay on 1-D params, biases, model.no_weight_decay()) and a per-update schedule over
+    `schedule_updates` updates (warm-up included, cfg.cooldown_epochs after), or None for a constant lr.
 
     The scheduler is a timm scheduler: call `scheduler.step_update(num_updates)` after each update.
     """
@@ -55,8 +58,9 @@ def create_optimizer_and_scheduler(model: nn.Module, cfg: OptimConfig, global_ba
                                     betas=tuple(cfg.betas), eps=cfg.eps, filter_bias_and_bn=True, **fused)
     if cfg.sched == "constant" and cfg.warmup_epochs == 0:
         return optimizer, None
+    # timm counts in epochs of updates_per_epoch updates; a schedule that ends inside an epoch is a fraction of one
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        optimizer, sched=cfg.sched, num_epochs=schedule_updates / updates_per_epoch, warmup_epochs=cfg.warmup_epochs,
         cooldown_epochs=cfg.cooldown_epochs, min_lr=min_lr, warmup_lr=warmup_lr,
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     return optimizer, scheduler
@@ -75,12 +79,12 @@ def create_ema(model: nn.Module, cfg: EMAConfig, global_batch: int):
     return ema
 
 
-def build_optimization(raw_model: nn.Module, cfg, updates_per_epoch: int, accelerator):
-    """(model to train, EMA or None, optimizer, scheduler or None) from cfg.optim / ema / compile: the
-    EMA is taken before `accelerator.prepare` wraps the model (DDP, autocast)."""
+def build_optimization(raw_model: nn.Module, cfg, updates_per_epoch: int, schedule_updates: int, accelerator):
+    """(model to train, EMA or None, optimizer, scheduler or None) from cfg.optim / ema / compile, the schedule
+    over `schedule_updates` updates: the EMA is taken before `accelerator.prepare` wraps the model (DDP, autocast)."""
     ema = create_ema(raw_model, cfg.ema, cfg.data.batch_size)
     optimizer, scheduler = create_optimizer_and_scheduler(raw_model, cfg.optim, cfg.data.batch_size,
-                                                          updates_per_epoch)
+                                                          updates_per_epoch, schedule_updates)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, ema, optimizer, scheduler
@@ -110,30 +114,19 @@ def count_over_processes(count: torch.Tensor, accelerator) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Start: run info, resume
+# Start: run info
 # ----------------------------------------------------------------------------------------
-def log_start(run: Run, config: dict, seed: int, extra: dict, lines: list[str]) -> MetricsFile:
-    """run.json / config.yaml, the opening log lines, and the metrics file."""
-    extra = {**extra, "resumed_from": str(run.resume or "")}
-    info = write_run_info(run.dir, config, run.accelerator, seed, extra=extra, resumed_from=run.resume)
+def log_start(run: Run, cfg, extra: dict, lines: list[str]) -> MetricsFile:
+    """run.json / config.yaml of the config dataclass `cfg`, the opening log lines, and the metrics file."""
+    extra = {**extra, "resumed_from": str(run.resume_from or "")}
+    info = write_run_info(run.dir, config_to_dict(cfg), run.accelerator, cfg.seed, extra=extra,
+                          resumed_from=run.resume_from, launch_keys=launch_keys(cfg))
     acc = run.accelerator
     run.log.info(f"run folder {run.dir} | git {info['git']} | {acc.num_processes} process(es) on {acc.device} | "
                  f"mixed precision {acc.mixed_precision}")
     for line in lines:
         run.log.info(line)
     return MetricsFile(run.dir / "metrics.jsonl", acc.is_main_process)
-
-
-def resume(run: Run, ckpt: Checkpointer, state: dict) -> dict | None:
-    """Load run.resume (weights, optimizer, schedule, RNG) and its position into `state`; the checkpoint's
-    trainer state, or None for a fresh run."""
-    if not run.resume:
-        return None
-    old = load_checkpoint(run.accelerator, run.resume, modules=ckpt.modules, states=ckpt.states, restore_rng=True)
-    state.update({k: old[k] for k in state if k in old})
-    run.log.info(f"resumed from {run.resume}: step {state['global_step']} (epoch {state['epoch']}, "
-                 f"update {state['updates_in_epoch']} of it)")
-    return old
 
 
 # ----------------------------------------------------------------------------------------

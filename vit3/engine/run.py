@@ -24,15 +24,15 @@ import numpy as np
 import torch
 import yaml
 
+from ..errors import ConfigError, WriteError
 from .checkpoint import (
     CKPT_RE,
-    WriteError,
     check_same_model,
     find_latest_checkpoint,
     read_trainer_state,
     verify_checkpoint,
 )
-from .config import ConfigError, config_diffs
+from .config import config_diffs
 from .files import atomic_write_text, is_permission_error, open_append, refuse_link
 from .lock import LOCK, acquire_lock, release_lock
 from .signals import StopSignal
@@ -155,20 +155,29 @@ def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = ""
     way but writes to a new `NNN-name-eval` folder, leaving the training run untouched.
     """
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+    from accelerate.utils import parse_flag_from_env
 
     # the same process group the Accelerator will use; PartialState() alone ignores ACCELERATE_USE_CPU
     # (only AcceleratorState reads it) and would silently run each CPU process on its own
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return on_main_process(state, lambda: _resolve_run_local(output_dir, name, run_name, resume, new_run))
+
+
+def on_main_process(state, fn):
+    """fn() run by the main process alone, its result shared with every process (accelerate's PartialState or
+    Accelerator as `state`). A ConfigError or WriteError it raises is raised on every process, so that all of
+    them stop with its message, and none waits in a collective for a process that has gone."""
+    from accelerate.utils import broadcast_object_list
+
     result = [None]
     if state.is_main_process:
         try:
-            result = [_resolve_run_local(output_dir, name, run_name, resume, new_run)]
+            result = [fn()]
         except (ConfigError, WriteError) as e:
             result = [e]
     if state.num_processes > 1:
         broadcast_object_list(result)
-    if isinstance(result[0], Exception):
+    if isinstance(result[0], (ConfigError, WriteError)):
         raise result[0]
     return result[0]
 
@@ -181,7 +190,7 @@ class Run:
     """What `start_run` hands the trainer."""
 
     dir: Path
-    resume: Path | None  # the checkpoint to continue from
+    resume_from: Path | None  # the checkpoint to continue from (cfg.resume resolved)
     accelerator: object  # accelerate.Accelerator
     log: logging.Logger
     stop: StopSignal
@@ -302,15 +311,16 @@ def environment_info(accelerator) -> dict:
 
 
 def write_run_info(run_dir: Path, config: dict, accelerator, seed: int, extra: dict | None = None,
-                   resumed_from: Path | None = None) -> dict:
+                   resumed_from: Path | None = None, launch_keys=()) -> dict:
     """Main process: config.yaml (resolved) and run.json (git hash, seed, command, environment).
 
     A resumed run keeps the config.yaml and run.json of its start and appends this launch under "resumes",
-    with "changed": each setting that differs from the checkpoint's, as 'key: old -> new' (also logged).
+    with "changed": each setting that differs from the checkpoint's, as 'key: old -> new' (also logged), but
+    the `launch_keys` (where to resume, when to stop).
     """
     changed = []
     if resumed_from is not None:
-        changed = config_diffs(read_trainer_state(resumed_from).get("config") or {}, config)
+        changed = config_diffs(read_trainer_state(resumed_from).get("config") or {}, config, launch_keys)
     info = {
         "git": git_hash(),
         "seed": seed,

@@ -4,8 +4,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from .checkpoint import TrainingDiverged, WriteError
-from .config import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingDiverged, WriteError
 
 EXIT_DONE, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # a second Ctrl-C, as shells report it

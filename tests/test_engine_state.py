@@ -1,0 +1,88 @@
+"""engine.TrainState and the Checkpointer that owns it: counting, one save per position, restore and seeding."""
+import dataclasses
+import types
+
+import torch
+import torch.nn as nn
+
+from vit3 import engine as T
+
+
+class _CPU:
+    """What the Checkpointer needs from an Accelerator, for one process on the CPU."""
+    is_main_process, process_index, num_processes = True, 0, 1
+    device = torch.device("cpu")
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _run(tmp_path, resume_from=None):
+    """What a Checkpointer reads of a Run."""
+    return types.SimpleNamespace(accelerator=_CPU(), dir=tmp_path, resume_from=resume_from)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+@dataclasses.dataclass
+class _BestState(T.TrainState):
+    best: float = 0.0
+
+
+def test_train_state_counts_updates_and_epochs():
+    st = T.TrainState()
+    assert [st.advance(), st.advance()] == [1, 2] and st.position() == (2, 0, 2)
+    st.end_epoch(skipped_images=3)
+    assert st.position() == (2, 1, 0) and st.skipped_images == 3
+
+
+def test_checkpointer_saves_each_position_once(tmp_path):
+    """A second save of the same position is skipped; the update that ends an epoch is saved again once the
+    epoch is counted (same step, new position), and the later copy is the one kept."""
+    ckpt = T.Checkpointer(_run(tmp_path), modules={"model": _tiny()}, states={}, config={}, keep_last=0)
+    ckpt.state.advance()
+    first = ckpt.save()
+    assert first is not None and ckpt.save() is None
+    ckpt.state.end_epoch()
+    assert ckpt.save() == first
+    assert T.read_trainer_state(first)["epoch"] == 1 and ckpt.save() is None
+
+
+def test_checkpointer_restores_state_weights_optimizer_and_rng(tmp_path):
+    """restore() of a checkpoint brings back the trainer's own state fields, weights, optimizer and RNG, and
+    counts the restored position as saved; a fresh run's restore() seeds each process with seed + 1 + rank."""
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    ckpt = T.Checkpointer(_run(tmp_path), modules={"model": model}, states={"optimizer": opt}, config={},
+                          keep_last=3, state=_BestState())
+    ckpt.state.advance(), ckpt.state.advance()
+    ckpt.state.best = 0.5
+    path = ckpt.save()
+    after_save = torch.rand(3)  # the RNG continues from the state the checkpoint holds
+
+    other = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    other_opt = torch.optim.AdamW(other.parameters())
+    resumed = T.Checkpointer(_run(tmp_path / "b", resume_from=path), modules={"model": other},
+                             states={"optimizer": other_opt}, config={}, keep_last=3, state=_BestState())
+    assert resumed.restore(seed=7, updates_per_epoch=10)
+    assert (resumed.state.global_step, resumed.state.updates_in_epoch, resumed.state.best) == (2, 2, 0.5)
+    assert torch.equal(torch.rand(3), after_save)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert other_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert resumed.save() is None  # the checkpoint it came from holds this position
+
+    short = T.Checkpointer(_run(tmp_path / "c", resume_from=path), modules={"model": other}, states={}, config={},
+                           keep_last=3)
+    short.restore(seed=7, updates_per_epoch=1)  # fewer updates per epoch now: the epoch counts as finished
+    assert short.state.updates_in_epoch == 1
+
+    fresh = T.Checkpointer(_run(tmp_path / "d"), modules={"model": other}, states={}, config={}, keep_last=3)
+    assert not fresh.restore(seed=7, updates_per_epoch=10)
+    drawn = torch.rand(3)
+    torch.manual_seed(7 + 1)
+    assert torch.equal(drawn, torch.rand(3)) and fresh.state.position() == (0, 0, 0)

@@ -1,0 +1,21 @@
+"""The errors a user can act on, in a module of their own: the model and weight code raises them
+without loading the training engine (checkpoints, run folders, locks, signals), so `import vit3` stays
+light. `vit3.engine` re-exports them; `engine.run_script` turns each into an exit code.
+"""
+
+
+class ConfigError(ValueError):
+    """A config, CLI value or checkpoint that does not fit; the message names the fix."""
+
+
+class DataError(ValueError):
+    """Missing, empty, inconsistent or unreadable data; the message names the fix."""
+
+
+class WriteError(OSError):
+    """A checkpoint or output could not be written (disk full, quota, permissions); nothing partial is left
+    under a final name and what was there before is intact."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or inf."""
