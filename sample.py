@@ -82,6 +82,7 @@ class SampleConfig:
     # rounding can follow the batch's shape, and dopri5 picks its steps for the whole batch
     batch_size: int = 32
     mixed_precision: str = "no"  # no | bf16 | fp16
+    threads: int = 0  # torch intra-op threads per process (CPU sampling); 0 = torch's default
     classes: list[int] | None = None  # grid mode: one column per class
     per_class: int = 1  # grid mode: rows
     num_samples: int = 0  # bulk mode: how many samples
@@ -114,6 +115,7 @@ RULES = {  # accepted values, checked before anything is loaded
     "seed": engine.SEED_RULE,
     "batch_size": engine.at_least(1),
     "mixed_precision": engine.one_of("no", "bf16", "fp16"),
+    "threads": engine.at_least(0),
     "classes": (lambda v: v is None or len(v) > 0, "at least one class id"),
     "per_class": engine.at_least(1),
     "num_samples": engine.at_least(0),
@@ -342,6 +344,16 @@ def _draw_all(model, vae, scale, args, state: PartialState, out: Path, ckpt: Pat
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return execute(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, notebooks) get theirs back
+
+
+def execute(args: SampleConfig) -> dict:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     ckpt = resolve_checkpoint(args.ckpt)
     model, vae, scale, config = load_run(ckpt, args, state.device)

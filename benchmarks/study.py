@@ -281,6 +281,8 @@ def evaluate(study: Study, out: Path, launcher: list[str], run: Path, step: int,
     cmd += ["--feature-extractor", classifier] if classifier else []
     cmd += ["--inception-weights", study.inception_weights] if study.inception_weights else []
     cmd += ["--digits-accuracy"] if is_digits(study) else []
+    threads = study_config(study).get("threads", 0)
+    cmd += ["--threads", str(threads)] if threads else []  # as the runs: torch's default can oversubscribe
     seconds = run_script(cmd, out / "logs" / f"{run.name}-eval.log", f"evaluating {folder.name} of {run.name}")
     State(out).add_seconds(f"eval/{run.name}/{step}/cfg{cfg_scale:g}", seconds)
     metrics = json.loads(metrics_file.read_text())

@@ -76,8 +76,8 @@ def test_rerun_skips_what_is_done_and_resumes_a_killed_run(quick, capsys):
 
 def test_rerun_with_other_settings_is_refused(quick):
     out, argv = quick
-    with pytest.raises(SystemExit, match="samples 10 -> 12"):
-        study.main([*argv, "--samples", "12"])
+    with pytest.raises(SystemExit, match=r"cfg_scale 4.0 -> 3.0"):
+        study.main([*argv, "--cfg-scale", "3"])
 
 
 def test_bad_arguments_say_what_to_do(tmp_path, capsys):
@@ -139,6 +139,7 @@ def test_a_sweep_run_stopped_early_is_the_prefix_of_the_longer_run():
     schedule (warm-up, then constant) the lr of every update is the same whichever max_steps sizes the
     schedule; data order, RNG and EMA resume bit for bit (tests/test_train_dit.py's resume test)."""
     import torch
+
     from vit3 import engine
 
     o = yaml.safe_load((ROOT / "configs" / "study_digits.yaml").read_text())["optim"]
