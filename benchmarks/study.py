@@ -3,6 +3,7 @@
     python benchmarks/study.py                    # the digits study (configs/study_digits.yaml), CPU, alone
     python benchmarks/study.py --quick            # 1 seed, 4 updates, 10 samples: the orchestration only
     python benchmarks/study.py --out DIR          # a killed study: rerun the same command, it continues
+    python benchmarks/study.py --seeds 0 1 2 3    # a finished one grows by the runs of the new seeds
     python benchmarks/study.py objective=ddpm     # DiT's DDPM instead of flow matching: key=value reach every run
 
 From one base config it trains one run per mixer (DiT3-*: TTT, DiT-*: softmax attention, DiT3-LA-*:
@@ -183,19 +184,24 @@ def resolve(study: Study) -> Study:
 
 
 def check_spec(study: Study, out: Path):
-    """study.json holds the spec the study started with; a rerun must ask for the same study."""
+    """study.json holds the spec the study started with; a rerun must ask for the same study, or for the same
+    with more seeds after the old ones (each seed's runs stand alone, so the study grows by those runs)."""
     path = out / "study.json"
     spec = json.loads(json.dumps(dataclasses.asdict(study)))  # tuples as lists, as read back
     if path.is_file():
         old = json.loads(path.read_text())
         changed = sorted(k for k in spec if old.get(k) != spec[k])
-        if changed:
+        if changed == ["seeds"] and spec["seeds"][:len(old["seeds"])] == old["seeds"]:
+            print(f"study: adding seeds {spec['seeds'][len(old['seeds']):]} to {out}", flush=True)
+        elif changed:
             raise SystemExit(f"study: {out} holds a study with other settings ({', '.join(changed)}: "
                              + "; ".join(f"{k} {old.get(k)} -> {spec[k]}" for k in changed)
-                             + "). Rerun it with its own settings, or give a new --out")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(spec, indent=2))
+                             + "). Rerun it with its own settings (more --seeds may follow the old ones), "
+                             "or give a new --out")
+        else:
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(spec, indent=2))
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """The quality study (benchmarks/study.py): its quick mode end to end, its resume and its report's math."""
+import dataclasses
 import json
 import math
 import shutil
@@ -78,6 +79,18 @@ def test_rerun_with_other_settings_is_refused(quick):
     out, argv = quick
     with pytest.raises(SystemExit, match=r"cfg_scale 4.0 -> 3.0"):
         study.main([*argv, "--cfg-scale", "3"])
+
+
+def test_a_study_grows_by_new_seeds_only(tmp_path, capsys):
+    """More seeds after the old ones extend a study; any other change (fewer or other seeds included) is refused."""
+    s = study.Study(seeds=(0, 1))
+    study.check_spec(s, tmp_path)
+    study.check_spec(dataclasses.replace(s, seeds=(0, 1, 2)), tmp_path)
+    assert "adding seeds [2]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "study.json").read_text())["seeds"] == [0, 1, 2]
+    for other in (dict(seeds=(0, 1)), dict(seeds=(0, 2, 1)), dict(seeds=(0, 1, 2, 3), samples=7)):
+        with pytest.raises(SystemExit, match="other settings"):
+            study.check_spec(dataclasses.replace(s, **other), tmp_path)
 
 
 def test_bad_arguments_say_what_to_do(tmp_path, capsys):
