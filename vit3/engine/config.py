@@ -83,10 +83,11 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _unknown_key(key: str, where: str, cls, source: str) -> ConfigError:
+def _unknown_key(key: str, section: str, cls, source: str) -> ConfigError:
     valid = _field_names(cls)
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
+    where = f" in '{section}'" if section else ""
     return ConfigError(f"unknown config key '{key}' (from {source}).{hint} Valid keys{where}: {', '.join(valid)}")
 
 
@@ -144,71 +145,46 @@ def _coerce(value, tp, key: str, source: str):
     return value
 
 
+def _set(cfg, key: str, value, source: str, parse=None, check=_coerce, depth: int = 0):
+    """A copy of `cfg` with the dotted `key` set to `value`, checked by `check`: the one path of yaml and command-line
+    values. `parse` (yaml.safe_load for the command line) reads the raw text, or each text of `--key v1 v2 ...`, but
+    for a string key; a key inside a free-form mapping field (model.kwargs.depth=4) sets that entry."""
+    parts = key.split(".")
+    name, rest, cls = parts[depth], parts[depth + 1:], type(cfg)
+    if name not in _field_names(cls):
+        raise _unknown_key(key, ".".join(parts[:depth]), cls, source)
+    hint, current = typing.get_type_hints(cls)[name], getattr(cfg, name)
+    if dataclasses.is_dataclass(current):
+        if not rest:
+            raise ConfigError(f"'{key}' is a config section; set one of its keys: "
+                              + ", ".join(f"{key}.{k}" for k in _field_names(type(current))))
+        return dataclasses.replace(cfg, **{name: _set(current, key, value, source, parse, check, depth + 1)})
+    if rest and not isinstance(current, dict):
+        raise _unknown_key(key, ".".join(parts[:depth + 1]), cls, source)
+    if parse and hint is not str:
+        value = [parse(v) for v in value] if isinstance(value, list) else parse(value)
+    if rest:
+        node = new = dict(current)
+        for p in rest[:-1]:
+            node = node.setdefault(p, {})
+        node[rest[-1]] = value
+        value = new
+    return dataclasses.replace(cfg, **{name: check(value, hint, key, source)})
+
+
 def merge_config(cfg, data: dict, source: str, prefix: str = ""):
-    """A copy of dataclass `cfg` with the (nested) mapping `data` applied, strictly."""
+    """A copy of dataclass `cfg` (the section `prefix`) with the (nested) mapping `data` applied, strictly."""
     if not isinstance(data, dict):
         section = prefix.rstrip(".") or "<top>"
         raise ConfigError(f"config section '{section}' (from {source}) must be a mapping, got {data!r}")
-    cls = type(cfg)
-    hints = typing.get_type_hints(cls)
-    updates = {}
     for key, value in data.items():
-        full = prefix + str(key)
-        if key not in _field_names(cls):
-            raise _unknown_key(full, f" in '{prefix.rstrip('.')}'" if prefix else "", cls, source)
-        current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current):
-            updates[key] = merge_config(current, value, source, full + ".")
+        if key not in _field_names(type(cfg)):
+            raise _unknown_key(prefix + str(key), prefix.rstrip("."), type(cfg), source)
+        if dataclasses.is_dataclass(getattr(cfg, key)):
+            cfg = dataclasses.replace(cfg, **{key: merge_config(getattr(cfg, key), value, source, f"{prefix}{key}.")})
         else:
-            updates[key] = _coerce(value, hints[key], full, source)
-    return dataclasses.replace(cfg, **updates)
-
-
-def _field(cfg, dotted: str, source: str):
-    """(type hint, current value, whether a free-form mapping holds the rest) of a dotted key."""
-    obj, prefix = cfg, ""
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        cls = type(obj)
-        if part not in _field_names(cls):
-            raise _unknown_key(dotted, f" in '{prefix.rstrip('.')}'" if prefix else "", cls, source)
-        hint, value = typing.get_type_hints(cls)[part], getattr(obj, part)
-        rest = parts[i + 1:]
-        if dataclasses.is_dataclass(value):
-            if not rest:
-                raise ConfigError(f"'{dotted}' is a config section; set one of its keys: "
-                                  + ", ".join(f"{dotted}.{k}" for k in _field_names(type(value))))
-            obj, prefix = value, prefix + part + "."
-            continue
-        if rest and not isinstance(value, dict):
-            raise _unknown_key(dotted, f" in '{prefix + part}'", cls, source)
-        return parts[:i + 1], rest, hint, value
-    raise ConfigError(f"empty config key '{dotted}'")
-
-
-def _set_path(cfg, parts, value):
-    if len(parts) == 1:
-        return dataclasses.replace(cfg, **{parts[0]: value})
-    return dataclasses.replace(cfg, **{parts[0]: _set_path(getattr(cfg, parts[0]), parts[1:], value)})
-
-
-def override(cfg, dotted: str, value, source: str = "command line"):
-    """Apply one override. `value` is the raw text (read as yaml unless the field is a string) or, for
-    `--key v1 v2 ...`, the list of raw texts."""
-    path, rest, hint, current = _field(cfg, dotted, source)
-
-    def parse(raw):
-        return raw if hint is str or not isinstance(raw, str) else yaml.safe_load(raw)
-
-    parsed = [parse(v) for v in value] if isinstance(value, list) else parse(value)
-    if rest:  # a key inside a free-form mapping field, e.g. model.kwargs.depth=4
-        new = dict(current)
-        node = new
-        for p in rest[:-1]:
-            node = node.setdefault(p, {})
-        node[rest[-1]] = parsed
-        parsed = new
-    return _set_path(cfg, path, _coerce(parsed, hint, dotted, source))
+            cfg = _set(cfg, prefix + key, value, source, depth=prefix.count("."))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------
@@ -257,26 +233,17 @@ def config_help(cfg, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def _is_list(cfg, key: str) -> bool:
-    try:
-        _, rest, hint, _ = _field(cfg, key, "command line")
-    except ConfigError:
-        return False
-    if rest:
-        return False
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
-    return origin in (list, tuple)
-
-
-def _is_bool(cfg, key: str) -> bool:
-    try:
-        _, rest, hint, _ = _field(cfg, key, "command line")
-    except ConfigError:
-        return False
-    return not rest and hint is bool
+def _cli_type(cfg, key: str):
+    """The type of a command-line key, Optional stripped; None for an unknown key or one inside a mapping."""
+    *sections, name = key.split(".")
+    for section in sections:
+        cfg = getattr(cfg, section) if section in _field_names(type(cfg)) else None
+        if not dataclasses.is_dataclass(cfg):
+            return None
+    hint = typing.get_type_hints(type(cfg))[name] if name in _field_names(type(cfg)) else None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None = None,
@@ -313,9 +280,9 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
             key = key.replace("-", "_")
             if eq:
                 overrides.append((key, raw))
-            elif _is_bool(defaults, key) and (i >= len(argv) or argv[i].lower() not in ("true", "false")):
+            elif _cli_type(defaults, key) is bool and (i >= len(argv) or argv[i].lower() not in ("true", "false")):
                 overrides.append((key, "true"))
-            elif _is_list(defaults, key):
+            elif typing.get_origin(_cli_type(defaults, key)) in (list, tuple):
                 values = []
                 while i < len(argv) and not argv[i].startswith("--") and "=" not in argv[i]:
                     values.append(argv[i])
@@ -325,7 +292,7 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
                 overrides.append((key, argv[i]))
                 i += 1
             else:
-                _field(defaults, key, "command line")  # an unknown key gets its "did you mean"
+                _set(defaults, key, None, "command line", check=lambda v, *_: v)  # an unknown key: "did you mean"
                 raise ConfigError(f"--{tok[2:]} needs a value")
         elif "=" in tok:
             overrides.append(tuple(tok.split("=", 1)))
@@ -348,7 +315,7 @@ def load_config(cls, argv: list[str] | None = None, flags: dict[str, str] | None
                               "leave out --config to use the defaults")
         cfg = merge_config(cfg, data, source=str(path))
     for key, raw in overrides:
-        cfg = override(cfg, key.strip(), raw)
+        cfg = _set(cfg, key.strip(), raw, "command line", yaml.safe_load)
     check_values(cfg)
     return cfg, path
 
