@@ -322,12 +322,12 @@ def test_bf16_triton_close_to_fp32(heads, d, h, w, rope):
 
 @pytest.mark.gpu
 def test_triton_deterministic_and_one_compilation_for_every_resolution():
-    from vit3.ttt import kernels
+    from vit3.ttt import conv_kernels, kernels
 
     def compiled(k):  # variants of kernel k compiled so far in this process (other tests add their own)
         return sum(len(cache[0]) for cache in k.device_caches.values())
 
-    watched = (kernels.head_fwd_reduce, kernels.head_bwd_k, kernels.conv_bwd_q)
+    watched = (kernels.head_fwd_reduce, kernels.head_bwd_k, conv_kernels.conv_bwd_q)
     layer = TTT(384, 6, impl="triton").cuda()
     runs, after_first = [], None
     for h, w in [(16, 16), (16, 16), (24, 20), (33, 7)]:
