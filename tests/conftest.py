@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 def fresh_accelerate():
     """Accelerate keeps process-wide singletons: a trainer test module marks its tests with this, so
     each in-process run starts from scratch."""
-    from trainer_helpers import reset_accelerate
+    from tests.trainer_helpers import reset_accelerate
 
     reset_accelerate()
     yield

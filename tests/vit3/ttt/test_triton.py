@@ -22,7 +22,7 @@ from vit3.ttt import TTT, dispatch
 from vit3.ttt.layer import HAS_TRITON
 
 pytestmark = [pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

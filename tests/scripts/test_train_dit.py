@@ -12,7 +12,12 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from trainer_helpers import (
+
+from dit3 import diffusion as D
+from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
+from dit3.train_config import ModelConfig
+from dit3.weights import load_dit3_weights
+from tests.trainer_helpers import (
     ROOT,
     checkpoint_weights,
     latest_checkpoint_step,
@@ -24,11 +29,6 @@ from trainer_helpers import (
     weights_digest,
     write_images,
 )
-
-from dit3 import diffusion as D
-from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
-from dit3.train_config import ModelConfig
-from dit3.weights import load_dit3_weights
 from vit3 import engine as T
 from vit3.digits import prepare_digits
 from vit3.engine import ConfigError, DataError

@@ -5,8 +5,8 @@ import dataclasses
 import sys
 
 import pytest
-from trainer_helpers import load_script
 
+from tests.trainer_helpers import load_script
 from vit3 import engine
 from vit3.engine import ConfigError, run_script
 

@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
-from trainer_helpers import (
+
+from tests.trainer_helpers import (
     ROOT,
     checkpoint_weights,
     latest_checkpoint_step,
@@ -27,7 +28,6 @@ from trainer_helpers import (
     weights_digest,
     write_images,
 )
-
 from vit3 import engine as T
 from vit3 import load_weights
 from vit3.digits import prepare_digits

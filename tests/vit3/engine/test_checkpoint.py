@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
-from trainer_helpers import make_unwritable, weights_digest
 
+from tests.trainer_helpers import make_unwritable, weights_digest
 from vit3 import engine as T
 from vit3.engine import ConfigError
 

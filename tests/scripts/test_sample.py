@@ -14,15 +14,15 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
-from trainer_helpers import make_unwritable
 
 from dit3 import load_dit3
 from dit3.sampling import sample
+from tests.trainer_helpers import make_unwritable
 from vit3 import engine
 from vit3.digits import prepare_digits
 from vit3.engine import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name):

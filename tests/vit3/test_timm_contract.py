@@ -18,13 +18,13 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from test_models import _save_official_file, official_state_dict
 from timm.data import resolve_data_config
 from timm.models import create_feature_extractor
 from timm.optim import create_optimizer_v2
 
 import vit3.models
 import vit3.vit
+from tests.vit3.test_models import _save_official_file, official_state_dict
 from vit3.models import MODEL_NAMES, HViT3
 from vit3.weights import cached_file_name
 
