@@ -1,7 +1,8 @@
-"""What the trainer tests (test_train_vit.py, test_train_dit.py) share: loading a top-level script as a
-module, tiny image folders, in-process runs that leave a fresh Accelerate state behind (conftest's
-`fresh_accelerate` fixture gives each test one), checkpoint weights, and the two subprocess scenarios
-(SIGTERM to the process group, two gloo processes through `accelerate launch`), and a weights digest.
+"""What the script tests (tests/scripts/: the trainers, sample.py) and some package tests share: loading a
+top-level script as a module, tiny image folders (random classes, or noise for the FID tests), in-process
+runs that leave a fresh Accelerate state behind (conftest's `fresh_accelerate` fixture gives each test one),
+checkpoint weights, the two subprocess scenarios (SIGTERM to the process group, two gloo processes through
+`accelerate launch`), and a weights digest.
 """
 import hashlib
 import importlib.util
@@ -146,4 +147,14 @@ def make_unwritable(folder: Path, monkeypatch) -> Path:
 
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "mkdir", mkdir_)
+    return folder
+
+
+def noise_images(folder, n, seed, shift=0):
+    """n 32x32 RGB PNGs of Gaussian noise around grey level 120 + shift, in folder (for FID tests)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.clip(rng.normal(120 + shift, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
     return folder

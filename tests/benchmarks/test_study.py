@@ -139,6 +139,7 @@ def test_a_sweep_run_stopped_early_is_the_prefix_of_the_longer_run():
     schedule (warm-up, then constant) the lr of every update is the same whichever max_steps sizes the
     schedule; data order, RNG and EMA resume bit for bit (tests/test_train_dit.py's resume test)."""
     import torch
+
     from vit3 import engine
 
     o = yaml.safe_load((ROOT / "configs" / "study_digits.yaml").read_text())["optim"]

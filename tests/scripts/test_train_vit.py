@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 
 from tests.trainer_helpers import (
-    ROOT,
     checkpoint_weights,
     latest_checkpoint_step,
     launch_two_processes,
@@ -30,7 +29,6 @@ from tests.trainer_helpers import (
 )
 from vit3 import engine as T
 from vit3 import load_weights
-from vit3.digits import prepare_digits
 from vit3.engine import ConfigError, DataError
 
 train_vit = load_script("train_vit")
@@ -370,65 +368,3 @@ def test_resume_of_another_model_is_refused(data, tmp_path):
     with pytest.raises(ConfigError, match=r"already holds checkpoints; pass resume=latest"):
         _run(data, tmp_path, "run_name=m")
 
-
-# ---------------------------------------------------------------------------------------------
-# shipped configs and demo data
-# ---------------------------------------------------------------------------------------------
-OFFICIAL = {  # model: (drop_path_rate, mesa) from the official cfgs/*.yaml (H-ViT³: the *_mesa ones)
-    "vit3_tiny": (0.0, 0.0), "vit3_small": (0.1, 0.0), "vit3_base": (0.4, 0.0),
-    "hvit3_tiny": (0.2, 1.0), "hvit3_small": (0.4, 1.5), "hvit3_base": (0.6, 2.0),
-}
-
-
-@pytest.mark.parametrize("model", sorted(OFFICIAL))
-def test_shipped_configs_follow_the_official_recipe(model):
-    cfg, _ = T.load_config(train_vit.TrainConfig, ["--config", str(ROOT / "configs" / f"{model}_in1k.yaml")])
-    assert cfg.model.name == model and (cfg.model.drop_path_rate, cfg.mesa) == OFFICIAL[model]
-    assert (cfg.model.img_size, cfg.data.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs) == (224, 1024, 300, 20)
-    assert T.scaled_lrs(cfg.optim, cfg.data.batch_size) == pytest.approx((1e-3, 1e-6, 1e-5))
-    o = cfg.optim
-    assert (o.opt, o.betas, o.eps, o.weight_decay, o.clip_grad, o.sched) == (
-        "adamw", (0.9, 0.999), 1e-8, 0.05, 5.0, "cosine")
-    d = cfg.data
-    assert (d.auto_augment, d.reprob, d.remode, d.interpolation, d.crop_pct) == (
-        "rand-m9-mstd0.5-inc1", 0.25, "pixel", "bicubic", 0.875)
-    assert (d.mixup, d.cutmix, d.label_smoothing, d.color_jitter, d.hflip) == (0.8, 1.0, 0.1, 0.4, 0.5)
-    assert cfg.ema.enabled and cfg.ema.decay ** (1024 / cfg.ema.decay_batch) == pytest.approx(0.9999, abs=1e-6)
-    assert cfg.mesa_start == 0.25
-
-
-def test_demo_config_two_steps(tmp_path):
-    digits = prepare_digits(tmp_path / "digits16", 16)
-    r = train_vit.main(["--config", str(ROOT / "configs" / "vit3_demo.yaml"), f"data.path={digits}",
-                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0"])
-    assert r["step"] == 2 and r["run_dir"].name == "000-vit3_demo"
-
-
-def test_prepare_digits(tmp_path):
-    root = prepare_digits(tmp_path / "digits", 16)
-    counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "val")}
-    assert counts == {"train": 1437, "val": 360}
-    per_class = [len(list((root / "val" / str(c)).glob("*.png"))) for c in range(10)]
-    assert min(per_class) >= 35  # stratified
-    img = Image.open(next((root / "train" / "0").glob("*.png")))
-    assert img.size == (16, 16) and img.mode == "RGB"
-    names = sorted(p.name for p in (root / "val" / "3").glob("*.png"))
-    assert prepare_digits(tmp_path / "digits", 16) == root  # written once
-    assert sorted(p.name for p in (root / "val" / "3").glob("*.png")) == names
-
-
-def test_randaugment_posterize_zero_bits_does_not_crash():
-    """RandAugment inc1 at magnitude 10 asks to keep 0 bits: Pillow >= 11 raises, we give the old
-    Pillow result (black), as the official runs had."""
-    from timm.data import auto_augment
-
-    from vit3.data import DataConfig, _posterize_any_bits, build_transform
-
-    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
-    assert np.asarray(_posterize_any_bits(img, 0)).max() == 0
-    assert np.asarray(_posterize_any_bits(img, 2)).max() == 192
-    tf = build_transform(DataConfig(), 16, is_training=True)
-    ops = [op for t in tf.transforms for op in getattr(t, "ops", [])]
-    assert any(op.name == "PosterizeIncreasing" for op in ops)
-    assert not any(op.aug_fn is auto_augment.posterize for op in ops)
