@@ -1,24 +1,12 @@
-"""Samplers and DiT3Pipeline: ADM's respaced DDPM step against independent formulas, diffusers' DDPM step
-against ours, per-sample determinism, guidance options, and the pipeline's offline save / load."""
+"""dit3.sampling: ADM's respaced DDPM step against independent formulas, diffusers' DDPM step against ours,
+per-sample determinism, guidance options (the pipeline: test_pipeline.py)."""
 import numpy as np
 import pytest
 import torch
 
 from dit3.diffusion import create_diffusion, linear_betas, space_timesteps
-from dit3.models import DiT3
-from dit3.pipeline import DiT3Pipeline
 from dit3.sampling import guided_output, make_scheduler, sample
-
-
-def tiny_dit(in_channels=4, num_classes=10, seed=0):
-    torch.manual_seed(seed)
-    model = DiT3(input_size=8, patch_size=2, in_channels=in_channels, hidden_size=32, depth=2, num_heads=2,
-                 num_classes=num_classes)
-    with torch.no_grad():  # leave DiT's zero init of the output so the model's output is not trivially zero
-        for p in model.parameters():
-            if p.dim() > 1 and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return model.eval()
+from tests.dit3.tiny import tiny_dit
 
 
 def test_respaced_p_sample_matches_adm_formulas():
@@ -107,77 +95,3 @@ def test_guidance_channels_and_interval():
 # ---------------------------------------------------------------------------------------------
 # DiT3Pipeline
 # ---------------------------------------------------------------------------------------------
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                         layers_per_block=1)
-
-
-def test_pipeline_images_and_offline_round_trip(tmp_path):
-    pipe = DiT3Pipeline(transformer=tiny_dit(), scheduler=make_scheduler("ddpm"), vae=tiny_vae())
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(class_labels=[0, 9], num_inference_steps=4, guidance_scale=3.0)
-    images = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
-    assert len(images) == 2 and images[0].size == (16, 16) and images[0].mode == "RGB"
-    pipe.save_pretrained(tmp_path / "pipe")
-    loaded = DiT3Pipeline.from_pretrained(tmp_path / "pipe")
-    loaded.set_progress_bar_config(disable=True)
-    assert type(loaded.transformer) is DiT3 and loaded.scheduler.config.variance_type == "learned_range"
-    a = pipe(**kw, generator=torch.Generator().manual_seed(0), output_type="np").images
-    b = loaded(**kw, generator=torch.Generator().manual_seed(0), output_type="np").images
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    assert a.shape == (2, 16, 16, 3) and 0 <= a.min() and a.max() <= 1
-    with pytest.raises(ValueError, match=r"class labels must lie in 0 .. 9"):
-        pipe(class_labels=[10], num_inference_steps=2)
-
-
-def test_pipeline_pixel_space_and_other_schedulers():
-    pipe = DiT3Pipeline(transformer=tiny_dit(in_channels=3, num_classes=3), scheduler=make_scheduler("ddim"))
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(class_labels=[0, 2], num_inference_steps=3, guidance_scale=2.0, output_type="pt").images
-    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()  # guidance with 3 classes (null class 3)
-    pipe.scheduler = make_scheduler("dpm")
-    assert pipe(class_labels=[1], num_inference_steps=3, output_type="pt").images.shape == (1, 3, 8, 8)
-
-
-def test_diffusers_dit_pipeline_runs_dit3_as_ours_does():
-    """diffusers' own DiTPipeline (null class 1000) drives a 1000-class DiT3 through the DiT transformer call;
-    with the same scheduler, noise and all-channel guidance it draws what DiT3Pipeline draws."""
-    from diffusers import DiTPipeline
-
-    model, vae = tiny_dit(num_classes=1000), tiny_vae()
-    assert model.config.sample_size == 8 and model.config.out_channels == 8  # what DiTPipeline reads
-    kw = dict(class_labels=[3, 999], num_inference_steps=4, guidance_scale=3.0, output_type="np")
-    theirs = DiTPipeline(transformer=model, vae=vae, scheduler=make_scheduler("ddim"))
-    ours = DiT3Pipeline(transformer=model, scheduler=make_scheduler("ddim"), vae=vae)
-    for pipe in (theirs, ours):
-        pipe.set_progress_bar_config(disable=True)
-    a = theirs(**kw, generator=torch.Generator().manual_seed(0)).images
-    b = ours(**kw, generator=torch.Generator().manual_seed(0)).images
-    assert a.shape == (2, 16, 16, 3)
-    np.testing.assert_allclose(a, b, atol=1e-5)
-    assert np.abs(a - theirs(**kw, generator=torch.Generator().manual_seed(1)).images).max() > 1e-3
-
-
-def test_dit3_is_called_as_diffusers_dit_transformer(tmp_path, caplog, monkeypatch):
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-    from diffusers.utils import logging as diffusers_logging
-
-    # diffusers' warnings do not reach the root logger (pytest's caplog) unless they propagate
-    monkeypatch.setattr(diffusers_logging._get_library_root_logger(), "propagate", True)
-
-    model = tiny_dit()
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
-    out = model(hidden_states=x, timestep=t, class_labels=y)
-    assert isinstance(out, Transformer2DModelOutput) and out.sample.shape == (2, 8, 8, 8)
-    sample, = model(x, t, y, return_dict=False)
-    torch.testing.assert_close(sample, out.sample)
-    # the derived config entries are written and read back without complaint
-    model.save_pretrained(tmp_path)
-    with caplog.at_level("WARNING"):
-        loaded = DiT3.from_pretrained(tmp_path)
-    assert "not expected" not in caplog.text
-    assert loaded.config.sample_size == 8 and loaded.config.out_channels == 8

@@ -17,6 +17,7 @@ from PIL import Image
 
 from dit3 import load_dit3
 from dit3.sampling import sample
+from tests.dit3.tiny import tiny_vae
 from tests.trainer_helpers import make_unwritable, noise_images
 from vit3 import engine
 from vit3.digits import prepare_digits
@@ -423,15 +424,9 @@ def test_official_release_files(tmp_path):
     EMA weights need --model and --image-size."""
     import argparse
 
-    from diffusers import AutoencoderKL
-
     from dit3.models import DiT3_models
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1)
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae().save_pretrained(tmp_path / "vae")
     model = DiT3_models["DiT3-S/8"](input_size=16, num_classes=10)  # 32 px images through a 2x VAE
     sd = model.state_dict()
     torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(

@@ -16,6 +16,7 @@ from dit3 import diffusion as D
 from dit3.latents import LatentShards, image_transform, load_vae
 from dit3.train_config import ModelConfig
 from dit3.weights import load_dit3_weights
+from tests.dit3.tiny import tiny_vae
 from tests.trainer_helpers import (
     ROOT,
     checkpoint_weights,
@@ -49,14 +50,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """A tiny random AutoencoderKL (2x downsampling, 4 latent channels) saved as a local folder."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1)
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
+    tiny_vae().save_pretrained(path)
     return path
 
 
