@@ -125,6 +125,7 @@ def test_bulk_npz_resume_and_digits_accuracy(run, tmp_path):
                 "--mixed-precision", "bf16")
 
 
+@pytest.mark.subprocess
 def test_bulk_output_folder_is_guarded(run, tmp_path, monkeypatch):
     """One sample.py per --out folder; a file is no folder; a full disk stops with exit code 5 and leaves no
     partial PNG under its final name; a negative guidance scale is refused."""
@@ -163,6 +164,7 @@ def test_bulk_output_folder_is_guarded(run, tmp_path, monkeypatch):
     assert list((tmp_path / "full" / "images").iterdir()) == []
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("which,sampler", [("run", "ddpm"), ("flow_run", "sde-heun")])
 def test_two_processes_give_the_same_npz_bytes(which, sampler, request, tmp_path):
     """A DDPM run, and a flow run with an SDE sampler (fresh noise at every step), drawn by one and by two
@@ -243,8 +245,8 @@ def test_a_damaged_spec_is_rebuilt_before_any_image_and_refused_after(run, tmp_p
 
 
 def test_unwritable_folders_too_few_fid_samples_and_export_onto_a_file(run, tmp_path, monkeypatch):
-    """One line and its exit code for each (see test_engine.test_exit_codes): a folder this user cannot
-    write (exit 5, simulated under root, see make_unwritable) is a permission problem, not a full disk;
+    """One line and its exit code for each (see tests/vit3/engine/test_run.py::test_exit_codes): a folder this
+    user cannot write (exit 5, simulated under root, see make_unwritable) is a permission problem, not a full disk;
     FID says how many images it needs (exit 2); --export onto a file is refused (exit 2)."""
     ref = noise_images(tmp_path / "ref", 4, 0)
     with pytest.raises(ConfigError, match=r"FID needs at least 2 samples.*got 1 samples and 4 reference images"):
@@ -339,6 +341,7 @@ def test_flow_run_samples_with_its_objective_and_its_settings(flow_run, tmp_path
         _sample(*common, "--shift", 3)
 
 
+@pytest.mark.subprocess
 def test_a_sampler_of_the_other_objective_is_refused(run, flow_run):
     with pytest.raises(ConfigError, match=r"--sampler ddpm does not sample this checkpoint: it was trained with "
                                           r"objective=flow; choose one of euler, heun, dopri5, sde-euler, sde-heun"):

@@ -181,6 +181,7 @@ def test_bf16_and_gradient_checkpointing_two_steps(data, tmp_path):
     assert len(loss) == 2 and all(np.isfinite(loss))
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
     argv = _argv(data, tmp_path, "run_name=sig", "max_steps=100000", "checkpoint.every_steps=0",
                  "data.num_workers=1")
@@ -256,6 +257,7 @@ def test_latent_folder_of_other_settings_is_refused(data, vae_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # two processes
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_two_processes_agree(data, vae_dir, tmp_path):
     """Two real gloo processes: world size 2, shards extracted by both, identical weights on both ranks and
     in the checkpoint, the train loss all-reduced, each checkpoint written once."""
@@ -339,6 +341,7 @@ def test_resume_of_another_model_is_refused(data, tmp_path):
         _run(data, tmp_path, "run_name=m", "resume=latest", "model.name=DiT-S/2")
 
 
+@pytest.mark.subprocess
 def test_unknown_model_and_cli_error(data, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model.name 'DiT3-Q/2'; choose one of .*DiT3-B/2"):
         _run(data, tmp_path, "model.name=DiT3-Q/2")
@@ -375,6 +378,7 @@ def test_flow_objective_trains_records_itself_and_resumes_bitwise(data, tmp_path
         assert all(torch.equal(wa[k], wc[k]) for k in wa), name
 
 
+@pytest.mark.subprocess
 def test_flow_settings_and_ddpm_settings_do_not_mix(data, tmp_path):
     with pytest.raises(ConfigError, match=r"sample.sampler='heun' does not sample objective=ddpm models; "
                                           r"choose one of ddpm, ddim, dpm"):

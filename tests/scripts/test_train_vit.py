@@ -160,6 +160,7 @@ def test_hvit3_mesa_bf16_two_steps(data, tmp_path):
     assert all(np.isfinite(loss))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path, sig):
     """SIGTERM (or Ctrl-C's SIGINT) to the whole process group (as a cluster's scancel, or a terminal,
@@ -191,6 +192,7 @@ def test_nan_loss_stops_naming_the_step_and_last_good_checkpoint(data, tmp_path,
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-00000002"]
 
 
+@pytest.mark.subprocess
 def test_a_failing_step_with_loader_workers_exits_promptly(tmp_path):
     """An error inside the loop (here a zero-byte image read by one of two workers) exits with its code at
     once: the workers, which ignore stop signals, are killed rather than waited for."""
@@ -216,6 +218,7 @@ def test_rolling_back_branches_and_keeps_the_newer_checkpoints(data, tmp_path):
     assert _run(data, tmp_path, "resume=latest", "max_steps=4")["run_dir"] == branch["run_dir"]
 
 
+@pytest.mark.subprocess
 def test_two_processes_agree(data, tmp_path):
     """Two real gloo processes: world size 2 recorded, identical weights on both ranks (and in the
     checkpoint), train loss all-reduced, validation sums over both shards."""
@@ -305,6 +308,7 @@ def test_image_size_not_divisible_by_patch(data, tmp_path):
         _run(data, tmp_path, "model.kwargs.dpth=3")
 
 
+@pytest.mark.subprocess
 def test_unknown_config_key(data, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*Did you mean 'lr'.*Valid keys in 'optim'"):
         _run(data, tmp_path, "optim.lrr=1e-3")
@@ -343,6 +347,7 @@ def test_help_lists_every_key_with_default_and_comment(capsys):
     assert "per `decay_batch` images" in decay  # a comment on the lines above the field
 
 
+@pytest.mark.subprocess
 def test_two_runs_on_one_folder(data, tmp_path):
     """A run folder held by a live process stops a second run at once, naming the holder."""
     import socket

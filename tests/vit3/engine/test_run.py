@@ -49,6 +49,7 @@ def test_write_run_info(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"a": 1}
 
 
+@pytest.mark.subprocess
 def test_one_writer_per_folder(tmp_path):
     import subprocess
     import sys

@@ -258,6 +258,7 @@ def test_forced_impl_is_unchecked_and_raises(auto_unchecked, monkeypatch):
     assert len(calls) == 1 and dispatch.VERDICTS == {}
 
 
+@pytest.mark.subprocess
 def test_env_var_forces_the_path_for_the_process():
     """VIT3_TTT_IMPL is read when vit3 is imported; forced Triton on CPU tensors without the interpreter raises."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -273,6 +274,7 @@ def test_env_var_forces_the_path_for_the_process():
     assert "VIT3_TTT_IMPL='fastest': choose one of fast, triton, reference" in out.stderr
 
 
+@pytest.mark.ptxas
 def test_kernels_compile_for_hopper_without_spills():
     """Every kernel of every shipped configuration compiles for sm_90 (Triton's compiler and ptxas run
     on the CPU), with no register spills and within Hopper's 227 KB of shared memory per block."""
