@@ -6,6 +6,7 @@ checkpoint weights, the two subprocess scenarios (SIGTERM to the process group, 
 """
 import hashlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -59,6 +60,13 @@ def run_main(main, argv: list[str]):
 def checkpoint_weights(run_dir: Path, step: int, name: str = "model") -> dict:
     """The weights of module `name` in checkpoint step-N (a safetensors file or a save_pretrained folder)."""
     return load_file(str(engine.module_weights_file(Path(run_dir) / "checkpoints" / f"step-{step:08d}", name)))
+
+
+def assert_same_weights(run_a: Path, run_b: Path, step: int) -> None:
+    """The model and the EMA of checkpoint step-N are the same, bit for bit, in two runs."""
+    for name in ("model", "ema"):
+        wa, wb = checkpoint_weights(run_a, step, name), checkpoint_weights(run_b, step, name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -117,6 +125,15 @@ def launch_two_processes(script: str, argv: list[str]) -> subprocess.CompletedPr
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+def two_process_ranks(run: Path) -> list[dict]:
+    """The two ranks' records (rank_debug.py) of a two-process run, once the run has recorded world size 2 and
+    both ranks ended with the same model and EMA weights."""
+    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
+    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+    return ranks
 
 
 def make_unwritable(folder: Path, monkeypatch) -> Path:

@@ -19,6 +19,7 @@ from dit3.weights import load_dit3_weights
 from tests.dit3.tiny import tiny_vae
 from tests.trainer_helpers import (
     ROOT,
+    assert_same_weights,
     checkpoint_weights,
     latest_checkpoint_step,
     launch_two_processes,
@@ -26,6 +27,7 @@ from tests.trainer_helpers import (
     run_main,
     run_script,
     sigterm_at,
+    two_process_ranks,
     weights_digest,
     write_images,
 )
@@ -115,9 +117,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     _run(data, tmp_path, "run_name=split", "max_steps=2", *common)
     c = _run(data, tmp_path, "run_name=split", "resume=latest", *common)
     assert c["step"] == 4
-    for name in ("model", "ema"):
-        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
-        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+    assert_same_weights(a["run_dir"], c["run_dir"], 4)
 
     # control: the same resume without restoring the RNG states ends elsewhere
     monkeypatch.setattr(T.checkpoint, "restore_rng_state", lambda state: None)
@@ -267,9 +267,7 @@ def test_two_processes_agree(data, vae_dir, tmp_path):
         "model.image_size=16", f"data.latents={latents}", "data.latent_shard_size=5", "data.latent_dtype=float32",
         "log.every=2"))
     run = tmp_path / "ddp"
-    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
-    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+    ranks = two_process_ranks(run)
 
     # each checkpoint once: one folder per save, both ranks' RNG in it, no temporary left over
     log = (run / "log.txt").read_text()
@@ -373,9 +371,7 @@ def test_flow_objective_trains_records_itself_and_resumes_bitwise(data, tmp_path
     assert sorted(p.name for p in (a["run_dir"] / "samples").glob("*.png")) == ["final.png", "step-0000002.png"]
     _run(data, tmp_path, "run_name=split", "max_steps=2", *FLOW)
     c = _run(data, tmp_path, "run_name=split", "resume=latest", *FLOW)
-    for name in ("model", "ema"):
-        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
-        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+    assert_same_weights(a["run_dir"], c["run_dir"], 4)
 
 
 @pytest.mark.subprocess

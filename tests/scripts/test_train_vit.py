@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 
 from tests.trainer_helpers import (
+    assert_same_weights,
     checkpoint_weights,
     latest_checkpoint_step,
     launch_two_processes,
@@ -24,6 +25,7 @@ from tests.trainer_helpers import (
     run_main,
     run_script,
     sigterm_at,
+    two_process_ranks,
     weights_digest,
     write_images,
 )
@@ -94,9 +96,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     _run(data, tmp_path, "run_name=split", "max_steps=2", *common)
     c = _run(data, tmp_path, "run_name=split", "resume=latest", "max_steps=4", *common)
     assert c["step"] == 4
-    for name in ("model", "ema"):
-        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
-        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+    assert_same_weights(a["run_dir"], c["run_dir"], 4)
     opt_a = torch.load(a["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
     opt_c = torch.load(c["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
     assert all(torch.equal(opt_a["state"][k]["exp_avg"], opt_c["state"][k]["exp_avg"]) for k in opt_a["state"])
@@ -225,9 +225,7 @@ def test_two_processes_agree(data, tmp_path):
     launch_two_processes("train_vit.py", _argv(data, tmp_path, "run_name=ddp", "optim.epochs=1",
                                                "threads=0"))
     run = tmp_path / "ddp"
-    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
-    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+    ranks = two_process_ranks(run)
     model = train_vit.create_model(train_vit.ModelConfig(name="vit3_tiny", img_size=16, drop_path_rate=0.2,
                                                          kwargs=yaml.safe_load(TINY)), 3)
     load_weights(model, run / "checkpoints" / "step-00000003")
