@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_ttt import interleaved_times_ms
+from bench_common import interleaved_times_ms
 from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ TARGET_STEP_RATIO = 1.3  # DiT³ step / DiT step at the demo size
 
 
 def median_ms(fns: dict, rounds: int) -> dict:
-    """Median time (ms) of each callable over `rounds` interleaved rounds: bench_ttt's timer, on the CPU."""
+    """Median time (ms) of each callable over `rounds` interleaved rounds: the benchmarks' one timer, on the CPU."""
     return {name: t["time_ms"] for name, t in interleaved_times_ms(fns, "cpu", rounds=rounds).items()}
 
 

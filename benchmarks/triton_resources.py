@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from vit3.ttt import conv_kernels as KC
 from vit3.ttt import kernels as K
 from vit3.ttt.triton_ops import Plan, covers
 
@@ -58,8 +59,8 @@ def kernels_for(d: int, rope: bool, dtype: str) -> list[tuple[str, object, dict]
     return [
         ("head_fwd_reduce", K.head_fwd_reduce, head), ("head_fwd_apply", K.head_fwd_apply, head),
         ("head_bwd_q", K.head_bwd_q, head), ("head_bwd_k", K.head_bwd_k, head),
-        ("conv_fwd_reduce", K.conv_fwd_reduce, conv), ("conv_fwd_apply", K.conv_fwd_apply, conv),
-        ("conv_bwd_q", K.conv_bwd_q, conv), ("conv_bwd_k", K.conv_bwd_k, conv),
+        ("conv_fwd_reduce", KC.conv_fwd_reduce, conv), ("conv_fwd_apply", KC.conv_fwd_apply, conv),
+        ("conv_bwd_q", KC.conv_bwd_q, conv), ("conv_bwd_k", KC.conv_bwd_k, conv),
         ("finalize_fwd head", K.finalize_fwd,
          dict(d=d, M=p.dp, K=2 * p.dp, BK=min(2 * p.dp, 64), HEAD=True, ROPE=rope)),
         ("finalize_bwd head", K.finalize_bwd, dict(M=p.dp, K=2 * p.dp, BK=min(2 * p.dp, 64))),

@@ -24,8 +24,32 @@ def pytest_collection_modifyitems(config, items):
 def fresh_accelerate():
     """Accelerate keeps process-wide singletons: a trainer test module marks its tests with this, so
     each in-process run starts from scratch."""
-    from trainer_helpers import reset_accelerate
+    from tests.trainer_helpers import reset_accelerate
 
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3, randomly initialised (He init: with PyTorch's default the features
+    collapse and every FID is 0), saved as a local weights file: no download."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    orig_url, orig_load = inc.load_state_dict_from_url, inc.FeatureExtractorInceptionV3.load_state_dict
+    inc.load_state_dict_from_url = lambda *a, **k: {}
+    inc.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
+    try:
+        net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        inc.load_state_dict_from_url, inc.FeatureExtractorInceptionV3.load_state_dict = orig_url, orig_load
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.01)
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path

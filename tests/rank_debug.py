@@ -8,8 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_helpers import load_script, weights_digest  # noqa: E402
+# the repository root before this folder (sys.path[0] when run as a script), whose vit3/ and dit3/ are the
+# test packages (tests/vit3/...), not the library
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.trainer_helpers import load_script, weights_digest  # noqa: E402
 
 if __name__ == "__main__":
     from accelerate import PartialState

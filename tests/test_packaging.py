@@ -21,6 +21,7 @@ def test_installed_versions_are_within_the_tested_ranges():
                          "with them, widen the ranges to admit them")
 
 
+@pytest.mark.subprocess
 def test_importing_the_packages_leaves_the_training_engine_unloaded():
     """A timm user's `import vit3` (and `import dit3`) loads no checkpoint, run-folder, lock or signal code, and
     no accelerate: the error classes the model and weight code raise live in vit3.errors. A fresh interpreter,

@@ -1,10 +1,12 @@
-"""What the trainer tests (test_train_vit.py, test_train_dit.py) share: loading a top-level script as a
-module, tiny image folders, in-process runs that leave a fresh Accelerate state behind (conftest's
-`fresh_accelerate` fixture gives each test one), checkpoint weights, and the two subprocess scenarios
-(SIGTERM to the process group, two gloo processes through `accelerate launch`), and a weights digest.
+"""What the script tests (tests/scripts/: the trainers, sample.py) and some package tests share: loading a
+top-level script as a module, tiny image folders (random classes, or noise for the FID tests), in-process
+runs that leave a fresh Accelerate state behind (conftest's `fresh_accelerate` fixture gives each test one),
+checkpoint weights, the two subprocess scenarios (SIGTERM to the process group, two gloo processes through
+`accelerate launch`), and a weights digest.
 """
 import hashlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -58,6 +60,13 @@ def run_main(main, argv: list[str]):
 def checkpoint_weights(run_dir: Path, step: int, name: str = "model") -> dict:
     """The weights of module `name` in checkpoint step-N (a safetensors file or a save_pretrained folder)."""
     return load_file(str(engine.module_weights_file(Path(run_dir) / "checkpoints" / f"step-{step:08d}", name)))
+
+
+def assert_same_weights(run_a: Path, run_b: Path, step: int) -> None:
+    """The model and the EMA of checkpoint step-N are the same, bit for bit, in two runs."""
+    for name in ("model", "ema"):
+        wa, wb = checkpoint_weights(run_a, step, name), checkpoint_weights(run_b, step, name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -118,6 +127,15 @@ def launch_two_processes(script: str, argv: list[str]) -> subprocess.CompletedPr
     return p
 
 
+def two_process_ranks(run: Path) -> list[dict]:
+    """The two ranks' records (rank_debug.py) of a two-process run, once the run has recorded world size 2 and
+    both ranks ended with the same model and EMA weights."""
+    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
+    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+    return ranks
+
+
 def make_unwritable(folder: Path, monkeypatch) -> Path:
     """`folder`, made read-only (0o555). root ignores permissions, so when the tests run as root the kernel's
     answer to a normal user is reproduced instead: creating a file or a folder under `folder` (os.open for
@@ -146,4 +164,14 @@ def make_unwritable(folder: Path, monkeypatch) -> Path:
 
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "mkdir", mkdir_)
+    return folder
+
+
+def noise_images(folder, n, seed, shift=0):
+    """n 32x32 RGB PNGs of Gaussian noise around grey level 120 + shift, in folder (for FID tests)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.clip(rng.normal(120 + shift, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
     return folder

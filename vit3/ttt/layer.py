@@ -13,7 +13,7 @@ and projects concat(f'(q1), conv'(q2)) back to C. Cost is linear in N.
 The other options reproduce the paper's design-space ablations. Three
 implementations sit behind `impl`: "reference" (reference.py, autograd inner
 gradient, every option), "fast" (fast.py, closed-form gradient and a custom
-backward, the paper's design, CPU and any device) and "triton" (kernels.py and
+backward, the paper's design, CPU and any device) and "triton" (kernels.py, conv_kernels.py and
 triton_ops.py, the same maths as fused GPU kernels); "auto" takes Triton for CUDA
 tensors where Triton imports and passes its first-use check (dispatch.py; the
 VIT3_TTT_IMPL environment variable overrides the choice), the fast path

@@ -1,6 +1,6 @@
-"""Triton TTT path: launches of kernels.py, the custom ops torch.compile sees, and autograd.
+"""Triton TTT path: launches of kernels.py and conv_kernels.py, the custom ops torch.compile sees, and autograd.
 
-Layering as in flash-linear-attention: Triton kernels (kernels.py) -> two custom ops,
+Layering as in flash-linear-attention: Triton kernels (kernels.py, conv_kernels.py) -> two custom ops,
 `vit3::ttt_inner_fwd` and `vit3::ttt_inner_bwd` (torch.library.triton_op, so that
 torch.compile traces into the launches without a graph break) -> one autograd
 Function that adds the output projection (cuBLAS) -> `ttt_triton`, which TTT calls.
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import conv_kernels as KC
 from . import kernels as K
 
 INTERPRETED = isinstance(K.head_fwd_reduce, InterpretedFunction)
@@ -128,7 +129,7 @@ def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: tor
     _kernel(K.head_fwd_reduce)[(p.nrb * p.splits, b * heads)](
         qkv, w1, w2, rope_t, part, n, h, w, p.tiles, qkv.stride(1), dim, heads, dim // 4, **common)
     part3 = torch.empty(b, p.splits_c, 16, p.cp, **f32)
-    _kernel(K.conv_fwd_reduce)[(p.splits_c, b * (p.cp // p.cb))](
+    _kernel(KC.conv_fwd_reduce)[(p.splits_c, b * (p.cp // p.cb))](
         qkv, part3, n, h, w, p.tiles_c, qkv.stride(1), dim, c, **conv)
 
     _kernel(K.finalize_fwd)[(b * heads, 2 * p.dp // bk)](
@@ -143,7 +144,7 @@ def ttt_inner_fwd(qkv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: tor
     out = torch.empty(b, n, dim + c, dtype=qkv.dtype, device=qkv.device)
     _kernel(K.head_fwd_apply)[(_cdiv(n, p.bn), b * heads)](
         qkv, w12n, rope_t, out, n, h, w, qkv.stride(1), out.stride(1), dim, heads, dim // 4, **common)
-    _kernel(K.conv_fwd_apply)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
+    _kernel(KC.conv_fwd_apply)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
         qkv, w3n, out, n, h, w, qkv.stride(1), out.stride(1), dim, c, **conv)
     return out, w12, g12, n12, w12n, g3, n3, w3n
 
@@ -175,7 +176,7 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta
         qkv, dout, w12n, rope_t, out, dqkv, part, n, h, w, p.tiles, qkv.stride(1), out.stride(1), dim, heads,
         dim // 4, **common)
     part3 = torch.empty(b, p.splits_c, 16, p.cp, **f32)
-    _kernel(K.conv_bwd_q)[(p.splits_c, b * (p.cp // p.cb))](
+    _kernel(KC.conv_bwd_q)[(p.splits_c, b * (p.cp // p.cb))](
         qkv, dout, w3n, out, dqkv, part3, n, h, w, p.tiles_c, qkv.stride(1), out.stride(1), dim, c,
         **conv)
 
@@ -193,7 +194,7 @@ def ttt_inner_bwd(qkv: torch.Tensor, dout: torch.Tensor, w3: torch.Tensor, theta
     _kernel(K.head_bwd_k)[(p.nrb * p.splits, b * heads)](
         qkv, w12, dgc12, rope_t, dqkv, partk, n, h, w, p.tiles, qkv.stride(1),
         dim, heads, dim // 4, **common)
-    _kernel(K.conv_bwd_k)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
+    _kernel(KC.conv_bwd_k)[(_cdiv(n, p.bnc), b * (p.cp // p.cb))](
         qkv, dgc3, dqkv, n, h, w, qkv.stride(1), dim, c, **conv)
 
     # weight gradients: the inner weights are shared by all samples (sum over them and the splits)

@@ -11,7 +11,7 @@ from dit3 import load_official_checkpoint
 from dit3.models import DiT3, DiT3_models, sincos_pos_embed_2d
 from vit3.engine import ConfigError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
 FAMILIES = {"DiT3": dict(mixer="ttt", cpe=True), "DiT3-LA": dict(mixer="linear_attention", cpe=True),
             "DiT": dict(mixer="attention", cpe=False)}

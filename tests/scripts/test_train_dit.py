@@ -4,7 +4,6 @@ Tiny DiT³s (32-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images, i
 through a tiny randomly initialised AutoencoderKL saved to a local folder (no hub access).
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,15 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from trainer_helpers import (
+
+from dit3 import diffusion as D
+from dit3.latents import LatentShards, image_transform, load_vae
+from dit3.train_config import ModelConfig
+from dit3.weights import load_dit3_weights
+from tests.dit3.tiny import tiny_vae
+from tests.trainer_helpers import (
     ROOT,
+    assert_same_weights,
     checkpoint_weights,
     latest_checkpoint_step,
     launch_two_processes,
@@ -21,14 +27,10 @@ from trainer_helpers import (
     run_main,
     run_script,
     sigterm_at,
+    two_process_ranks,
     weights_digest,
     write_images,
 )
-
-from dit3 import diffusion as D
-from dit3.latents import LatentShards, center_crop_arr, image_transform, load_vae
-from dit3.train_config import ModelConfig
-from dit3.weights import load_dit3_weights
 from vit3 import engine as T
 from vit3.digits import prepare_digits
 from vit3.engine import ConfigError, DataError
@@ -50,14 +52,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """A tiny random AutoencoderKL (2x downsampling, 4 latent channels) saved as a local folder."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1)
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
+    tiny_vae().save_pretrained(path)
     return path
 
 
@@ -121,9 +117,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     _run(data, tmp_path, "run_name=split", "max_steps=2", *common)
     c = _run(data, tmp_path, "run_name=split", "resume=latest", *common)
     assert c["step"] == 4
-    for name in ("model", "ema"):
-        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
-        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+    assert_same_weights(a["run_dir"], c["run_dir"], 4)
 
     # control: the same resume without restoring the RNG states ends elsewhere
     monkeypatch.setattr(T.checkpoint, "restore_rng_state", lambda state: None)
@@ -187,6 +181,7 @@ def test_bf16_and_gradient_checkpointing_two_steps(data, tmp_path):
     assert len(loss) == 2 and all(np.isfinite(loss))
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path):
     argv = _argv(data, tmp_path, "run_name=sig", "max_steps=100000", "checkpoint.every_steps=0",
                  "data.num_workers=1")
@@ -259,23 +254,10 @@ def test_latent_folder_of_other_settings_is_refused(data, vae_dir, tmp_path):
         _run(data, tmp_path, f"vae.name={vae_dir}", "model.image_size=32", f"data.latents={latents}")
 
 
-def test_center_crop_matches_adm():
-    """ADM's crop of a 300x200 image to 64: box-halve while the short side is >= 128 (once, to 150x100),
-    resize bicubically so the short side is 64 (96x64), keep the centre 64x64."""
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8))
-    out = center_crop_arr(img, 64)
-    half = img.resize((150, 100), resample=Image.BOX)  # 200 >= 128: halve once; 100 < 128: stop
-    resized = half.resize((96, 64), resample=Image.BICUBIC)
-    expect = np.array(resized)[:, 16:80]
-    assert out.size == (64, 64) and np.array_equal(np.array(out), expect)
-    same = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    assert np.array_equal(np.array(center_crop_arr(same, 64)), np.array(same))
-
-
 # ---------------------------------------------------------------------------------------------
 # two processes
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_two_processes_agree(data, vae_dir, tmp_path):
     """Two real gloo processes: world size 2, shards extracted by both, identical weights on both ranks and
     in the checkpoint, the train loss all-reduced, each checkpoint written once."""
@@ -285,9 +267,7 @@ def test_two_processes_agree(data, vae_dir, tmp_path):
         "model.image_size=16", f"data.latents={latents}", "data.latent_shard_size=5", "data.latent_dtype=float32",
         "log.every=2"))
     run = tmp_path / "ddp"
-    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
-    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+    ranks = two_process_ranks(run)
 
     # each checkpoint once: one folder per save, both ranks' RNG in it, no temporary left over
     log = (run / "log.txt").read_text()
@@ -359,6 +339,7 @@ def test_resume_of_another_model_is_refused(data, tmp_path):
         _run(data, tmp_path, "run_name=m", "resume=latest", "model.name=DiT-S/2")
 
 
+@pytest.mark.subprocess
 def test_unknown_model_and_cli_error(data, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model.name 'DiT3-Q/2'; choose one of .*DiT3-B/2"):
         _run(data, tmp_path, "model.name=DiT3-Q/2")
@@ -390,11 +371,10 @@ def test_flow_objective_trains_records_itself_and_resumes_bitwise(data, tmp_path
     assert sorted(p.name for p in (a["run_dir"] / "samples").glob("*.png")) == ["final.png", "step-0000002.png"]
     _run(data, tmp_path, "run_name=split", "max_steps=2", *FLOW)
     c = _run(data, tmp_path, "run_name=split", "resume=latest", *FLOW)
-    for name in ("model", "ema"):
-        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
-        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+    assert_same_weights(a["run_dir"], c["run_dir"], 4)
 
 
+@pytest.mark.subprocess
 def test_flow_settings_and_ddpm_settings_do_not_mix(data, tmp_path):
     with pytest.raises(ConfigError, match=r"sample.sampler='heun' does not sample objective=ddpm models; "
                                           r"choose one of ddpm, ddim, dpm"):
@@ -415,103 +395,19 @@ def test_flow_settings_and_ddpm_settings_do_not_mix(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# shipped configs and the demo
+# FID during training (the metrics themselves: tests/dit3/test_evaluation.py; the shipped configs and the
+# demo: test_train_dit_configs.py)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config,model,image_size,max_steps", [
-    ("dit3_s2_in256", "DiT3-S/2", 256, 400_000), ("dit3_b2_in256", "DiT3-B/2", 256, 400_000),
-    ("dit3_xl2_in256", "DiT3-XL/2", 256, 400_000), ("dit_b2_in256", "DiT-B/2", 256, 400_000),
-    ("dit3_xl2_in512", "DiT3-XL/2", 512, 3_000_000)])  # DiT-XL/2 512x512: latent 64, 3M updates
-def test_shipped_configs_follow_dits_recipe(config, model, image_size, max_steps):
-    cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
-    assert cfg.name == config
-    assert cfg.model.name == model and (cfg.model.image_size, cfg.model.num_classes) == (image_size, 1000)
-    assert train_dit.model_input(cfg, 8, 4) == (image_size // 8, 4)  # latents through the VAE's 8x downsampling
-    assert cfg.model.class_dropout_prob == 0.1 and cfg.max_steps == max_steps
-    assert (cfg.vae.name, cfg.vae.scale) == ("stabilityai/sd-vae-ft-ema", 0.18215)
-    o = cfg.optim
-    assert (o.opt, o.lr, o.lr_batch, o.weight_decay, o.sched, o.warmup_epochs, o.clip_grad, o.betas) == (
-        "adamw", 1e-4, 0, 0.0, "constant", 0, 0.0, (0.9, 0.999))
-    assert cfg.data.batch_size == 256 and cfg.data.hflip
-    assert cfg.ema.enabled and (cfg.ema.decay, cfg.ema.decay_batch) == (0.9999, 0)
-
-
-def test_demo_config_two_steps(tmp_path):
-    digits = prepare_digits(tmp_path / "digits16", 16)
-    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
-                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
-    assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo"
-    assert 0.0 <= r["digits_accuracy"] <= 1.0 and (r["run_dir"] / "digits_accuracy.json").is_file()
-
-
-@pytest.mark.parametrize("config", ["sit_b2_in256", "dit3_b2_in256_flow"])
-def test_shipped_flow_configs_follow_sits_recipe(config):
-    """SiT's train.py: linear path, velocity, uniform times, AdamW lr 1e-4, no weight decay, batch 256, EMA
-    0.9999, class dropout 0.1, 400K updates; its FID sampler (SDE Euler, 250 steps) draws the grids."""
-    cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
-    T.check_values(cfg)
-    assert cfg.name == config and cfg.objective == "flow"
-    assert cfg.model.name == {"sit_b2_in256": "DiT-B/2", "dit3_b2_in256_flow": "DiT3-B/2"}[config]
-    assert (cfg.model.image_size, cfg.model.num_classes, cfg.model.class_dropout_prob) == (256, 1000, 0.1)
-    f = cfg.flow
-    assert (f.path, f.prediction, f.loss_weight, f.time_dist, f.train_eps, f.sample_eps) == (
-        "linear", "velocity", "none", "uniform", None, None)
-    o = cfg.optim
-    assert (o.opt, o.lr, o.lr_batch, o.weight_decay, o.sched, o.warmup_epochs, o.clip_grad) == (
-        "adamw", 1e-4, 0, 0.0, "constant", 0, 0.0)
-    assert cfg.data.batch_size == 256 and cfg.max_steps == 400_000 and (cfg.ema.decay, cfg.ema.decay_batch) == (
-        0.9999, 0)
-    assert train_dit.check_objective(cfg).sample.sampler == "sde-euler" and cfg.sample.steps == 250
-
-
-def test_flow_demo_config_is_the_demo_with_flow_matching(tmp_path):
-    """configs/dit3_demo_flow.yaml: configs/dit3_demo.yaml's recipe with objective=flow and a flow sampler;
-    two steps of it score their samples."""
-    ddpm = yaml.safe_load((ROOT / "configs" / "dit3_demo.yaml").read_text())
-    flow = yaml.safe_load((ROOT / "configs" / "dit3_demo_flow.yaml").read_text())
-    assert flow.pop("objective") == "flow" and flow.pop("name") == "dit3_demo_flow" and ddpm.pop("name")
-    sampler = flow["sample"].pop("sampler")
-    assert flow.pop("flow")["prediction"] == "velocity" and sampler in ("euler", "heun", "dopri5", "sde-euler",
-                                                                          "sde-heun")
-    assert flow == ddpm
-    digits = prepare_digits(tmp_path / "digits16", 16)
-    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo_flow.yaml"), f"data.path={digits}",
-                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.steps=2", "sample.digits_per_class=1"])
-    assert r["step"] == 2 and r["run_dir"].name == "000-dit3_demo_flow"
-    assert 0.0 <= r["digits_accuracy"] <= 1.0
-    assert json.loads((r["run_dir"] / "digits_accuracy.json").read_text())["sampler"] == sampler
-
-
-def test_digits_classifier_is_accurate_on_real_digits_and_not_on_noise(tmp_path):
-    from vit3.digits import DigitsClassifier, _load_split
-
+def test_training_runs_a_periodic_fid(inception_weights, tmp_path):
     root = prepare_digits(tmp_path / "digits16", 16)
-    clf = DigitsClassifier(root)
-    assert clf.val_accuracy >= 0.95
-    x, y = _load_split(root / "val")
-    assert clf.accuracy(x, torch.as_tensor(y)) == pytest.approx(clf.val_accuracy)
-    noise = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    assert clf.accuracy(noise, torch.arange(10).repeat(20)) < 0.3
-
-
-def test_both_trainers_write_the_demo_data_in_one_place(tmp_path, monkeypatch):
-    """data.demo=digits goes through one function: both trainers' default is the same cache folder, train_dit's
-    data.path names the train split of a folder it writes, and an unknown demo names the one there is."""
-    import dataclasses
-
-    from vit3.data import DataConfig as ClassifierData
-    from vit3.data import prepare_demo
-    from vit3.digits import prepare_demo_folder
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    vit = prepare_demo(ClassifierData(demo="digits"), 16)
-    cfg = train_dit.TrainConfig(data=train_dit.DataConfig(demo="digits", path=""),
-                                model=ModelConfig(image_size=16))
-    dit = train_dit.resolve_data(cfg)
-    assert Path(vit.path) == Path(dit.path).parent == tmp_path / "cache" / "vit3" / "digits16"
-    given = train_dit.resolve_data(dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, path=str(tmp_path / "d" / "train"))))
-    assert given.path == str(tmp_path / "d" / "train") and (tmp_path / "d" / "val" / "3").is_dir()
-    with pytest.raises(ConfigError, match="unknown data.demo 'mnist'.*'digits'"):
-        prepare_demo_folder("mnist", "", 16)
+    r = run_main(train_dit.main, ["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={root}",
+                                  f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                                  "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.digits_per_class=0",
+                                  "sample.fid_every=1", "sample.fid_samples=5", f"sample.fid_ref={root / 'val' / '0'}",
+                                  f"sample.fid_inception_weights={inception_weights}"])
+    rows = [json.loads(x) for x in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    fids = [m for m in rows if "fid/frechet_inception_distance" in m]
+    assert [m["step"] for m in fids] == [1, 2] and all(m["fid/frechet_inception_distance"] > 0 for m in fids)
+    assert not any((r["run_dir"] / "fid").iterdir())  # sample images are removed, numbers kept
+    with pytest.raises(ConfigError, match=r"sample.fid_every=1 needs sample.fid_ref"):
+        train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), "sample.fid_every=1"])

@@ -1,30 +1,13 @@
-"""engine.TrainState and the Checkpointer that owns it: counting, one save per position, restore and seeding."""
+"""engine.TrainState and the Checkpointer that owns it: counting, one save per position, restore and seeding,
+no diverged weights saved."""
 import dataclasses
-import types
 
+import pytest
 import torch
 import torch.nn as nn
 
+from tests.vit3.engine.fakes import fake_run, tiny_model
 from vit3 import engine as T
-
-
-class _CPU:
-    """What the Checkpointer needs from an Accelerator, for one process on the CPU."""
-    is_main_process, process_index, num_processes = True, 0, 1
-    device = torch.device("cpu")
-
-    def wait_for_everyone(self):
-        pass
-
-
-def _run(tmp_path, resume_from=None):
-    """What a Checkpointer reads of a Run."""
-    return types.SimpleNamespace(accelerator=_CPU(), dir=tmp_path, resume_from=resume_from)
-
-
-def _tiny():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
 
 
 @dataclasses.dataclass
@@ -42,7 +25,7 @@ def test_train_state_counts_updates_and_epochs():
 def test_checkpointer_saves_each_position_once(tmp_path):
     """A second save of the same position is skipped; the update that ends an epoch is saved again once the
     epoch is counted (same step, new position), and the later copy is the one kept."""
-    ckpt = T.Checkpointer(_run(tmp_path), modules={"model": _tiny()}, states={}, config={}, keep_last=0)
+    ckpt = T.Checkpointer(fake_run(tmp_path), modules={"model": tiny_model()}, states={}, config={}, keep_last=0)
     ckpt.state.advance()
     first = ckpt.save()
     assert first is not None and ckpt.save() is None
@@ -54,11 +37,11 @@ def test_checkpointer_saves_each_position_once(tmp_path):
 def test_checkpointer_restores_state_weights_optimizer_and_rng(tmp_path):
     """restore() of a checkpoint brings back the trainer's own state fields, weights, optimizer and RNG, and
     counts the restored position as saved; a fresh run's restore() seeds each process with seed + 1 + rank."""
-    model = _tiny()
+    model = tiny_model()
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    ckpt = T.Checkpointer(_run(tmp_path), modules={"model": model}, states={"optimizer": opt}, config={},
+    ckpt = T.Checkpointer(fake_run(tmp_path), modules={"model": model}, states={"optimizer": opt}, config={},
                           keep_last=3, state=_BestState())
     ckpt.state.advance(), ckpt.state.advance()
     ckpt.state.best = 0.5
@@ -67,7 +50,7 @@ def test_checkpointer_restores_state_weights_optimizer_and_rng(tmp_path):
 
     other = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     other_opt = torch.optim.AdamW(other.parameters())
-    resumed = T.Checkpointer(_run(tmp_path / "b", resume_from=path), modules={"model": other},
+    resumed = T.Checkpointer(fake_run(tmp_path / "b", resume_from=path), modules={"model": other},
                              states={"optimizer": other_opt}, config={}, keep_last=3, state=_BestState())
     assert resumed.restore(seed=7, updates_per_epoch=10)
     assert (resumed.state.global_step, resumed.state.updates_in_epoch, resumed.state.best) == (2, 2, 0.5)
@@ -76,13 +59,31 @@ def test_checkpointer_restores_state_weights_optimizer_and_rng(tmp_path):
     assert other_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     assert resumed.save() is None  # the checkpoint it came from holds this position
 
-    short = T.Checkpointer(_run(tmp_path / "c", resume_from=path), modules={"model": other}, states={}, config={},
+    short = T.Checkpointer(fake_run(tmp_path / "c", resume_from=path), modules={"model": other}, states={}, config={},
                            keep_last=3)
     short.restore(seed=7, updates_per_epoch=1)  # fewer updates per epoch now: the epoch counts as finished
     assert short.state.updates_in_epoch == 1
 
-    fresh = T.Checkpointer(_run(tmp_path / "d"), modules={"model": other}, states={}, config={}, keep_last=3)
+    fresh = T.Checkpointer(fake_run(tmp_path / "d"), modules={"model": other}, states={}, config={}, keep_last=3)
     assert not fresh.restore(seed=7, updates_per_epoch=10)
     drawn = torch.rand(3)
     torch.manual_seed(7 + 1)
     assert torch.equal(drawn, torch.rand(3)) and fresh.state.position() == (0, 0, 0)
+
+
+def test_diverged_weights_are_never_saved(tmp_path):
+    """Checkpointer.save refuses non-finite weights, and a non-finite loss seen on the device since the last
+    check, naming the step and the last good checkpoint."""
+    model = tiny_model()
+    ckpt = T.Checkpointer(fake_run(tmp_path), modules={"model": model}, states={}, config={}, keep_last=3)
+    ckpt.state.advance()
+    good = ckpt.save()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    ckpt.state.advance()
+    with pytest.raises(T.TrainingDiverged, match=rf"weights hold NaN or inf at step 2.*Last good checkpoint: {good}"):
+        ckpt.save()
+    ckpt.watch(torch.tensor(float("nan")), 3)
+    with pytest.raises(T.TrainingDiverged, match="loss became NaN or inf at step 3"):
+        ckpt.check()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]

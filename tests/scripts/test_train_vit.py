@@ -15,8 +15,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
-from trainer_helpers import (
-    ROOT,
+
+from tests.trainer_helpers import (
+    assert_same_weights,
     checkpoint_weights,
     latest_checkpoint_step,
     launch_two_processes,
@@ -24,13 +25,12 @@ from trainer_helpers import (
     run_main,
     run_script,
     sigterm_at,
+    two_process_ranks,
     weights_digest,
     write_images,
 )
-
 from vit3 import engine as T
 from vit3 import load_weights
-from vit3.digits import prepare_digits
 from vit3.engine import ConfigError, DataError
 
 train_vit = load_script("train_vit")
@@ -96,9 +96,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, monkeypatch):
     _run(data, tmp_path, "run_name=split", "max_steps=2", *common)
     c = _run(data, tmp_path, "run_name=split", "resume=latest", "max_steps=4", *common)
     assert c["step"] == 4
-    for name in ("model", "ema"):
-        wa, wc = checkpoint_weights(a["run_dir"], 4, name), checkpoint_weights(c["run_dir"], 4, name)
-        assert all(torch.equal(wa[k], wc[k]) for k in wa), name
+    assert_same_weights(a["run_dir"], c["run_dir"], 4)
     opt_a = torch.load(a["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
     opt_c = torch.load(c["run_dir"] / "checkpoints/step-00000004/optimizer.pt", weights_only=True)
     assert all(torch.equal(opt_a["state"][k]["exp_avg"], opt_c["state"][k]["exp_avg"]) for k in opt_a["state"])
@@ -162,6 +160,7 @@ def test_hvit3_mesa_bf16_two_steps(data, tmp_path):
     assert all(np.isfinite(loss))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_and_exits_cleanly_then_resumes(data, tmp_path, sig):
     """SIGTERM (or Ctrl-C's SIGINT) to the whole process group (as a cluster's scancel, or a terminal,
@@ -193,6 +192,7 @@ def test_nan_loss_stops_naming_the_step_and_last_good_checkpoint(data, tmp_path,
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step-00000002"]
 
 
+@pytest.mark.subprocess
 def test_a_failing_step_with_loader_workers_exits_promptly(tmp_path):
     """An error inside the loop (here a zero-byte image read by one of two workers) exits with its code at
     once: the workers, which ignore stop signals, are killed rather than waited for."""
@@ -218,15 +218,14 @@ def test_rolling_back_branches_and_keeps_the_newer_checkpoints(data, tmp_path):
     assert _run(data, tmp_path, "resume=latest", "max_steps=4")["run_dir"] == branch["run_dir"]
 
 
+@pytest.mark.subprocess
 def test_two_processes_agree(data, tmp_path):
     """Two real gloo processes: world size 2 recorded, identical weights on both ranks (and in the
     checkpoint), train loss all-reduced, validation sums over both shards."""
     launch_two_processes("train_vit.py", _argv(data, tmp_path, "run_name=ddp", "optim.epochs=1",
                                                "threads=0"))
     run = tmp_path / "ddp"
-    assert json.loads((run / "run.json").read_text())["environment"]["world_size"] == 2
-    ranks = [json.loads((run / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["model_digest"] == ranks[1]["model_digest"] and ranks[0]["ema_digest"] == ranks[1]["ema_digest"]
+    ranks = two_process_ranks(run)
     model = train_vit.create_model(train_vit.ModelConfig(name="vit3_tiny", img_size=16, drop_path_rate=0.2,
                                                          kwargs=yaml.safe_load(TINY)), 3)
     load_weights(model, run / "checkpoints" / "step-00000003")
@@ -307,6 +306,7 @@ def test_image_size_not_divisible_by_patch(data, tmp_path):
         _run(data, tmp_path, "model.kwargs.dpth=3")
 
 
+@pytest.mark.subprocess
 def test_unknown_config_key(data, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*Did you mean 'lr'.*Valid keys in 'optim'"):
         _run(data, tmp_path, "optim.lrr=1e-3")
@@ -345,6 +345,7 @@ def test_help_lists_every_key_with_default_and_comment(capsys):
     assert "per `decay_batch` images" in decay  # a comment on the lines above the field
 
 
+@pytest.mark.subprocess
 def test_two_runs_on_one_folder(data, tmp_path):
     """A run folder held by a live process stops a second run at once, naming the holder."""
     import socket
@@ -370,65 +371,3 @@ def test_resume_of_another_model_is_refused(data, tmp_path):
     with pytest.raises(ConfigError, match=r"already holds checkpoints; pass resume=latest"):
         _run(data, tmp_path, "run_name=m")
 
-
-# ---------------------------------------------------------------------------------------------
-# shipped configs and demo data
-# ---------------------------------------------------------------------------------------------
-OFFICIAL = {  # model: (drop_path_rate, mesa) from the official cfgs/*.yaml (H-ViT³: the *_mesa ones)
-    "vit3_tiny": (0.0, 0.0), "vit3_small": (0.1, 0.0), "vit3_base": (0.4, 0.0),
-    "hvit3_tiny": (0.2, 1.0), "hvit3_small": (0.4, 1.5), "hvit3_base": (0.6, 2.0),
-}
-
-
-@pytest.mark.parametrize("model", sorted(OFFICIAL))
-def test_shipped_configs_follow_the_official_recipe(model):
-    cfg, _ = T.load_config(train_vit.TrainConfig, ["--config", str(ROOT / "configs" / f"{model}_in1k.yaml")])
-    assert cfg.model.name == model and (cfg.model.drop_path_rate, cfg.mesa) == OFFICIAL[model]
-    assert (cfg.model.img_size, cfg.data.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs) == (224, 1024, 300, 20)
-    assert T.scaled_lrs(cfg.optim, cfg.data.batch_size) == pytest.approx((1e-3, 1e-6, 1e-5))
-    o = cfg.optim
-    assert (o.opt, o.betas, o.eps, o.weight_decay, o.clip_grad, o.sched) == (
-        "adamw", (0.9, 0.999), 1e-8, 0.05, 5.0, "cosine")
-    d = cfg.data
-    assert (d.auto_augment, d.reprob, d.remode, d.interpolation, d.crop_pct) == (
-        "rand-m9-mstd0.5-inc1", 0.25, "pixel", "bicubic", 0.875)
-    assert (d.mixup, d.cutmix, d.label_smoothing, d.color_jitter, d.hflip) == (0.8, 1.0, 0.1, 0.4, 0.5)
-    assert cfg.ema.enabled and cfg.ema.decay ** (1024 / cfg.ema.decay_batch) == pytest.approx(0.9999, abs=1e-6)
-    assert cfg.mesa_start == 0.25
-
-
-def test_demo_config_two_steps(tmp_path):
-    digits = prepare_digits(tmp_path / "digits16", 16)
-    r = train_vit.main(["--config", str(ROOT / "configs" / "vit3_demo.yaml"), f"data.path={digits}",
-                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0"])
-    assert r["step"] == 2 and r["run_dir"].name == "000-vit3_demo"
-
-
-def test_prepare_digits(tmp_path):
-    root = prepare_digits(tmp_path / "digits", 16)
-    counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "val")}
-    assert counts == {"train": 1437, "val": 360}
-    per_class = [len(list((root / "val" / str(c)).glob("*.png"))) for c in range(10)]
-    assert min(per_class) >= 35  # stratified
-    img = Image.open(next((root / "train" / "0").glob("*.png")))
-    assert img.size == (16, 16) and img.mode == "RGB"
-    names = sorted(p.name for p in (root / "val" / "3").glob("*.png"))
-    assert prepare_digits(tmp_path / "digits", 16) == root  # written once
-    assert sorted(p.name for p in (root / "val" / "3").glob("*.png")) == names
-
-
-def test_randaugment_posterize_zero_bits_does_not_crash():
-    """RandAugment inc1 at magnitude 10 asks to keep 0 bits: Pillow >= 11 raises, we give the old
-    Pillow result (black), as the official runs had."""
-    from timm.data import auto_augment
-
-    from vit3.data import DataConfig, _posterize_any_bits, build_transform
-
-    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
-    assert np.asarray(_posterize_any_bits(img, 0)).max() == 0
-    assert np.asarray(_posterize_any_bits(img, 2)).max() == 192
-    tf = build_transform(DataConfig(), 16, is_training=True)
-    ops = [op for t in tf.transforms for op in getattr(t, "ops", [])]
-    assert any(op.name == "PosterizeIncreasing" for op in ops)
-    assert not any(op.aug_fn is auto_augment.posterize for op in ops)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_common  # noqa: E402
 import bench_models  # noqa: E402
 import bench_small  # noqa: E402
 import bench_ttt  # noqa: E402
@@ -25,13 +26,13 @@ def clean_malloc_env(monkeypatch):
 
 
 def test_worker_env_caching_for_time_returning_for_memory(clean_malloc_env):
-    timing = bench_ttt.worker_env("time", system_malloc=False)
-    assert all(timing[k] == v for k, v in bench_ttt.CACHING_MALLOC.items())
+    timing = bench_common.worker_env("time", system_malloc=False)
+    assert all(timing[k] == v for k, v in bench_common.CACHING_MALLOC.items())
     assert "MALLOC_MMAP_THRESHOLD_" not in timing
-    memory = bench_ttt.worker_env("memory", system_malloc=False)
+    memory = bench_common.worker_env("memory", system_malloc=False)
     assert memory["MALLOC_MMAP_THRESHOLD_"] == "65536"
-    assert not any(k in memory for k in bench_ttt.CACHING_MALLOC)
-    system = bench_ttt.worker_env("time", system_malloc=True)
+    assert not any(k in memory for k in bench_common.CACHING_MALLOC)
+    system = bench_common.worker_env("time", system_malloc=True)
     assert not any(k in system for k in MALLOC_VARS)
 
 
@@ -43,15 +44,17 @@ def test_heap_keeps_small_attention_blocks_only():
 def test_short_points_get_at_least_five_interleaved_rounds():
     calls = []
     steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    res = bench_ttt.interleaved_times_ms(steps, "cpu", min_time=0.0)
+    res = bench_common.interleaved_times_ms(steps, "cpu", min_time=0.0)
     assert len(calls) == 4 + 10  # two warm-up steps each, then five rounds
     assert calls[4:] == ["a", "b"] * 5  # interleaved, one step of each per round
     assert res["a"]["rounds"] == res["b"]["rounds"] == 5
 
 
 def test_the_benchmarks_share_one_timer():
-    assert bench_models.interleaved_times_ms is bench_ttt.interleaved_times_ms
-    assert not hasattr(bench_small, "statistics")  # its median_ms is bench_ttt's timer with fixed rounds
+    timer = bench_common.interleaved_times_ms
+    assert bench_models.interleaved_times_ms is bench_ttt.interleaved_times_ms is timer
+    assert bench_small.interleaved_times_ms is timer
+    assert not hasattr(bench_small, "statistics")  # its median_ms is that timer with fixed rounds
 
 
 def test_small_bench_rounds_interleave_and_ops_count_by_phase():

@@ -1,12 +1,13 @@
 """Every config key and CLI value is checked before any work starts: one line naming the key, the value and
-what is accepted (ConfigError: exit code 2 through engine.run_script, see test_engine.test_exit_codes and
-test_train_vit.test_unknown_config_key), for each of the three scripts."""
+what is accepted (ConfigError: exit code 2 through engine.run_script, see
+tests/vit3/engine/test_run.py::test_exit_codes and test_train_vit.py::test_unknown_config_key), for each of the
+three scripts."""
 import dataclasses
 import sys
 
 import pytest
-from trainer_helpers import load_script
 
+from tests.trainer_helpers import load_script
 from vit3 import engine
 from vit3.engine import ConfigError, run_script
 

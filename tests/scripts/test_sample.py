@@ -1,5 +1,5 @@
-"""sample.py (grid, bulk, distributed, resumable, bad input) and the torch-fidelity metrics (offline,
-with a local randomly initialised Inception), on a tiny pixel-space DiT³ trained for two steps."""
+"""sample.py (grid, bulk, distributed, resumable, bad input, metrics offline), on a tiny pixel-space DiT³
+trained for two steps."""
 import importlib.util
 import json
 import os
@@ -14,15 +14,16 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
-from trainer_helpers import make_unwritable
 
 from dit3 import load_dit3
 from dit3.sampling import sample
+from tests.dit3.tiny import tiny_vae
+from tests.trainer_helpers import make_unwritable, noise_images
 from vit3 import engine
 from vit3.digits import prepare_digits
 from vit3.engine import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name):
@@ -124,6 +125,7 @@ def test_bulk_npz_resume_and_digits_accuracy(run, tmp_path):
                 "--mixed-precision", "bf16")
 
 
+@pytest.mark.subprocess
 def test_bulk_output_folder_is_guarded(run, tmp_path, monkeypatch):
     """One sample.py per --out folder; a file is no folder; a full disk stops with exit code 5 and leaves no
     partial PNG under its final name; a negative guidance scale is refused."""
@@ -162,6 +164,7 @@ def test_bulk_output_folder_is_guarded(run, tmp_path, monkeypatch):
     assert list((tmp_path / "full" / "images").iterdir()) == []
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("which,sampler", [("run", "ddpm"), ("flow_run", "sde-heun")])
 def test_two_processes_give_the_same_npz_bytes(which, sampler, request, tmp_path):
     """A DDPM run, and a flow run with an SDE sampler (fresh noise at every step), drawn by one and by two
@@ -242,10 +245,10 @@ def test_a_damaged_spec_is_rebuilt_before_any_image_and_refused_after(run, tmp_p
 
 
 def test_unwritable_folders_too_few_fid_samples_and_export_onto_a_file(run, tmp_path, monkeypatch):
-    """One line and its exit code for each (see test_engine.test_exit_codes): a folder this user cannot
-    write (exit 5, simulated under root, see make_unwritable) is a permission problem, not a full disk;
+    """One line and its exit code for each (see tests/vit3/engine/test_run.py::test_exit_codes): a folder this
+    user cannot write (exit 5, simulated under root, see make_unwritable) is a permission problem, not a full disk;
     FID says how many images it needs (exit 2); --export onto a file is refused (exit 2)."""
-    ref = _images(tmp_path / "ref", 4, 0)
+    ref = noise_images(tmp_path / "ref", 4, 0)
     with pytest.raises(ConfigError, match=r"FID needs at least 2 samples.*got 1 samples and 4 reference images"):
         _sample("--ckpt", run, "--num-samples", 1, "--steps", 2, "--out", tmp_path / "one", "--fid-ref", ref)
     (ref / "003.png").unlink()
@@ -338,6 +341,7 @@ def test_flow_run_samples_with_its_objective_and_its_settings(flow_run, tmp_path
         _sample(*common, "--shift", 3)
 
 
+@pytest.mark.subprocess
 def test_a_sampler_of_the_other_objective_is_refused(run, flow_run):
     with pytest.raises(ConfigError, match=r"--sampler ddpm does not sample this checkpoint: it was trained with "
                                           r"objective=flow; choose one of euler, heun, dopri5, sde-euler, sde-heun"):
@@ -380,134 +384,10 @@ def test_flow_export_is_a_pipeline_that_samples_as_the_run(flow_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# FID and friends
+# FID and friends (the metrics themselves: tests/dit3/test_evaluation.py)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """torch-fidelity's InceptionV3, randomly initialised (He init: with PyTorch's default the features
-    collapse and every FID is 0), saved as a local weights file: no download."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inc
-
-    orig_url, orig_load = inc.load_state_dict_from_url, inc.FeatureExtractorInceptionV3.load_state_dict
-    inc.load_state_dict_from_url = lambda *a, **k: {}
-    inc.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-    try:
-        net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-    finally:
-        inc.load_state_dict_from_url, inc.FeatureExtractorInceptionV3.load_state_dict = orig_url, orig_load
-    torch.manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=0.01)
-    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def _images(folder, n, seed, shift=0):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        img = np.clip(rng.normal(120 + shift, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return folder
-
-
-def frechet(fa: np.ndarray, fb: np.ndarray) -> float:
-    """Frechet distance of two feature sets [n, D], independently of torch-fidelity's scipy sqrtm: with
-    centred features X (covariance X^T X / (n - 1)), tr sqrt(S_a S_b) is the sum of the singular values of
-    Xa Xb^T / (n - 1), an n x n problem (the D x D square root takes ~25 s at D = 2048 on 2 cores)."""
-    xa, xb = fa - fa.mean(0), fb - fb.mean(0)
-    assert len(fa) == len(fb)
-    tr_covmean = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / (len(fa) - 1)
-    tr_a, tr_b = (xa ** 2).sum() / (len(fa) - 1), (xb ** 2).sum() / (len(fb) - 1)
-    return float(((fa.mean(0) - fb.mean(0)) ** 2).sum() + tr_a + tr_b - 2 * tr_covmean)
-
-
-def test_fid_of_a_set_against_itself_is_zero_and_equals_an_independent_frechet(inception_weights, tmp_path):
-    from dit3.evaluation import FID_LAYER, feature_extractor, fidelity_metrics, image_features
-
-    a = _images(tmp_path / "a", 24, 0)
-    b = _images(tmp_path / "b", 24, 1, shift=40)
-    same = fidelity_metrics(a, a, cuda=False, inception_weights=inception_weights, batch_size=8)
-    assert abs(same["frechet_inception_distance"]) < 1e-3
-    assert same["precision"] == 1.0 and same["recall"] == 1.0
-    diff = fidelity_metrics(a, b, cuda=False, inception_weights=inception_weights, batch_size=8,
-                            save_ref_stats=tmp_path / "b_stats.npz")
-    assert diff["frechet_inception_distance"] > 1.0
-    assert {"inception_score_mean", "kernel_inception_distance_mean", "precision", "recall"} <= set(diff)
-
-    # independent Frechet distance on the same features
-    ext = feature_extractor(False, inception_weights)[0]
-    fa = image_features(a, ext, False, 8)[FID_LAYER].double().numpy()
-    fb = image_features(b, ext, False, 8)[FID_LAYER].double().numpy()
-    assert diff["frechet_inception_distance"] == pytest.approx(frechet(fa, fb), rel=1e-3)
-
-    # the cached reference statistics give the same FID
-    stats = fidelity_metrics(a, tmp_path / "b_stats.npz", cuda=False, inception_weights=inception_weights,
-                             batch_size=8)
-    assert stats["frechet_inception_distance"] == pytest.approx(diff["frechet_inception_distance"], rel=1e-4)
-    assert "precision" not in stats  # needs the reference's features
-
-
-def test_fidelity_metrics_on_a_folder_are_torch_fidelity_calculate_metrics(inception_weights, tmp_path):
-    """Against an image folder every number is torch-fidelity's own calculate_metrics, with its default
-    Inception layers; KID's subset size is the smaller set."""
-    import torch_fidelity
-
-    from dit3.evaluation import fidelity_metrics
-
-    # few images, as Inception runs at 299 px on the CPU; 10 samples fill IS's 10 splits
-    a, b = _images(tmp_path / "a", 10, 0), _images(tmp_path / "b", 5, 2, shift=10)
-    ours = fidelity_metrics(a, b, cuda=False, inception_weights=inception_weights)
-    theirs = torch_fidelity.calculate_metrics(
-        input1=str(a), input2=str(b), cuda=False, isc=True, fid=True, kid=True, prc=True,
-        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(inception_weights),
-        kid_subset_size=5, cache=False, verbose=False)
-    assert ours == {**theirs, "num_samples": 10, "feature_extractor": "inception-v3-compat"}
-
-
-def test_fid_reference_npz_is_checked(inception_weights, tmp_path):
-    from dit3.evaluation import fidelity_metrics
-
-    a = _images(tmp_path / "a", 8, 0)
-    np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 32, 32, 3), np.float32))
-    with pytest.raises(ValueError, match=r"arr_0 must be uint8 images of shape \[N, H, W, 3\].*float32"):
-        fidelity_metrics(a, tmp_path / "float.npz", cuda=False, inception_weights=inception_weights)
-    np.savez(tmp_path / "chw.npz", arr_0=np.zeros((4, 3, 32, 32), np.uint8))
-    with pytest.raises(ValueError, match=r"got uint8 \[4, 3, 32, 32\]"):
-        fidelity_metrics(a, tmp_path / "chw.npz", cuda=False, inception_weights=inception_weights)
-    imgs = np.stack([np.asarray(Image.open(p)) for p in sorted(a.glob("*.png"))])
-    np.savez(tmp_path / "adm.npz", arr_0=imgs)  # an ADM-style reference batch of the same images
-    assert abs(fidelity_metrics(a, tmp_path / "adm.npz", cuda=False, inception_weights=inception_weights)
-               ["frechet_inception_distance"]) < 1e-3
-
-
-def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, tmp_path):
-    """pytorch-fid's statistics files hold float64 mu and sigma, ours a float32 mu: both load and give the
-    Frechet distance of an independent formula; a malformed file is named with the fields it needs."""
-    from dit3.evaluation import FID_LAYER, feature_extractor, fidelity_metrics, image_features
-
-    a, b = _images(tmp_path / "a", 8, 0), _images(tmp_path / "b", 8, 1, shift=40)
-    ext = feature_extractor(False, inception_weights)[0]
-    fa, fb = (image_features(d, ext, False)[FID_LAYER].double().numpy() for d in (a, b))
-    expect = frechet(fa, fb)
-    mu_b, s_b = fb.mean(0), np.cov(fb, rowvar=False)
-    for dtype in (np.float64, np.float32):
-        np.savez(tmp_path / "stats.npz", mu=mu_b.astype(dtype), sigma=s_b.astype(dtype))
-        fid = fidelity_metrics(a, tmp_path / "stats.npz", cuda=False, inception_weights=inception_weights)
-        assert fid["frechet_inception_distance"] == pytest.approx(expect, rel=1e-3), dtype
-    for name, fields in (("mu_only", dict(mu=mu_b)), ("sigma_1d", dict(mu=mu_b, sigma=mu_b)),
-                         ("ints", dict(mu=mu_b.astype(np.int64), sigma=s_b))):
-        np.savez(tmp_path / f"{name}.npz", **fields)
-        with pytest.raises(ValueError, match=rf"{name}.npz is not a statistics file: it needs mu .* and sigma"):
-            fidelity_metrics(a, tmp_path / f"{name}.npz", cuda=False, inception_weights=inception_weights)
-
-
 def test_sample_py_writes_metrics_offline(run, inception_weights, tmp_path):
-    ref = _images(tmp_path / "ref", 6, 3)
+    ref = noise_images(tmp_path / "ref", 6, 3)
     out = tmp_path / "bulk"
     _sample("--ckpt", run, "--num-samples", 8, "--batch-size", 6, "--steps", 2, "--out", out)  # 2 more on disk
     r = _sample("--ckpt", run, "--num-samples", 6, "--batch-size", 6, "--steps", 2, "--out", out,
@@ -542,39 +422,14 @@ def test_domain_fid_with_a_vit3_classifier(run, tmp_path):
     assert "digits_accuracy" in metrics
 
 
-def test_training_runs_a_periodic_fid(inception_weights, tmp_path):
-    root = prepare_digits(tmp_path / "digits16", 16)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={root}",
-                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "data.num_workers=0", "sample.every=0", "sample.steps=2", "sample.digits_per_class=0",
-                        "sample.fid_every=1", "sample.fid_samples=5", f"sample.fid_ref={root / 'val' / '0'}",
-                        f"sample.fid_inception_weights={inception_weights}"])
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    rows = [json.loads(x) for x in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()]
-    fids = [m for m in rows if "fid/frechet_inception_distance" in m]
-    assert [m["step"] for m in fids] == [1, 2] and all(m["fid/frechet_inception_distance"] > 0 for m in fids)
-    assert not any((r["run_dir"] / "fid").iterdir())  # sample images are removed, numbers kept
-    with pytest.raises(ConfigError, match=r"sample.fid_every=1 needs sample.fid_ref"):
-        train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), "sample.fid_every=1"])
-
-
 def test_official_release_files(tmp_path):
     """An official train.py file ({'model', 'ema', 'opt', 'args'}) samples with no model flags; DiT's bare
     EMA weights need --model and --image-size."""
     import argparse
 
-    from diffusers import AutoencoderKL
-
     from dit3.models import DiT3_models
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1)
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae().save_pretrained(tmp_path / "vae")
     model = DiT3_models["DiT3-S/8"](input_size=16, num_classes=10)  # 32 px images through a 2x VAE
     sd = model.state_dict()
     torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(

@@ -22,7 +22,7 @@ from vit3.mixers import Attention
 from vit3.models import MODEL_NAMES, HViT3, ViT3, create_model
 from vit3.ttt import TTT
 
-OFFICIAL = json.loads((Path(__file__).parent / "data" / "official_vit3.json").read_text())
+OFFICIAL = json.loads((Path(__file__).resolve().parents[1] / "data" / "official_vit3.json").read_text())
 
 # parameters of the official models at 1000 classes (the RoPE tables are buffers, not counted)
 OFFICIAL_PARAMS = {

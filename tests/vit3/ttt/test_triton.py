@@ -22,7 +22,7 @@ from vit3.ttt import TTT, dispatch
 from vit3.ttt.layer import HAS_TRITON
 
 pytestmark = [pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -258,6 +258,7 @@ def test_forced_impl_is_unchecked_and_raises(auto_unchecked, monkeypatch):
     assert len(calls) == 1 and dispatch.VERDICTS == {}
 
 
+@pytest.mark.subprocess
 def test_env_var_forces_the_path_for_the_process():
     """VIT3_TTT_IMPL is read when vit3 is imported; forced Triton on CPU tensors without the interpreter raises."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -273,6 +274,7 @@ def test_env_var_forces_the_path_for_the_process():
     assert "VIT3_TTT_IMPL='fastest': choose one of fast, triton, reference" in out.stderr
 
 
+@pytest.mark.ptxas
 def test_kernels_compile_for_hopper_without_spills():
     """Every kernel of every shipped configuration compiles for sm_90 (Triton's compiler and ptxas run
     on the CPU), with no register spills and within Hopper's 227 KB of shared memory per block."""
@@ -322,12 +324,12 @@ def test_bf16_triton_close_to_fp32(heads, d, h, w, rope):
 
 @pytest.mark.gpu
 def test_triton_deterministic_and_one_compilation_for_every_resolution():
-    from vit3.ttt import kernels
+    from vit3.ttt import conv_kernels, kernels
 
     def compiled(k):  # variants of kernel k compiled so far in this process (other tests add their own)
         return sum(len(cache[0]) for cache in k.device_caches.values())
 
-    watched = (kernels.head_fwd_reduce, kernels.head_bwd_k, kernels.conv_bwd_q)
+    watched = (kernels.head_fwd_reduce, kernels.head_bwd_k, conv_kernels.conv_bwd_q)
     layer = TTT(384, 6, impl="triton").cuda()
     runs, after_first = [], None
     for h, w in [(16, 16), (16, 16), (24, 20), (33, 7)]:

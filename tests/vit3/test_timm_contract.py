@@ -18,12 +18,13 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from test_models import _save_official_file, official_state_dict
 from timm.data import resolve_data_config
 from timm.models import create_feature_extractor
 from timm.optim import create_optimizer_v2
 
 import vit3.models
+import vit3.vit
+from tests.vit3.test_models import _save_official_file, official_state_dict
 from vit3.models import MODEL_NAMES, HViT3
 from vit3.weights import cached_file_name
 
@@ -319,7 +320,7 @@ def small_official_file(name, path) -> dict:
     ema_sd = None
     if name.startswith("hvit3"):
         model_sd.update({f"{m}.rope.rotations": torch.randn(2, 2, 2, 2) for m, block in model.named_modules()
-                         if isinstance(block, vit3.models.Block)})
+                         if isinstance(block, vit3.vit.Block)})
         ema_sd = {k: -v if v.is_floating_point() else v for k, v in model_sd.items()}
     _save_official_file(path, model_sd, ema_sd)
     return ema_sd or model_sd

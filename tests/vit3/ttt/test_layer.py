@@ -1,5 +1,6 @@
-"""The TTT core: fast path against the reference path, the reference against independent
-formulas (torch.func per-sample gradients, linear attention), the design space, precision."""
+"""The TTT layer (vit3/ttt/): fast path against the reference path, the reference against independent
+formulas (torch.func per-sample gradients, linear attention), the design space, precision. The Triton
+path: test_triton.py."""
 import itertools
 import math
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vit3 import TTT, RoPE2d
-from vit3.mixers import Attention, LinearAttention, build_mixer
+from vit3.mixers import build_mixer
 from vit3.ttt import INNER_LOSSES, INNER_MODELS, ttt_reference
 from vit3.ttt import fast as fast_mod
 
@@ -320,47 +321,6 @@ def test_bad_input_errors():
     assert layer.impl == "auto"
     with pytest.raises(ValueError, match="unknown mixer"):
         build_mixer("mamba", 16, 2)
-
-
-def test_rope_is_relative_and_matches_complex_formula():
-    torch.manual_seed(0)
-    dim, h, w = 8, 4, 6
-    rope = RoPE2d(dim)
-    x = torch.randn(2, h, w, dim, dtype=torch.float64)
-    k_max = dim // 4
-    theta = 10000.0 ** (-torch.arange(k_max, dtype=torch.float64) / k_max)
-    ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    angles = torch.cat([ii[..., None] * theta, jj[..., None] * theta], -1)  # [h, w, C/2]
-    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, h, w, dim // 2, 2)) * torch.polar(
-        torch.ones_like(angles), angles)).reshape(2, h, w, dim)
-    assert rel(rope(x), expected) < 1e-12
-    # <rope(q)_p, rope(k)_p'> depends on p - p' only
-    q, k = torch.randn(dim, dtype=torch.float64), torch.randn(dim, dtype=torch.float64)
-    rq, rk = rope(q.expand(1, h, w, dim)), rope(k.expand(1, h, w, dim))
-    assert torch.allclose((rq[0, 1, 2] * rk[0, 0, 1]).sum(), (rq[0, 3, 5] * rk[0, 2, 4]).sum())
-
-
-def test_attention_impls_agree_and_linear_attention_formula():
-    torch.manual_seed(0)
-    attn = Attention(16, 2)
-    x = torch.randn(2, 12, 16)
-    sdpa = attn(x, 3, 4)
-    attn.impl = "math"
-    assert torch.allclose(sdpa, attn(x, 3, 4), atol=1e-5)
-
-    lin = LinearAttention(16, 2)
-    q, k, v = lin.qkv(x).view(2, 12, 3, 2, 8).permute(2, 0, 3, 1, 4)
-    q, k = F.elu(q) + 1, F.elu(k) + 1
-    weights = q @ k.transpose(-2, -1)  # unnormalised attention, [B, H, N, N]
-    expected = (weights / weights.sum(-1, keepdim=True)) @ v
-    assert torch.allclose(lin(x, 3, 4), lin.proj(expected.transpose(1, 2).reshape(2, 12, 16)), atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["ttt", "attention", "linear_attention"])
-def test_mixers_share_the_interface(name):
-    mixer = build_mixer(name, 16, 2)
-    x = torch.randn(2, 12, 16)
-    assert mixer(x, 3, 4, RoPE2d(16)).shape == (2, 12, 16)
 
 
 @pytest.mark.gpu

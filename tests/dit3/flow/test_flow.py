@@ -16,12 +16,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_sampling import tiny_dit
 from torchdiffeq import odeint
 
 from dit3.flow import FlowScheduler, create_flow, default_eps, sample_ode, sample_sde, time_grid
 from dit3.pipeline import DiT3Pipeline
 from dit3.sampling import flow_model_fn, sample
+from tests.dit3.tiny import tiny_dit
 
 PATHS, PREDICTIONS = ("linear", "gvp", "vp"), ("velocity", "noise", "score")
 F64 = torch.float64
