@@ -150,7 +150,7 @@ def test_update_step_follows_the_config_objective():
 def test_a_sweep_run_stopped_early_is_the_prefix_of_the_longer_run():
     """The study continues the chosen lr's sweep run from the sweep budget to the end. With the study's
     schedule (warm-up, then constant) the lr of every update is the same whichever max_steps sizes the
-    schedule; data order, RNG and EMA resume bit for bit (tests/test_train_dit.py's resume test)."""
+    schedule; data order, RNG and EMA resume bit for bit (tests/scripts/test_train_dit.py's resume test)."""
     import torch
 
     from vit3 import engine

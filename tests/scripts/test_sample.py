@@ -77,6 +77,27 @@ def test_grid_reads_the_model_from_the_run(run):
     assert img.size == (3 * 65 + 1, 2 * 65 + 1)  # 3 classes x 2 rows of 16x16 enlarged to 64
 
 
+def test_threads_hold_while_sampling_and_are_given_back(run, monkeypatch):
+    """--threads sets torch's intra-op threads for the work (CPU sampling beside other jobs), and an
+    in-process caller gets its own count back, also when the work fails."""
+    before = torch.get_num_threads()
+    seen = []
+
+    def execute(args):
+        seen.append(torch.get_num_threads())
+        raise ConfigError("stop here")
+    monkeypatch.setattr(sample_py, "execute", execute)
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ConfigError, match="stop here"):
+            _sample("--ckpt", run, "--classes", 0, "--threads", 1)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads"):
+        _sample("--ckpt", run, "--classes", 0, "--threads", -1)
+
+
 def test_export_is_a_pipeline_that_samples_as_the_run(run, tmp_path):
     """--export writes a DiT3Pipeline folder (EMA weights, scheduler, id2label) that loads offline and draws
     exactly what a pipeline around the run's own EMA model draws; --push-to-hub offline says what failed."""
