@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -125,6 +126,8 @@ def plot(res: dict, path: Path):
                        (axes[2], "training updates", "SVC accuracy of unguided samples, %")):
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
+        if ax is not axes[2]:
+            ax.set_yscale("log")  # FID falls by an order of magnitude over a run
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{res['spec']['size']}, {n} seed(s): mean, band = ± one std over seeds")
@@ -135,7 +138,8 @@ def plot(res: dict, path: Path):
 
 def write_report(study, out: Path, runs: list[dict], sweep: dict, chosen: dict, state: dict) -> str:
     guided = f"cfg{study.cfg_scale:g}"
-    runs = [{**r, "evals": {int(s): {"cfg1": e["cfg1"], "guided": e[guided]} for s, e in r["evals"].items()}}
+    runs = [{**r, "run": os.path.relpath(r["run"], out),  # the folder moves with its report
+             "evals": {int(s): {"cfg1": e["cfg1"], "guided": e[guided]} for s, e in r["evals"].items()}}
             for r in runs]
     sweep = {m: {lr: {"cfg1": e["cfg1"], "guided": e[guided]} for lr, e in by.items()} for m, by in sweep.items()}
     res = {"spec": dataclasses.asdict(study), "update_ms": state.get("update_ms", {}), "chosen_lr": chosen,

@@ -34,8 +34,8 @@ def test_quick_study_trains_evaluates_and_reports_every_mixer(quick):
     assert [r["mixer"] for r in res["runs"]] == list(study.MIXERS)
     assert set(res["update_ms"]) == set(study.MIXERS) and all(v > 0 for v in res["update_ms"].values())
     for r in res["runs"]:
-        assert (Path(r["run"]) / "checkpoints" / "step-00000004").is_dir()
-        assert (Path(r["run"]) / "checkpoints" / "step-00000002").is_dir()  # the 50% budget
+        assert (out / r["run"] / "checkpoints" / "step-00000004").is_dir()  # paths relative to the study
+        assert (out / r["run"] / "checkpoints" / "step-00000002").is_dir()  # the 50% budget
         assert set(r["evals"]) == {"2", "4"}
         for evals in r["evals"].values():
             for where in ("cfg1", "guided"):
