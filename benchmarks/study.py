@@ -353,7 +353,6 @@ def main(argv=None) -> Path:
     study, out, launcher, retime = parse_args(argv)
     study = resolve(study)
     check_spec(study, out)
-    t0 = time.time()
     print(f"study: {', '.join(study.mixers)} at {study.size}, seeds {list(study.seeds)}, lrs "
           f"{[f'{lr:g}' for lr in study.lrs]}, {study.updates} updates, evaluated at {budget_steps(study)} "
           f"({study.samples} samples, {study.steps} steps, guidance 1 and {study.cfg_scale:g}) -> {out}", flush=True)
@@ -382,7 +381,6 @@ def main(argv=None) -> Path:
             print(f"evaluating {run.name} at {budget_steps(study)}", flush=True)
             runs.append({"mixer": mixer, "lr": chosen[mixer], "seed": seed, "run": str(run),
                          "evals": evaluate_run(study, out, launcher, run, classifier, budget_steps(study))})
-    State(out).add_seconds("study", time.time() - t0)
     report = write_report(study, out, runs, sweep, chosen, State(out).data)
     print(f"study: done; {report}", flush=True)
     return out

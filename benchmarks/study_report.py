@@ -82,18 +82,21 @@ def markdown(res: dict) -> str:
             for b in budgets) + " |")
     if res["sweep"]:
         lrs = sorted({float(lr) for s in res["sweep"].values() for lr in s})
-        lines += ["", "The lr sweep (seed 0, at the end): unguided FID (SVC guided, %):", "",
+        at = round(spec["sweep_budget"] * spec["updates"])
+        lines += ["", f"The lr sweep (seed {spec['seeds'][0]}, at {at} updates): unguided FID (SVC guided, %):", "",
                   "| mixer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
         for m, by_lr in res["sweep"].items():
             by_lr = {float(k): v for k, v in by_lr.items()}
             lines.append(f"| {m} | " + " | ".join(
                 f"{by_lr[lr]['cfg1'][FID]:.2f} ({100 * by_lr[lr]['guided'].get('digits_accuracy', float('nan')):.1f})"
                 if lr in by_lr else "-" for lr in lrs) + " |")
-    secs = res["seconds"]
+    secs = res["seconds"]  # each script's wall clock, summed over reruns (a killed one is not counted)
     train_s = sum(v for k, v in secs.items() if k.startswith("train/"))
     eval_s = sum(v for k, v in secs.items() if k.startswith("eval/"))
-    lines += ["", f"Wall clock: the whole study {secs.get('study', 0) / 60:.1f} min (training {train_s / 60:.1f}, "
-              f"evaluation {eval_s / 60:.1f}, classifier {secs.get('classifier', 0) / 60:.1f})."]
+    work = train_s + eval_s + secs.get("classifier", 0)
+    lines += ["", f"Wall clock of the scripts: {work / 60:.1f} min (training {train_s / 60:.1f}, evaluation "
+              f"{eval_s / 60:.1f}, classifier {secs.get('classifier', 0) / 60:.1f}; "
+              f"{sum(k.startswith('train/') for k in secs)} training runs recorded)."]
     return "\n".join(lines) + "\n"
 
 
