@@ -54,10 +54,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from study_report import FID, choose_lr, write_report  # noqa: E402
+
 from vit3.engine.files import atomic_write_text  # noqa: E402
 
 MIXERS = ("DiT3", "DiT", "DiT3-LA")
-FID = "frechet_inception_distance"
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,8 +349,6 @@ def time_updates(study: Study, out: Path, again: bool = False) -> dict:
 # The study
 # ----------------------------------------------------------------------------------------
 def main(argv=None) -> Path:
-    from study_report import choose_lr, write_report
-
     study, out, launcher, retime = parse_args(argv)
     study = resolve(study)
     check_spec(study, out)
