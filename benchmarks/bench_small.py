@@ -15,7 +15,9 @@ same size, hidden 96, depth 4, 2 heads, 16x16 pixels, batch 64):
   forced), SDPA attention;
 - the TTT layer's two forms of the SwiGLU branch (primal, dual) across token counts, the
   measurement behind fast.DUAL_FORM;
-- one batch of the demo's data: 64 PNGs decoded through the transform, against data.in_memory.
+- one batch of the demo's data: 64 PNGs decoded through the transform, against data.in_memory;
+- two floors, the same update with DiT³'s TTT layer replaced by less than the layer (FloorTTT): how
+  far the step and its op count could fall if the layer's own work cost nothing.
 
 Run it alone: on 2 cores a second busy process stalls every 2-thread op (OpenMP waits for its
 second thread), which makes any ratio noise. Times are in ms.
@@ -28,6 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 from bench_common import interleaved_times_ms
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -141,6 +144,59 @@ def mixer_step(name: str, form: str | None = None, batch: int = 64, side: int = 
     return step
 
 
+# ----------------------------------------------------------------------------------------
+# Floors: the DiT³ update with less than its TTT layer
+# ----------------------------------------------------------------------------------------
+def floor_ttt(kind: str, dim: int, num_heads: int, **kwargs):
+    """A stand-in for the TTT layer with its parameters and shapes but less work (not its maths; never trained):
+
+    - "matmuls": the dual form's GEMMs ([Q; K] W, the Gram matrices [Q; K] K^T, their product with P) and the
+      conv branch's convolutions (the kernel's gradient from k and v, the trained kernel on q), at the fast
+      path's shapes, with nothing between them: no silu terms, norms or step, and autograd's backward (the same
+      number of GEMMs as the fast path's). No implementation of the layer's maths on torch's GEMMs and
+      convolutions does less.
+    - "none": no inner step at all: SDPA on the layer's own q1, k1, v1, the conv columns passed to the
+      projection. What a DiT³ costs beyond DiT without test-time training: the CPE, the 1.5x wider qkv
+      projection, the wider output projection, more parameter tensors to clip, step and average.
+    """
+    from vit3.ttt import TTT
+
+    class FloorTTT(TTT):
+        def forward(self, x, h, w, rope=None):  # x: [B, N, C]
+            b, n, dim = x.shape
+            heads, c = self.num_heads, self.conv_dim
+            d = dim // heads
+            qkv = self.qkv(x)  # [B, N, 3C + 3c]
+            if kind == "none":
+                q, k, v = qkv[..., :3 * dim].view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+                y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, dim)
+                return self.proj(torch.cat([y, qkv[..., 3 * dim:3 * dim + c]], -1))
+            t = qkv[..., :3 * dim].view(b, n, 3, heads, d).permute(3, 2, 0, 1, 4).contiguous()  # [H, 3, B, N, d]
+            zz = torch.bmm(t[:, :2].reshape(heads, 2 * b * n, d), torch.cat([self.w1, self.w2], -1)[0])
+            sg = t[:, :2] @ t[:, 1:2].transpose(-1, -2)  # [S; G]: [H, 2, B, N, N]
+            y = zz[:, :b * n].view(heads, b, n, 2 * d) + (sg @ zz[:, b * n:].view(heads, 1, b, n, 2 * d))[:, 0]
+            maps = qkv[..., 3 * dim:].reshape(b, h, w, 3, c).permute(3, 1, 2, 0, 4).contiguous()  # [3, h, w, B, c]
+            q2, k2, v2 = (m.view(1, h, w, b * c).permute(0, 3, 1, 2) for m in maps.unbind(0))
+            g3 = torch.nn.grad.conv2d_weight(k2, (b * c, 1, 3, 3), v2, padding=1, groups=b * c)
+            y2 = F.conv2d(q2, g3 + self.w3.repeat(b, 1, 1, 1), padding=1, groups=b * c)  # [1, B*c, h, w]
+            y2 = y2.permute(0, 2, 3, 1).reshape(n, b, c).transpose(0, 1)
+            return self.proj(torch.cat([y[..., :d].permute(1, 2, 0, 3).reshape(b, n, dim), y2], -1))
+
+    return FloorTTT(dim, num_heads, **kwargs)
+
+
+def floor_step(kind: str):
+    """The demo's DiT³ update (update_step) with floor_ttt(kind) in place of each TTT layer."""
+    import dit3.models
+
+    build = dit3.models.build_mixer
+    dit3.models.build_mixer = lambda name, *a, **k: floor_ttt(kind, *a, **k) if name == "ttt" else build(name, *a, **k)
+    try:
+        return update_step(DEMO, "DiT3-S/4")
+    finally:
+        dit3.models.build_mixer = build
+
+
 def data_batch(in_memory: bool):
     """Reading one batch of 64 demo digits (items as the ResumableBatchSampler asks for them)."""
     from dit3.latents import image_transform
@@ -164,6 +220,9 @@ def measure(rounds: int) -> dict:
     res["step_ms"] = median_ms(steps, rounds)
     res["step_ratio"] = res["step_ms"]["DiT3"] / res["step_ms"]["DiT"]
     res["step_ops"] = {f: aten_ops(s, PHASES) for f, s in steps.items()}
+    floors = {"DiT": steps["DiT"], "matmuls": floor_step("matmuls"), "none": floor_step("none")}
+    res["floor_ms"] = median_ms(floors, rounds)  # with DiT again: ratios within one run
+    res["floor_ops"] = {k: aten_ops(floors[k])["total"] for k in ("matmuls", "none")}
     layers = {"ttt": mixer_step("ttt"), "ttt_primal": mixer_step("ttt", "primal"),
               "attention": mixer_step("attention")}
     res["layer_ms"] = median_ms(layers, rounds * 4)
@@ -186,6 +245,11 @@ def markdown(res: dict) -> list[str]:
     for phase in ("total", *PHASES):
         a, b = ops["DiT3"].get(phase, 0), ops["DiT"].get(phase, 0)
         lines.append(f"| ATen ops, {phase} | {a} | {b} | {a / max(b, 1):.2f}x |")
+    fl = res["floor_ms"]
+    lines += ["", "| the DiT³ update with its TTT layers replaced (floors) | ms | / DiT (same run) | ATen ops |",
+              "|---|---:|---:|---:|"]
+    for k, label in (("matmuls", "the layer's GEMMs and convolutions only"), ("none", "no inner step (SDPA)")):
+        lines.append(f"| {label} | {fl[k]:.1f} | {fl[k] / fl['DiT']:.2f}x | {res['floor_ops'][k]} |")
     lines += ["", "| one mixer layer, forward + backward, B=64, 4x4 tokens, C=96, 2 heads | ms | ATen ops |",
               "|---|---:|---:|"]
     for k, label in (("ttt", "TTT (fast path, default form)"), ("ttt_primal", "TTT, primal form forced"),

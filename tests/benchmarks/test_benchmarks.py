@@ -85,6 +85,33 @@ def test_small_bench_steps_train_and_forms_agree():
     assert torch.allclose(primal, dual, atol=1e-6) and fast.DUAL_FORM == before
 
 
+def test_floors_run_the_demo_update_and_the_matmul_floor_keeps_every_gemm():
+    """The floors are DiT³ updates with a stand-in layer (dit3's build_mixer restored after), and the "matmuls"
+    floor runs as many GEMMs as the fast path's layer, forward and backward, so it bounds what the layer's
+    maths can cost from below."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import dit3.models
+    from vit3.ttt import TTT
+
+    build = dit3.models.build_mixer
+    for kind in ("matmuls", "none"):
+        assert torch.isfinite(bench_small.floor_step(kind)())
+        assert dit3.models.build_mixer is build
+
+    def gemms(layer):
+        x = torch.randn(8, 16, 96, requires_grad=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(x, 4, 4).sum().backward()
+        return collections.Counter(e.name for e in prof.events()
+                                   if e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+
+    fast, floor = gemms(TTT(96, 2, impl="fast")), gemms(bench_small.floor_ttt("matmuls", 96, 2))
+    assert sum(floor.values()) == sum(fast.values()) >= 15, (fast, floor)
+
+
 def test_ttt_worker_times_every_mixer_in_one_process():
     res = bench_ttt.worker("time", ["ttt_fast", "ttt_reference", "attn_sdpa"], 64, "train", "cpu", 32, 2,
                            min_time=0.0)
