@@ -280,7 +280,9 @@ def main():
     (args.out / "bench_small_cpu.md").write_text(text)
     print(text)
     ok = res["step_ratio"] <= TARGET_STEP_RATIO
-    print(f"target: DiT³ step <= {TARGET_STEP_RATIO}x DiT's: {'met' if ok else 'MISSED'} ({res['step_ratio']:.2f}x)")
+    floor = res["floor_ms"]["matmuls"] / res["floor_ms"]["DiT"]
+    print(f"target: DiT³ step <= {TARGET_STEP_RATIO}x DiT's: {'met' if ok else 'MISSED'} ({res['step_ratio']:.2f}x; "
+          f"with the TTT layer's GEMMs and convolutions only: {floor:.2f}x)")
 
 
 if __name__ == "__main__":
