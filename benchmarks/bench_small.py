@@ -152,9 +152,9 @@ def floor_ttt(kind: str, dim: int, num_heads: int, **kwargs):
 
     - "matmuls": the dual form's GEMMs ([Q; K] W, the Gram matrices [Q; K] K^T, their product with P) and the
       conv branch's convolutions (the kernel's gradient from k and v, the trained kernel on q), at the fast
-      path's shapes, with nothing between them: no silu terms, norms or step, and autograd's backward (the same
-      number of GEMMs as the fast path's). No implementation of the layer's maths on torch's GEMMs and
-      convolutions does less.
+      path's shapes, joined by two additions and nothing else: no silu terms, norms or step, and autograd's
+      backward (the same number of GEMMs as the fast path's). No implementation of the layer's maths on torch's
+      GEMMs and convolutions does less.
     - "none": no inner step at all: SDPA on the layer's own q1, k1, v1, the conv columns passed to the
       projection. What a DiT³ costs beyond DiT without test-time training: the CPE, the 1.5x wider qkv
       projection, the wider output projection, more parameter tensors to clip, step and average.

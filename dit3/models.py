@@ -131,7 +131,7 @@ class LabelEmbedder(nn.Module):
 
 # The CPE and norm1 are recomputed in the backward from blocks of this many input elements up (4 MiB in float32):
 # below it the copy saved is small and the recomputation's fixed cost is not (at the digits demo, 64 x 16 x 96, it
-# cost 2.7 ms a block on 2 CPU cores, 15% of a DiT step: benchmarks/bench_small.py)
+# cost 1.6 ms a block on 2 CPU cores, 5% of the DiT³ update: benchmarks/README.md, "Small models")
 CPE_RECOMPUTE_MIN_ELEMENTS = 1 << 20
 
 
