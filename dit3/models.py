@@ -129,10 +129,11 @@ class LabelEmbedder(nn.Module):
 #                                 DiT³ blocks                                   #
 #################################################################################
 
-# The CPE and norm1 are recomputed in the backward from blocks of this many input elements up (4 MiB in float32):
+# The CPE and norm1 are recomputed in the backward from blocks of this many input elements up (1 MiB in float32):
 # below it the copy saved is small and the recomputation's fixed cost is not (at the digits demo, 64 x 16 x 96, it
-# cost 1.6 ms a block on 2 CPU cores, 5% of the DiT³ update: benchmarks/README.md, "Small models")
-CPE_RECOMPUTE_MIN_ELEMENTS = 1 << 20
+# cost 1.6 ms a block on 2 CPU cores, 5% of the DiT³ update: benchmarks/README.md, "Small models"). Every size in
+# the whole-model benchmarks and the quality study is above it.
+CPE_RECOMPUTE_MIN_ELEMENTS = 1 << 18
 
 
 class DiT3Block(nn.Module):
