@@ -190,7 +190,10 @@ def resolve_objective(args: SampleConfig, config: dict) -> tuple[SampleConfig, F
         return dataclasses.replace(args, sampler=sampler), None
     if sampler != "dopri5" and args.steps < 2:
         raise ConfigError(f"steps={args.steps}: a flow sampler's grid needs at least 2 points (t0 and t1)")
-    flow = flow_scheduler(config["flow"], sampler, **{k: getattr(args, k) for k in FLOW_OPTIONS})
+    try:
+        flow = flow_scheduler(config["flow"], sampler, **{k: getattr(args, k) for k in FLOW_OPTIONS})
+    except ValueError as e:  # settings where the sampler divides by zero
+        raise ConfigError(str(e)) from None
     return dataclasses.replace(args, sampler=sampler), flow
 
 
@@ -305,7 +308,8 @@ def _draw_all(model, vae, scale, args, state: PartialState, out: Path, ckpt: Pat
     if os.path.lexists(spec_path):
         old = read_spec(spec_path, spec)
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items() if old.get(k) != v)
-        if diff:
+        # no image yet (the first command failed before its first batch): nothing to mix, the new settings hold
+        if diff and any(images_dir.glob("[0-9]*.png")):
             raise ConfigError(f"{out} holds samples drawn with other settings ({diff}); use another --out")
     state.wait_for_everyone()
     if state.is_main_process:

@@ -49,7 +49,7 @@ from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import InMemoryFolder, open_image_folder
 from vit3.digits import DigitsClassifier, prepare_demo_folder
-from vit3.engine import ConfigError, DataError
+from vit3.engine import ConfigError, DataError, SamplingDiverged
 
 FLAGS = {"--extract-latents": "extract_only=true"}
 ARCH_KEYS = ("name", "num_classes", "image_size", "kwargs")  # a checkpoint must match these to resume
@@ -149,16 +149,19 @@ def periodic_fid(model, cfg: TrainConfig, vae, shape, folder: Path, batch: int, 
     are deleted after, the numbers kept."""
     sc, dev = cfg.sample, accelerator.device
     folder.mkdir(parents=True, exist_ok=True)
-    for lo in range(0, sc.fid_samples, batch):
-        idx = list(range(lo, min(lo + batch, sc.fid_samples)))
-        labels = torch.tensor([i % model.num_classes for i in idx], device=dev)
-        generators = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx]
-        images = to_uint8(draw_images(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape,
-                                      accelerator.autocast))
-        save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
-    metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
-                               inception_weights=sc.fid_inception_weights or None, classifier=sc.fid_classifier or None)
-    shutil.rmtree(folder)
+    try:
+        for lo in range(0, sc.fid_samples, batch):
+            idx = list(range(lo, min(lo + batch, sc.fid_samples)))
+            labels = torch.tensor([i % model.num_classes for i in idx], device=dev)
+            generators = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in idx]
+            images = to_uint8(draw_images(model, labels, generators, sc.fid_cfg_scale, cfg, vae, shape,
+                                          accelerator.autocast))
+            save_pngs(images.numpy(), [folder / f"{i:06d}.png" for i in idx])
+        metrics = fidelity_metrics(folder, sc.fid_ref, cuda=dev.type == "cuda",
+                                   inception_weights=sc.fid_inception_weights or None,
+                                   classifier=sc.fid_classifier or None)
+    finally:  # also after samples that were not images: no half-drawn folder is left
+        shutil.rmtree(folder, ignore_errors=True)
     return {f"fid/{k}": v for k, v in metrics.items() if not isinstance(v, str)}
 
 
@@ -181,20 +184,34 @@ def digits_accuracy_of_model(model, cfg: TrainConfig, shape, run: engine.Run) ->
     return acc
 
 
+def unless_samples_diverged(what: str, step: int, run: engine.Run, evaluate):
+    """evaluate(), or None with a warning naming the step where its samples were not images (SamplingDiverged):
+    an evaluation of the model never stops its training, and writes no PNG or number from such samples."""
+    try:
+        return evaluate()
+    except SamplingDiverged as e:
+        run.log.warning(f"(step {step:07d}) no {what}: {e}")
+        return None
+
+
 def sample_during_training(model, cfg: TrainConfig, vae, shape, step: int, batch: int, run: engine.Run,
                            metrics_file: engine.MetricsFile):
     """The sample grid every sample.every updates and the FID every sample.fid_every, on the main process."""
     acc, sc = run.accelerator, cfg.sample
     if acc.is_main_process and sc.every and step % sc.every == 0 and step < cfg.max_steps:
-        grid = sample_grid(model, cfg, vae, shape, run.dir / "samples" / f"step-{step:07d}.png", acc)
-        run.log.info(f"sample grid {grid}")
+        grid = unless_samples_diverged("sample grid", step, run, lambda: sample_grid(
+            model, cfg, vae, shape, run.dir / "samples" / f"step-{step:07d}.png", acc))
+        if grid:
+            run.log.info(f"sample grid {grid}")
     if acc.is_main_process and sc.fid_every and step % sc.fid_every == 0:
         t0 = time.time()
-        fid = periodic_fid(model, cfg, vae, shape, run.dir / "fid" / f"step-{step:07d}", batch, acc)
-        acc.log(fid, step=step)
-        metrics_file.write(step, fid)
-        run.log.info(f"(step {step:07d}) FID {fid['fid/frechet_inception_distance']:.3f} of {sc.fid_samples} "
-                     f"EMA samples ({time.time() - t0:.1f} s)")
+        fid = unless_samples_diverged("FID", step, run, lambda: periodic_fid(
+            model, cfg, vae, shape, run.dir / "fid" / f"step-{step:07d}", batch, acc))
+        if fid:
+            acc.log(fid, step=step)
+            metrics_file.write(step, fid)
+            run.log.info(f"(step {step:07d}) FID {fid['fid/frechet_inception_distance']:.3f} of {sc.fid_samples} "
+                         f"EMA samples ({time.time() - t0:.1f} s)")
     if (sc.every and step % sc.every == 0) or (sc.fid_every and step % sc.fid_every == 0):
         acc.wait_for_everyone()
 
@@ -214,6 +231,11 @@ def check_objective(cfg: TrainConfig) -> TrainConfig:
                           "with flow.prediction=velocity use flow.loss_weight=none")
     if cfg.objective == "flow" and sampler != "dopri5" and cfg.sample.steps < 2:
         raise ConfigError(f"sample.steps={cfg.sample.steps}: a flow sampler's grid needs at least 2 points (t0, t1)")
+    if cfg.objective == "flow":
+        try:  # the grids' sampler with the run's flow settings: refused where it divides by zero
+            flow_scheduler(dataclasses.asdict(cfg.flow), sampler)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler=sampler))
 
 
@@ -400,11 +422,15 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
               "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,
               "ema": ema.module if ema else None, "local_train": tlog.meters.last_local}
     if stopped == "done" and acc.is_main_process:
-        result["grid"] = sample_grid(sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc)
-        log.info(f"final sample grid {result['grid']}")
+        result["grid"] = unless_samples_diverged("final sample grid", step, run, lambda: sample_grid(
+            sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc))
+        if result["grid"]:
+            log.info(f"final sample grid {result['grid']}")
         if cfg.sample.digits_per_class:
-            result["digits_accuracy"] = digits_accuracy_of_model(sample_model, cfg, shape, run)
-            metrics_file.write(step, {"samples/digits_accuracy": result["digits_accuracy"]})
+            result["digits_accuracy"] = unless_samples_diverged("digits accuracy", step, run, lambda: (
+                digits_accuracy_of_model(sample_model, cfg, shape, run)))
+            if result["digits_accuracy"] is not None:
+                metrics_file.write(step, {"samples/digits_accuracy": result["digits_accuracy"]})
     engine.finish(run, f"done at step {step}" + (f" (stopped: {stopped})" if result["stopped"] else ""))
     return result
 

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion import space_timesteps
 from .flow import FlowScheduler
-from .sampling import flow_model_fn, guided_output
+from .sampling import check_samples, flow_model_fn, guided_output
 
 
 class DiT3Pipeline(DiffusionPipeline):
@@ -76,9 +76,10 @@ class DiT3Pipeline(DiffusionPipeline):
                 model_output = out if learned_variance else out[:, :channels]
                 x = scheduler.step(model_output, t, x, generator=generator).prev_sample
 
-        if self.vae is not None:
-            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
-        images = (x / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
+        decoded = (self.vae.decode(x / self.vae.config.scaling_factor).sample if self.vae is not None else x)
+        check_samples(x, decoded.clamp(-1, 1), f"{type(scheduler).__name__}, {num_inference_steps} steps, "
+                                               f"guidance_scale {guidance_scale:g}")
+        images = (decoded / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
         if output_type == "pt":
             out = images
         else:

@@ -143,9 +143,40 @@ def sample(model, labels: torch.Tensor, shape: tuple[int, int, int], *, sampler:
 def sample_images(model, labels: torch.Tensor, shape: tuple[int, int, int], vae=None, scale: float = 1.0,
                   **kwargs) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1]: `sample` (kwargs: sampler, num_steps, guidance, generator, ...), then the
-    VAE's decoding of the latents scaled by `scale`, or (vae None, pixel space) the samples clamped."""
+    VAE's decoding of the latents scaled by `scale`, or (vae None, pixel space) the samples clamped.
+    SamplingDiverged where a sample is not an image (`check_samples`)."""
     x = sample(model, labels, shape, **kwargs)
-    return decode(vae, x, scale) if vae is not None else x.clamp(-1, 1)
+    images = decode(vae, x, scale) if vae is not None else x.clamp(-1, 1)
+    check_samples(x, images, f"sampler {kwargs.get('sampler', 'ddpm')}, {kwargs.get('num_steps', 250)} steps, "
+                             f"cfg_scale {kwargs.get('cfg_scale', 1.0):g}")
+    return images
+
+
+# Data and the starting noise have an RMS of about 1 (pixels in [-1, 1], latents scaled by the VAE's factor). An
+# untrained network's few-step DDPM chain extrapolates x0 by up to 1 / sqrt(alpha_bar) = 160 times its error at
+# t = 999, which is noise to look at, not a broken sampler; 10^4 times the data's scale is a solver that blew up
+# (a huge cfg_scale or diffusion_norm), whatever clamping would hide.
+MAX_SAMPLE_RMS = 1e4
+
+
+def check_samples(x: torch.Tensor, images: torch.Tensor, settings: str):
+    """SamplingDiverged, in one line, if any sample is not an image: x [B, ...] (the model's space) NaN / inf
+    or past MAX_SAMPLE_RMS, or images [B, 3, H, W] in [-1, 1] (decoded) NaN / inf or flat (one colour, to
+    within a level of 8 bits). SiT's and DiT's samplers would write these as black or grey PNGs."""
+    from vit3.errors import SamplingDiverged
+
+    x, images = x.detach().flatten(1).float(), images.detach().flatten(1).float()
+    bad = {"NaN / inf": ~(x.isfinite().all(1) & images.isfinite().all(1)),
+           f"saturated (RMS over {MAX_SAMPLE_RMS:g} in the model's space, the data's is about 1)":
+               x.nan_to_num().pow(2).mean(1).sqrt() > MAX_SAMPLE_RMS,
+           "flat (a single colour)": images.nan_to_num().amax(1) - images.nan_to_num().amin(1) < 2 / 255}
+    found = {what: int(mask.sum()) for what, mask in bad.items() if mask.any()}
+    if found:
+        kinds = ", ".join(f"{n} {what}" for what, n in found.items())
+        raise SamplingDiverged(
+            f"the sampler gave {kinds} of {len(x)} samples ({settings}): not images, so none was written; a "
+            "setting is out of the sampler's stable range (lower cfg_scale or diffusion_norm, more steps) or the "
+            "checkpoint diverged")
 
 
 def sample_seed(seed: int, i: int, stream: int = 0) -> int:

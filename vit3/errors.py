@@ -19,3 +19,8 @@ class WriteError(OSError):
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or inf."""
+
+
+class SamplingDiverged(RuntimeError):
+    """A sampler gave samples that are not images: NaN / inf, far outside the data's range, or flat; nothing
+    was written from them."""

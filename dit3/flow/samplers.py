@@ -81,6 +81,9 @@ def _times(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def sample_ode(flow: FlowMatching, model_fn: ModelFn, x: torch.Tensor, *, method: str = "heun",
                num_steps: int = 50, shift: float = 1.0, atol: float = 1e-6, rtol: float = 1e-3) -> torch.Tensor:
     """The probability-flow ODE from noise x [B, ...] at t0 to t1: the sample [B, ...]."""
+    if method not in ODE_METHODS:
+        raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
+    check_sampler(flow, method, num_steps, shift)
     t0, t1 = flow.interval(sampling=True)
 
     def velocity(t, x):
@@ -90,8 +93,6 @@ def sample_ode(flow: FlowMatching, model_fn: ModelFn, x: torch.Tensor, *, method
     if method == "dopri5":  # adaptive: only the ends matter; the steps are the solver's
         ends = torch.tensor([t0, t1], dtype=torch.float64, device=x.device)
         return odeint(velocity, x, ends, method="dopri5", atol=atol, rtol=rtol)[-1]
-    if method not in ODE_METHODS:
-        raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
     grid = torch.tensor(time_grid(t0, t1, num_steps, shift), dtype=x.dtype, device=x.device)
     # the grid goes in as the solver's own steps, so only the two ends are kept in memory
     return odeint(velocity, x, grid[[0, -1]], method=ODE_METHODS[method],
@@ -107,6 +108,7 @@ def sample_sde(flow: FlowMatching, model_fn: ModelFn, x: torch.Tensor, *, method
     """The reverse-time SDE from noise x [B, ...] at t0 to t = 1 (SiT's `sample_sde`): the sample [B, ...]."""
     if method not in SDE_METHODS or last_step not in LAST_STEPS:
         raise ValueError(f"SDE method {method!r}, last step {last_step!r}: choose from {SDE_METHODS}, {LAST_STEPS}")
+    check_sampler(flow, f"sde-{method}", num_steps, shift, diffusion_form, diffusion_norm, last_step, last_step_size)
     last_step_size = 0.0 if last_step == "none" else last_step_size
     t0, t1 = flow.interval(sampling=True, sde=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
     grid = time_grid(t0, t1, num_steps, shift)
@@ -142,6 +144,85 @@ def sample_sde(flow: FlowMatching, model_fn: ModelFn, x: torch.Tensor, *, method
     return x / alpha + sigma ** 2 / alpha * s  # Tweedie: E[x1 | x_t] = (x_t + sigma_t^2 score) / alpha_t
 
 
+DOPRI5_OVERSHOOT = 0.1  # how far past t1 dopri5's adaptive last step is taken to reach, as a share of [t0, t1]
+
+
+def network_times(flow: FlowMatching, sampler: str, num_steps: int = 2, shift: float = 1.0,
+                  diffusion_form: str = "sigma", last_step: str = "mean",
+                  last_step_size: float = 0.04) -> tuple[list[float], float | None]:
+    """(the grid times at which `sampler` calls the network, the time of the SDE's last step or None).
+    Euler calls it at every grid point but the last, Heun at every one (its second stage lands on the
+    next point); dopri5 at its ends, where the maths can be singular, and past t1, where its last step may
+    reach (DOPRI5_OVERSHOOT of the interval is probed)."""
+    sde = sampler.startswith("sde-")
+    size = 0.0 if last_step == "none" else last_step_size
+    t0, t1 = flow.interval(sampling=True, sde=sde, diffusion_form=diffusion_form, last_step_size=size)
+    if sampler == "dopri5":  # past t1, densely: VP's sigma_t is NaN only just past 1
+        past = torch.linspace(t1, t1 + DOPRI5_OVERSHOOT * (t1 - t0), 1001, dtype=torch.float64)[1:].tolist()
+        return [t0, t1, *past], None
+    grid = time_grid(t0, t1, num_steps, shift)
+    return (grid if sampler.endswith("heun") else grid[:-1]), (t1 if sde and last_step != "none" else None)
+
+
+def check_sampler(flow: FlowMatching, sampler: str, num_steps: int = 2, shift: float = 1.0,
+                  diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step: str = "mean",
+                  last_step_size: float = 0.04):
+    """ValueError, one line naming the setting and a safe alternative, where `sampler` divides by zero.
+
+    SiT's maths is singular at the ends of [0, 1] for some settings: the score of a velocity or noise model
+    at t = 1 (sigma_t = 0), SBDM's w(t) and a noise model's velocity at t = 0 (alpha_t = 0). SiT's samplers
+    then return NaN, black images, without a word. Here each step's own arithmetic (the ODE's velocity, the
+    SDE's drift v + w s, the last step) runs in float64 on x = prediction = 1 at each time the sampler calls
+    the network; a non-finite result is refused before any network call."""
+    times, last = network_times(flow, sampler, num_steps, shift, diffusion_form, last_step, last_step_size)
+    sde = sampler.startswith("sde-")
+
+    def step_values(t: list[float], step: str) -> torch.Tensor:
+        """What the step at times t [T] computes from x = prediction = 1, [T, 1]: the ODE's velocity, the SDE's
+        drift, or the last step's (mean: the drift, euler: the velocity, tweedie: E[x1 | x_t])."""
+        tt = torch.tensor(t, dtype=torch.float64)
+        x = torch.ones(len(t), 1, dtype=torch.float64)
+        v = flow.velocity(x, x, tt)
+        if step in ("ode", "euler"):
+            return v
+        s = flow.score(x, x, tt)
+        if step == "tweedie":
+            alpha, sigma = flow.path.alpha(tt.view(-1, 1))[0], flow.path.sigma(tt.view(-1, 1))[0]
+            return x / alpha + sigma ** 2 / alpha * s
+        return v + diffusion_coefficient(flow, tt.view(-1, 1), diffusion_form, diffusion_norm) * s
+
+    for ts, step in [(times, "sde" if sde else "ode")] + ([([last], last_step)] if last is not None else []):
+        finite = torch.isfinite(step_values(ts, step)).all(1)
+        if not finite.all():
+            t = ts[int((~finite).nonzero()[0])]
+            raise ValueError(_singular_message(flow, sampler, t, diffusion_form, last_step, last_step_size))
+
+
+def _singular_message(flow: FlowMatching, sampler: str, t: float, diffusion_form: str, last_step: str,
+                      last_step_size: float) -> str:
+    sde = sampler.startswith("sde-")
+    settings = f"path={flow.path_name}, prediction={flow.prediction}, sample_eps={flow.sample_eps:g}"
+    if sde:
+        settings += f", diffusion_form={diffusion_form}, last_step={last_step}, last_step_size={last_step_size:g}"
+    if sampler == "dopri5" and t > 1 - flow.sample_eps:
+        where = f"t = {t:.3g}, past t1, where dopri5's last step may reach and the {flow.path_name} path is undefined"
+        fix = "sampler heun or euler, whose fixed grids stop at t1"
+    elif t > 0.5:
+        where = "t = 1 (data), where sigma_t = 0 and the score is infinite"
+        if sde and last_step == "none":
+            fix = "last_step=mean (SiT's default), sampler sde-euler, or flow.sample_eps > 0 (e.g. 0.001)"
+        elif sde and last_step_size == 0:
+            fix = "last_step_size > 0 (SiT's 0.04), or flow.sample_eps > 0 (e.g. 0.001)"
+        else:
+            fix = "flow.sample_eps > 0 (e.g. 0.001, SiT's default for this prediction)"
+    else:
+        where = "t = 0 (noise), where alpha_t = 0"
+        fix = ("diffusion_form=sigma (SiT's default), or flow.sample_eps > 0 (e.g. 0.001)"
+               if sde and diffusion_form == "SBDM" else "flow.sample_eps > 0 (e.g. 0.001)")
+    return (f"flow sampler {sampler} with {settings} divides by zero at {where}: SiT's maths is singular there "
+            f"and gives NaN (black images); use {fix}")
+
+
 class FlowScheduler(SchedulerMixin, ConfigMixin):
     """A flow run's sampler as a diffusers scheduler (saved in a DiT3Pipeline folder as scheduler_config.json):
     the interpolant (path, prediction, eps; the loss settings do not matter here), the default sampler
@@ -159,6 +240,9 @@ class FlowScheduler(SchedulerMixin, ConfigMixin):
         if sampler not in FLOW_SAMPLERS:
             raise ValueError(f"unknown flow sampler {sampler!r}; choose one of {', '.join(FLOW_SAMPLERS)}")
         self.flow = FlowMatching(path, prediction, train_eps=train_eps, sample_eps=sample_eps)
+        # a singular default is refused where the scheduler is made (a run's flow section, sample.py, a
+        # pipeline folder), not at its first sample
+        check_sampler(self.flow, sampler, 2, shift, diffusion_form, diffusion_norm, last_step, last_step_size)
 
     def sample(self, model_fn: ModelFn, x: torch.Tensor, num_steps: int, *, sampler: str | None = None,
                generator: torch.Generator | Sequence[torch.Generator] | None = None,

@@ -75,3 +75,13 @@ def test_dit3_is_called_as_diffusers_dit_transformer(tmp_path, caplog, monkeypat
         loaded = DiT3.from_pretrained(tmp_path)
     assert "not expected" not in caplog.text
     assert loaded.config.sample_size == 8 and loaded.config.out_channels == 8
+
+
+def test_pipeline_refuses_samples_that_are_not_images():
+    """A guidance scale that makes the samples blow up is an error naming it, not black PIL images."""
+    from vit3.errors import SamplingDiverged
+
+    pipe = DiT3Pipeline(transformer=tiny_dit(in_channels=3, num_classes=3), scheduler=make_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(SamplingDiverged, match=r"of 1 samples \(DDIMScheduler, 3 steps, guidance_scale 1e\+30\)"):
+        pipe(class_labels=[1], num_inference_steps=3, guidance_scale=1e30)

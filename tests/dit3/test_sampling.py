@@ -95,3 +95,42 @@ def test_guidance_channels_and_interval():
 # ---------------------------------------------------------------------------------------------
 # DiT3Pipeline
 # ---------------------------------------------------------------------------------------------
+
+
+def test_check_samples_refuses_what_is_not_an_image():
+    """NaN / inf (in the model's space or decoded), an RMS past MAX_SAMPLE_RMS, and a one-colour image are each
+    refused in one line that counts them; real-looking samples (and a digit: mostly background, clamped) pass."""
+    from dit3.sampling import MAX_SAMPLE_RMS, check_samples
+    from vit3.errors import SamplingDiverged
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    digit = torch.full((3, 8, 8), -1.0)
+    digit[:, 2:6, 3:5] = 1.0
+    x[3] = digit * 1.2  # past the clamp, as a trained pixel model's background is
+    check_samples(x, x.clamp(-1, 1), "ok")
+    cases = {"1 NaN / inf": lambda x, im: x[1].view(-1).__setitem__(5, float("nan")),
+             "1 saturated": lambda x, im: x[2].mul_(1.01 * MAX_SAMPLE_RMS / x[2].pow(2).mean().sqrt()),
+             "1 flat (a single colour)": lambda x, im: im[0].fill_(-1.0),
+             "NaN / inf of 4": lambda x, im: im[0].view(-1).__setitem__(0, float("inf"))}
+    for words, spoil in cases.items():
+        bad = x.clone()
+        images = bad.clamp(-1, 1)
+        spoil(bad, images)
+        with pytest.raises(SamplingDiverged, match="samples") as e:
+            check_samples(bad, images, "sampler test")
+        assert words in str(e.value) and "\n" not in str(e.value) and "sampler test" in str(e.value)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_huge_guidance_scale_is_an_error_not_black_images(sampler):
+    """sample_images with a finite but absurd cfg_scale: the samples blow up and are refused, not clamped into
+    black or flat images; a sane scale on the same model and noise draws."""
+    from dit3.sampling import sample_images
+    from vit3.errors import SamplingDiverged
+
+    model, labels = tiny_dit(in_channels=3), torch.tensor([1, 2])
+    kw = dict(sampler=sampler, num_steps=4, generator=torch.Generator().manual_seed(0))
+    assert sample_images(model, labels, (3, 8, 8), cfg_scale=3.0, **kw).isfinite().all()
+    with pytest.raises(SamplingDiverged, match=rf"of 2 samples \(sampler {sampler}, 4 steps, cfg_scale 1e\+30\)"):
+        sample_images(model, labels, (3, 8, 8), cfg_scale=1e30, **{**kw, "generator": torch.Generator().manual_seed(0)})

@@ -56,6 +56,17 @@ from vit3.engine import ConfigError, run_script
     ("train_dit", [f"sample.seed={2**70}"], f"sample.seed={2**70} is not accepted"),
     ("sample", ["--ckpt", "x", "--seed", str(2**70)], f"seed={2**70} is not accepted"),
     ("train_dit", ["sample.fid_samples=1"], "sample.fid_samples=1 is not accepted: it must be an integer >= 4"),
+    # flow settings where the grids' sampler divides by zero (SiT's give black images there)
+    ("train_dit", ["objective=flow", "sample.sampler=sde-euler", "flow.diffusion_form=SBDM"],
+     "divides by zero at t = 0 (noise), where alpha_t = 0: SiT's maths is singular there and gives NaN (black "
+     "images); use diffusion_form=sigma"),
+    ("train_dit", ["objective=flow", "sample.sampler=sde-heun", "flow.last_step=none"],
+     "flow sampler sde-heun with path=linear, prediction=velocity, sample_eps=0, diffusion_form=sigma, "
+     "last_step=none, last_step_size=0.04 divides by zero at t = 1 (data)"),
+    ("train_dit", ["objective=flow", "sample.sampler=sde-euler", "flow.last_step=tweedie", "flow.last_step_size=0"],
+     "use last_step_size > 0 (SiT's 0.04)"),
+    ("train_dit", ["objective=flow", "sample.sampler=euler", "flow.sample_eps=0", "flow.prediction=noise"],
+     "flow sampler euler with path=linear, prediction=noise, sample_eps=0 divides by zero at t = 0"),
 ])
 def test_bad_values_are_refused_before_any_work(script, argv, words, tmp_path):
     main = load_script(script).main  # looked up now: another test file may load the script again

@@ -21,7 +21,7 @@ from tests.dit3.tiny import tiny_vae
 from tests.trainer_helpers import make_unwritable, noise_images
 from vit3 import engine
 from vit3.digits import prepare_digits
-from vit3.engine import ConfigError
+from vit3.engine import ConfigError, SamplingDiverged
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -466,3 +466,26 @@ def test_official_release_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"cannot read .*junk.pt.*damaged or not a checkpoint"):
         _sample("--ckpt", tmp_path / "junk.pt", "--classes", 3)
+
+
+def test_singular_or_absurd_flow_settings_write_no_black_images(flow_run, tmp_path):
+    """sample.py refuses, in one line and before drawing, the flow settings where the sampler divides by zero;
+    settings that are finite but blow the samples up (a huge guidance or diffusion norm) stop with
+    SamplingDiverged (exit code 3) and write no grid, no image and no .npz."""
+    singular = {("--sampler", "sde-heun", "--last-step", "none"): "use last_step=mean",
+                ("--sampler", "sde-euler", "--diffusion-form", "SBDM"): "use diffusion_form=sigma",
+                ("--sampler", "sde-euler", "--last-step", "tweedie", "--last-step-size", "0"): "last_step_size > 0"}
+    for options, fix in singular.items():
+        with pytest.raises(ConfigError, match=f"divides by zero .*{fix}"):
+            _sample("--ckpt", flow_run, "--classes", 1, "--steps", 3, "--out", tmp_path / "grid.png", *options)
+    for options in (("--cfg-scale", "1e30"), ("--sampler", "sde-euler", "--diffusion-norm", "1e6")):
+        with pytest.raises(SamplingDiverged, match="not images, so none was written"):
+            _sample("--ckpt", flow_run, "--classes", 1, 3, "--steps", 5, "--out", tmp_path / "grid.png", *options)
+        with pytest.raises(SamplingDiverged):
+            _sample("--ckpt", flow_run, "--num-samples", 3, "--steps", 5, "--out", tmp_path / "bulk", *options)
+    assert not (tmp_path / "grid.png").exists() and not any((tmp_path / "bulk" / "images").iterdir())
+    assert not (tmp_path / "bulk" / "samples.npz").exists()
+    # the corrected command draws into the same folder: the failed ones drew nothing, so nothing is mixed
+    arr = np.load(_sample("--ckpt", flow_run, "--num-samples", 3, "--steps", 5, "--out", tmp_path / "bulk")["npz"])
+    assert arr["arr_0"].shape == (3, 16, 16, 3)
+    assert json.loads((tmp_path / "bulk" / "spec.json").read_text())["cfg_scale"] == 4.0

@@ -411,3 +411,24 @@ def test_training_runs_a_periodic_fid(inception_weights, tmp_path):
     assert not any((r["run_dir"] / "fid").iterdir())  # sample images are removed, numbers kept
     with pytest.raises(ConfigError, match=r"sample.fid_every=1 needs sample.fid_ref"):
         train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), "sample.fid_every=1"])
+
+
+def test_samples_that_are_not_images_are_a_warning_that_names_the_step(data, inception_weights, tmp_path):
+    """A guidance scale that blows the samples up: each periodic grid, the periodic FID and the final grid are
+    skipped with a warning naming the step (no PNG, no number, no FID folder left), and the training itself
+    runs to its end."""
+    r = _run(data, tmp_path, "run_name=blowup", "sample.every=1", "sample.cfg_scale=1e30", "sample.fid_every=2",
+             "sample.fid_samples=4", "sample.fid_cfg_scale=1e30", f"sample.fid_ref={data / 'a'}",
+             f"sample.fid_inception_weights={inception_weights}", *FLOW)
+    log = (r["run_dir"] / "log.txt").read_text()
+    assert r["step"] == 4 and r["stopped"] is None and r["grid"] is None
+    # at step 1 the EMA model is still DiT's zero-output init, which any guidance scale leaves at zero
+    assert [p.name for p in (r["run_dir"] / "samples").glob("*.png")] == ["step-0000001.png"]
+    for step in (2, 3):
+        assert f"(step {step:07d}) no sample grid: the sampler gave" in log
+    for step in (2, 4):
+        assert f"(step {step:07d}) no FID: the sampler gave" in log
+    assert "(step 0000004) no final sample grid" in log
+    assert not any("fid/" in key for line in (r["run_dir"] / "metrics.jsonl").read_text().splitlines()
+                   for key in json.loads(line))
+    assert not any((r["run_dir"] / "fid").iterdir())

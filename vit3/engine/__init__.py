@@ -14,7 +14,7 @@
 
 Nothing here knows about ViT³ or DiT³.
 """
-from ..errors import ConfigError, DataError, TrainingDiverged, WriteError
+from ..errors import ConfigError, DataError, SamplingDiverged, TrainingDiverged, WriteError
 from .checkpoint import (
     capture_rng_state,
     check_same_model,
@@ -81,6 +81,7 @@ __all__ = [
     "TrainState",
     "WriteError",
     "TrainingDiverged",
+    "SamplingDiverged",
     "capture_rng_state",
     "check_same_model",
     "find_latest_checkpoint",

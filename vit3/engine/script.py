@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from ..errors import ConfigError, DataError, TrainingDiverged, WriteError
+from ..errors import ConfigError, DataError, SamplingDiverged, TrainingDiverged, WriteError
 
 EXIT_DONE, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # a second Ctrl-C, as shells report it
@@ -35,8 +35,9 @@ def run_script(main):
     """The `__main__` of train_vit.py, train_dit.py and sample.py: run main(), turn the errors a user can act
     on into one line on stderr, and exit with a code that says what happened (README, "Exit codes"):
 
-        0 done · 1 crash (a traceback) · 2 bad input · 3 diverged (NaN / inf) · 4 stopped by a signal
-        after saving (requeue the job) · 5 a checkpoint or output could not be written (disk full)
+        0 done · 1 crash (a traceback) · 2 bad input · 3 diverged (NaN / inf in training, or samples that
+        are not images) · 4 stopped by a signal after saving (requeue the job) · 5 a checkpoint or output
+        could not be written (disk full)
     """
     code = EXIT_CRASH
     try:
@@ -45,7 +46,7 @@ def run_script(main):
     except (ConfigError, DataError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         code = EXIT_BAD_INPUT
-    except TrainingDiverged as e:
+    except (TrainingDiverged, SamplingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_DIVERGED
     except WriteError as e:

@@ -18,7 +18,8 @@ import pytest
 import torch
 from torchdiffeq import odeint
 
-from dit3.flow import FlowScheduler, create_flow, default_eps, sample_ode, sample_sde, time_grid
+from dit3.flow import LAST_STEPS, FlowScheduler, create_flow, default_eps, sample_ode, sample_sde, time_grid
+from dit3.flow.samplers import check_sampler
 from dit3.pipeline import DiT3Pipeline
 from dit3.sampling import flow_model_fn, sample
 from tests.dit3.tiny import tiny_dit
@@ -378,3 +379,66 @@ def test_pipeline_with_a_flow_scheduler_round_trips_offline_and_draws_as_sample(
                generator=[torch.Generator().manual_seed(s) for s in (1, 2)], flow=scheduler)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a, (x / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
+
+
+def _draw_unchecked(flow, sampler, form, last, size, monkeypatch):
+    """The sampler's output on the toy model with check_sampler switched off: what SiT's code would return."""
+    import dit3.flow.samplers as samplers
+
+    monkeypatch.setattr(samplers, "check_sampler", lambda *a, **k: None)
+    x0 = data(5, (2, 2, 4, 4))[0].double()
+    if sampler.startswith("sde-"):
+        return sample_sde(flow, toy, x0, method=sampler[4:], num_steps=5, diffusion_form=form, last_step=last,
+                          last_step_size=size, generator=torch.Generator().manual_seed(0))
+    return sample_ode(flow, toy, x0, method=sampler, num_steps=5)
+
+
+SAMPLER_SETTINGS = [("euler", "sigma", "mean", 0.04), ("heun", "sigma", "mean", 0.04),
+                    ("dopri5", "sigma", "mean", 0.04)] + [
+    (f"sde-{m}", form, last, size) for m in ("euler", "heun") for form in ("sigma", "SBDM")
+    for last in LAST_STEPS for size in (0.0, 0.04)]
+
+
+@pytest.mark.parametrize("path,prediction", list(itertools.product(PATHS, PREDICTIONS)))
+def test_singular_settings_are_refused_exactly_where_the_sampler_gives_nan(path, prediction, monkeypatch):
+    """For every path, prediction, sampler, diffusion form, last step and sample_eps (SiT's default, or 0),
+    check_sampler refuses (one line naming a fix) exactly the settings whose unchecked sampling returns NaN /
+    inf on a smooth toy model (or, dopri5, fails); sample_ode / sample_sde refuse them before any network call."""
+    for eps, (sampler, form, last, size) in itertools.product((None, 0.0), SAMPLER_SETTINGS):
+        flow = create_flow(path, prediction, sample_eps=eps)
+        with monkeypatch.context() as m:
+            try:
+                finite = bool(torch.isfinite(_draw_unchecked(flow, sampler, form, last, size, m)).all())
+            except AssertionError as e:  # dopri5 shrinks its step to nothing where the velocity is infinite
+                assert sampler == "dopri5" and "underflow in dt" in str(e)
+                finite = False
+        try:
+            check_sampler(flow, sampler, 5, 1.0, form, 1.0, last, size)
+            ok = True
+        except ValueError as e:
+            ok = False
+            assert "divides by zero" in str(e) and "use " in str(e) and "\n" not in str(e)
+            with pytest.raises(ValueError, match="divides by zero"):
+                draw = sample_sde if sampler.startswith("sde-") else sample_ode
+                kwargs = (dict(method=sampler[4:], diffusion_form=form, last_step=last, last_step_size=size)
+                          if sampler.startswith("sde-") else dict(method=sampler))
+                draw(flow, lambda *_: pytest.fail("the network was called"), torch.zeros(1, 2),
+                              num_steps=5, **kwargs)
+        assert ok == finite, (eps, sampler, form, last, size)
+
+
+def test_the_issue_cases_are_refused_and_sits_defaults_are_not():
+    """The settings that gave black images (velocity with SBDM, Heun evaluating t = 1, Tweedie or the mean step
+    at t = 1) are refused with the setting to change; SiT's defaults and the shipped demo's are accepted."""
+    flow = create_flow()  # linear, velocity: sample_eps 0
+    cases = {("sde-euler", "SBDM", "mean", 0.04): "diffusion_form=sigma",
+             ("sde-heun", "sigma", "none", 0.04): "last_step=mean",
+             ("sde-euler", "sigma", "tweedie", 0.0): "last_step_size > 0",
+             ("sde-euler", "sigma", "mean", 0.0): "last_step_size > 0"}
+    for (sampler, form, last, size), fix in cases.items():
+        with pytest.raises(ValueError, match=f"use {fix}"):
+            check_sampler(flow, sampler, 50, 1.0, form, 1.0, last, size)
+        with pytest.raises(ValueError, match=f"use {fix}"):
+            FlowScheduler(sampler=sampler, diffusion_form=form, last_step=last, last_step_size=size)
+    for sampler in ("euler", "heun", "dopri5", "sde-euler", "sde-heun"):
+        FlowScheduler(sampler=sampler)

@@ -81,7 +81,8 @@ def test_one_writer_per_folder(tmp_path):
 
 @pytest.mark.parametrize("raised, code", [
     (None, 0), ("preempted", 4), (ConfigError("bad key"), 2), (T.DataError("no images"), 2),
-    (T.TrainingDiverged("nan"), 3), (T.WriteError(28, "full"), 5), (KeyError("bug"), 1), (SystemExit(0), 0),
+    (T.TrainingDiverged("nan"), 3), (T.SamplingDiverged("black"), 3), (T.WriteError(28, "full"), 5),
+    (KeyError("bug"), 1), (SystemExit(0), 0),
 ])
 def test_exit_codes(raised, code, capsys):
     def main():
