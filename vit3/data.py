@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .digits import prepare_demo_folder
+from .digits import DEMOS, prepare_demo_folder
 from .engine import ConfigError, DataError, at_least, between, checked, one_of, seeded_rng
 from .engine import DataConfig as LoaderConfig
 
@@ -34,8 +34,8 @@ class DataConfig(LoaderConfig):
     """train_vit.py's data section: the engine's (batch_size, num_workers, pin_memory, bad_images) and these."""
 
     path: str = "data/imagenet"  # holds train/ and val/ (one sub-folder per class)
-    # "digits": build the demo dataset under `path` (empty path: ~/.cache/vit3)
-    demo: str = checked("", one_of("", "digits"))
+    # "digits" or "glyphs" (vit3.glyphs): build the demo dataset under `path` (empty path: ~/.cache/vit3)
+    demo: str = checked("", one_of("", *DEMOS))
     # per process; 0 = the per-process training batch
     eval_batch_size: int = checked(0, at_least(0, "an integer >= 0 (0 = the training micro-batch)"))
     # training transforms (timm.data.create_transform)

@@ -33,12 +33,42 @@ def default_demo_path(name: str, img_size: int) -> Path:
     return cache / "vit3" / f"{name}{img_size}"
 
 
+DEMOS = ("digits", "glyphs")  # digits: scikit-learn's 8x8 digits; glyphs: digits drawn with fonts (vit3.glyphs)
+
+
 def prepare_demo_folder(demo: str, root: str | os.PathLike, img_size: int) -> Path:
     """The folder (train/, val/) of the built-in demo data set `demo` at `img_size`, written once: at `root`, or
     ("") in the cache, ~/.cache/vit3/<demo><img_size>. Both trainers' `data.demo` come here."""
-    if demo != "digits":
-        raise ConfigError(f"unknown data.demo {demo!r}: the built-in demo dataset is 'digits' ('' for none)")
-    return prepare_digits(root or default_demo_path(demo, img_size), img_size)
+    if demo not in DEMOS:
+        raise ConfigError(f"unknown data.demo {demo!r}: the built-in demo datasets are {', '.join(DEMOS)} "
+                          "('' for none)")
+    root = root or default_demo_path(demo, img_size)
+    if demo == "glyphs":
+        from .glyphs import prepare_glyphs
+
+        return prepare_glyphs(root, img_size)
+    return prepare_digits(root, img_size)
+
+
+def write_demo_once(root: str | os.PathLike, fill) -> Path:
+    """root, written once by fill(tmp) -> the text of root/.complete, into a new temporary folder renamed to
+    root: an interrupted write is never mistaken for a finished one, and of two processes the first wins."""
+    root = Path(root).expanduser()
+    if (root / ".complete").is_file():
+        return root
+    tmp = temp_dir(root)  # a new, unpredictable name: a link planted beside root is never written through
+    try:
+        (tmp / ".complete").write_text(fill(tmp))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        if root.exists() and not (root / ".complete").is_file():
+            shutil.rmtree(root)  # an old partial copy
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / ".complete").is_file():  # else another process finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def prepare_digits(root: str | os.PathLike, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
@@ -52,32 +82,21 @@ def prepare_digits(root: str | os.PathLike, img_size: int = 32, val_fraction: fl
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    root = Path(root).expanduser()
-    if (root / ".complete").is_file():
-        return root
-    digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target, random_state=seed)
-    tmp = temp_dir(root)  # a new, unpredictable name: a link planted beside root is never written through
-    for split, ids in (("train", train_idx), ("val", val_idx)):
-        for c in range(10):
-            (tmp / split / str(c)).mkdir(parents=True, exist_ok=True)
-        for i in ids:
-            grey = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # [8, 8]
-            img = Image.fromarray(grey, mode="L").resize((img_size, img_size), Image.BICUBIC).convert("RGB")
-            img.save(tmp / split / str(digits.target[i]) / f"{i:04d}.png")
-    (tmp / ".complete").write_text(f"sklearn digits, {len(train_idx)} train / {len(val_idx)} val, seed {seed}\n")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if root.exists() and not (root / ".complete").is_file():
-            shutil.rmtree(root)  # an old partial copy
-        os.replace(tmp, root)
-    except OSError:
-        if not (root / ".complete").is_file():  # else another process finished first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    def fill(tmp: Path) -> str:
+        digits = load_digits()
+        idx = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=digits.target,
+                                              random_state=seed)
+        for split, ids in (("train", train_idx), ("val", val_idx)):
+            for c in range(10):
+                (tmp / split / str(c)).mkdir(parents=True, exist_ok=True)
+            for i in ids:
+                grey = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # [8, 8]
+                img = Image.fromarray(grey, mode="L").resize((img_size, img_size), Image.BICUBIC).convert("RGB")
+                img.save(tmp / split / str(digits.target[i]) / f"{i:04d}.png")
+        return f"sklearn digits, {len(train_idx)} train / {len(val_idx)} val, seed {seed}\n"
+
+    return write_demo_once(root, fill)
 
 
 # ----------------------------------------------------------------------------------------

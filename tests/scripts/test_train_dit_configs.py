@@ -108,5 +108,5 @@ def test_both_trainers_write_the_demo_data_in_one_place(tmp_path, monkeypatch):
     given = train_dit.resolve_data(dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, path=str(tmp_path / "d" / "train"))))
     assert given.path == str(tmp_path / "d" / "train") and (tmp_path / "d" / "val" / "3").is_dir()
-    with pytest.raises(ConfigError, match="unknown data.demo 'mnist'.*'digits'"):
+    with pytest.raises(ConfigError, match="unknown data.demo 'mnist'.*demo datasets are digits, glyphs"):
         prepare_demo_folder("mnist", "", 16)
