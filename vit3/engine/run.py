@@ -335,7 +335,10 @@ def write_run_info(run_dir: Path, config: dict, accelerator, seed: int, extra: d
         for line in changed:
             logger.warning(f"resumed with a changed setting: {line}")
         record = info
+        # both are kept, not rewritten, so a link at either would stand as the run's record: refused, as log.txt
+        # (kept, appended to) is; the files a run rewrites (eval.json, ...) replace a link by a rename instead
         refuse_link(run_dir / "run.json")
+        refuse_link(run_dir / "config.yaml")
         if (run_dir / "run.json").is_file():
             record = json.loads((run_dir / "run.json").read_text())
             record.setdefault("resumes", []).append(info)

@@ -94,3 +94,37 @@ def test_exit_codes(raised, code, capsys):
     assert e.value.code == code
     err = capsys.readouterr().err
     assert ("Traceback" in err) == (code == 1)
+
+
+def test_a_planted_config_yaml_link_is_refused_naming_the_link(tmp_path):
+    """config.yaml is kept as the run's record (never rewritten once there): a link planted there is refused, as
+    at run.json, instead of standing as the run's config."""
+    class Acc(OneProcess):
+        num_processes, distributed_type, mixed_precision, device = 1, "NO", "no", torch.device("cpu")
+
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("model: planted\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").symlink_to(victim)
+    with pytest.raises(ConfigError, match=rf"{run / 'config.yaml'} is a symbolic link \(to {victim}\).*remove the "
+                                          "link"):
+        T.write_run_info(run, {"a": 1}, Acc(), seed=0)
+    assert victim.read_text() == "model: planted\n" and not (run / "run.json").exists()
+
+
+def test_a_lock_that_is_a_link_is_named_as_one(tmp_path):
+    """Not as a lock that "keeps changing": the link, where it points, and the fix, in one line."""
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("model: planted\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match=rf"{run / '.lock'} is a symbolic link \(to {victim}\).*remove the link"):
+        T.acquire_lock(run, "run folder")
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(tmp_path / "nowhere")  # dangling: O_EXCL still refuses to create through it
+    with pytest.raises(ConfigError, match=r"\.lock is a symbolic link \(to .*nowhere\)"):
+        T.acquire_lock(run, "run folder")
+    assert victim.read_text() == "model: planted\n" and not (tmp_path / "nowhere").exists()
+
