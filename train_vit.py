@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("mesa > 0 needs the EMA teacher: set ema.enabled=true or mesa=0")
     if cfg.eval_only and not (cfg.resume or cfg.weights):
         raise ConfigError("eval_only needs weights: pass resume=<checkpoint folder>|latest or weights=<file>")
-    with engine.start_run(cfg, name, ARCH_KEYS, new_run=cfg.eval_only) as run:
+    writes = {} if cfg.eval_only else {"timm": "output_dir"}  # checked before any work, with the run folder
+    with engine.start_run(cfg, name, ARCH_KEYS, new_run=cfg.eval_only, writes=writes) as run:
         return train(dataclasses.replace(cfg, name=name), run)
 
 

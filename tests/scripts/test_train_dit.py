@@ -24,6 +24,7 @@ from tests.trainer_helpers import (
     latest_checkpoint_step,
     launch_two_processes,
     load_script,
+    make_unwritable,
     run_main,
     run_script,
     sigterm_at,
@@ -94,6 +95,17 @@ def test_run_folder_metrics_checkpoints_and_grids(data, tmp_path):
     ckpt = run / "checkpoints" / "step-00000004"
     assert set(checkpoint_weights(run, 4)) == set(checkpoint_weights(run, 4, "ema"))
     assert yaml.safe_load((ckpt / "config.yaml").read_text()) == cfg
+
+
+def test_an_unwritable_samples_folder_stops_the_run_before_its_first_update(data, tmp_path, monkeypatch):
+    """The grids' folder is checked with the run folder, before any work, not found at the final grid after the
+    training. make_unwritable refuses new files there as the kernel does for a normal user (we run as root)."""
+    samples = make_unwritable(tmp_path / "grid" / "samples", monkeypatch)
+    updates = []
+    monkeypatch.setattr(T, "optimizer_step", lambda *args: updates.append(1))
+    with pytest.raises(T.WriteError, match=rf"cannot write {samples}: Permission denied; make {samples} writable"):
+        _run(data, tmp_path, "run_name=grid")
+    assert updates == [] and sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["samples"]
 
 
 def test_ema_starts_as_the_model_and_follows_with_its_decay(data, tmp_path):

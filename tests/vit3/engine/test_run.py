@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from tests.trainer_helpers import make_unwritable
 from tests.vit3.engine.fakes import OneProcess
 from vit3 import engine as T
 from vit3.engine import ConfigError
@@ -128,3 +129,18 @@ def test_a_lock_that_is_a_link_is_named_as_one(tmp_path):
         T.acquire_lock(run, "run folder")
     assert victim.read_text() == "model: planted\n" and not (tmp_path / "nowhere").exists()
 
+
+def test_a_folder_the_run_cannot_write_stops_it_at_the_start(tmp_path, monkeypatch):
+    """resolve_run probes the run folder and every folder the run will write (see check_writable's test for how
+    the refusal is made under root); a run folder made for this run is removed again, its lock released."""
+    out = tmp_path / "out"
+    elsewhere = make_unwritable(tmp_path / "latents", monkeypatch)
+    with pytest.raises(T.WriteError, match=rf"cannot write {elsewhere}: Permission denied.*data\.latents"):
+        T.resolve_run(str(out), "exp", writes={"checkpoints": "output_dir", str(elsewhere): "data.latents"})
+    assert list(out.iterdir()) == []
+    run, _ = T.resolve_run(str(out), "exp", writes={"checkpoints": "output_dir"})
+    T.release_lock(run / ".lock")
+    make_unwritable(run / "checkpoints", monkeypatch)
+    with pytest.raises(T.WriteError, match=rf"cannot write {run / 'checkpoints'}: Permission denied"):
+        T.resolve_run(str(out), "exp", run_name=run.name, writes={"checkpoints": "output_dir"})
+    assert run.is_dir() and not (run / ".lock").exists()  # kept: it holds checkpoints/
