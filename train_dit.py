@@ -397,7 +397,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         stopped = "done"
     elif stopped:
         log.info(f"stopping at step {step} ({stopped}): saving a checkpoint")
-    ckpt.save()
+    ckpt.save(last=True)
 
     result = {"run_dir": run.dir, "step": step, "state": st, "stopped": None if stopped == "done" else stopped,
               "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,
