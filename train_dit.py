@@ -260,7 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    with engine.start_run(cfg, name, ARCH_KEYS) as run:
+    writes = {"samples": "output_dir", **({"fid": "output_dir"} if sc.fid_every else {}),
+              **({cfg.data.latents: "data.latents"} if cfg.data.latents and not latents_complete(cfg.data.latents)
+                 else {})}  # checked before any work, with the run folder
+    with engine.start_run(cfg, name, ARCH_KEYS, writes=writes) as run:
         return train(dataclasses.replace(cfg, name=name), run)
 
 
@@ -416,7 +419,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         stopped = "done"
     elif stopped:
         log.info(f"stopping at step {step} ({stopped}): saving a checkpoint")
-    ckpt.save()
+    ckpt.save(last=True)
 
     result = {"run_dir": run.dir, "step": step, "state": st, "stopped": None if stopped == "done" else stopped,
               "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,

@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("mesa > 0 needs the EMA teacher: set ema.enabled=true or mesa=0")
     if cfg.eval_only and not (cfg.resume or cfg.weights):
         raise ConfigError("eval_only needs weights: pass resume=<checkpoint folder>|latest or weights=<file>")
-    with engine.start_run(cfg, name, ARCH_KEYS, new_run=cfg.eval_only) as run:
+    writes = {} if cfg.eval_only else {"timm": "output_dir"}  # checked before any work, with the run folder
+    with engine.start_run(cfg, name, ARCH_KEYS, new_run=cfg.eval_only, writes=writes) as run:
         return train(dataclasses.replace(cfg, name=name), run)
 
 
@@ -312,7 +313,7 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                 (f"max_steps={cfg.max_steps}" if cfg.max_steps and step >= cfg.max_steps else None)
             if stopped:
                 log.info(f"stopping at step {step} ({stopped}): saving a checkpoint")
-                ckpt.save()
+                ckpt.save(last=True)
                 break
         bar.close()
         if stopped:
@@ -330,11 +331,11 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                 # the val shards hold different numbers of batches
                 last_eval = evaluate_epoch(models, val_loader, run, st, step, metrics_file)
             if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch:
-                ckpt.save()
+                ckpt.save(last=last_epoch)
             stopped = run.stop.reason(acc, 0, 1)
             if stopped:
                 log.info(f"stopping after epoch {epoch + 1} ({stopped}): saving a checkpoint")
-                ckpt.save()
+                ckpt.save(last=True)
 
     if acc.is_main_process:  # the weights the run ends with (a resumed run writes them again)
         export_timm(ema.module if ema is not None else raw_model, run.dir / "timm")

@@ -3,6 +3,7 @@
 Tiny DiT³s (32-dim, 2 blocks) on a 3-class ImageFolder of 16x16 noise images, in pixel space or
 through a tiny randomly initialised AutoencoderKL saved to a local folder (no hub access).
 """
+import errno
 import json
 
 import numpy as np
@@ -24,6 +25,7 @@ from tests.trainer_helpers import (
     latest_checkpoint_step,
     launch_two_processes,
     load_script,
+    make_unwritable,
     run_main,
     run_script,
     sigterm_at,
@@ -94,6 +96,35 @@ def test_run_folder_metrics_checkpoints_and_grids(data, tmp_path):
     ckpt = run / "checkpoints" / "step-00000004"
     assert set(checkpoint_weights(run, 4)) == set(checkpoint_weights(run, 4, "ema"))
     assert yaml.safe_load((ckpt / "config.yaml").read_text()) == cfg
+
+
+def test_an_unwritable_samples_folder_stops_the_run_before_its_first_update(data, tmp_path, monkeypatch):
+    """The grids' folder is checked with the run folder, before any work, not found at the final grid after the
+    training. make_unwritable refuses new files there as the kernel does for a normal user (we run as root)."""
+    samples = make_unwritable(tmp_path / "grid" / "samples", monkeypatch)
+    updates = []
+    monkeypatch.setattr(T, "optimizer_step", lambda *args: updates.append(1))
+    with pytest.raises(T.WriteError, match=rf"cannot write {samples}: Permission denied; make {samples} writable"):
+        _run(data, tmp_path, "run_name=grid")
+    assert updates == [] and sorted(p.name for p in (tmp_path / "grid").iterdir()) == ["samples"]
+
+
+def test_a_failed_save_is_tried_again_at_the_next_save_point(data, tmp_path, monkeypatch):
+    """The disk is full at the save of step 2: one line in the log, training goes on from the state in memory, and
+    the save of step 4 (the next save point) writes it."""
+    real = T.checkpoint._write_files
+
+    def full_at_step_2(tmp, accelerator, modules, states, trainer_state, config, step):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tmp, accelerator, modules, states, trainer_state, config, step)
+
+    monkeypatch.setattr(T.checkpoint, "_write_files", full_at_step_2)
+    run = _run(data, tmp_path, "run_name=full")["run_dir"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
+    log = (run / "log.txt").read_text()
+    assert "saving step 2 failed: cannot write a checkpoint into" in log and "the disk is full" in log
+    assert "the save of step 2 had failed" in log and "done at step 4" in log
 
 
 def test_ema_starts_as_the_model_and_follows_with_its_decay(data, tmp_path):

@@ -22,6 +22,7 @@ from tests.trainer_helpers import (
     latest_checkpoint_step,
     launch_two_processes,
     load_script,
+    make_unwritable,
     run_main,
     run_script,
     sigterm_at,
@@ -361,6 +362,22 @@ def test_two_runs_on_one_folder(data, tmp_path):
         other.kill()
         other.wait()
     assert not (tmp_path / "busy" / "checkpoints").exists()
+
+
+def test_an_unwritable_checkpoint_folder_stops_the_run_before_its_first_update(data, tmp_path, monkeypatch, capsys):
+    """Found at the start (exit code 5, one line), not at the first save, after the training it would throw away.
+    make_unwritable refuses new files under checkpoints/ as the kernel does for a normal user (we run as root,
+    which a chmod would not stop)."""
+    run = _run(data, tmp_path, "run_name=ro", "max_steps=1")["run_dir"]
+    make_unwritable(run / "checkpoints", monkeypatch)
+    updates = []
+    monkeypatch.setattr(T, "optimizer_step", lambda *args: updates.append(1))
+    with pytest.raises(SystemExit) as e:
+        T.run_script(lambda: train_vit.main(_argv(data, tmp_path, "run_name=ro", "resume=latest", "max_steps=3")))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 5 and updates == []
+    assert errors == [f"error: [Errno 13] cannot write {run / 'checkpoints'}: Permission denied; make "
+                      f"{run / 'checkpoints'} writable for this user or choose another output_dir"]
 
 
 def test_resume_of_another_model_is_refused(data, tmp_path):

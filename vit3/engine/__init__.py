@@ -6,7 +6,7 @@
     lock.py        one writer per folder
     checkpoint.py  atomic checkpoints (weights, optimizer, RNG, position), load, prune
     state.py       the training state (step, epoch, position) and the Checkpointer that restores and saves it
-    files.py       writes that stay inside their folder: temporary names, renames, no links followed
+    files.py       writes that stay inside their folder: temporary names, renames, no links followed; write probes
     data_order.py  the seeded, sharded, resumable sampler and the loaders on it
     signals.py     SIGTERM / SIGUSR1 -> save and stop
     loop.py        the functions both loops call: optimizer, EMA, update step, metrics
@@ -48,6 +48,7 @@ from .files import (
     atomic_dir,
     atomic_path,
     atomic_write_text,
+    check_writable,
     follow_umask,
     is_permission_error,
     open_append,
@@ -117,6 +118,7 @@ __all__ = [
     "atomic_dir",
     "atomic_path",
     "atomic_write_text",
+    "check_writable",
     "follow_umask",
     "is_permission_error",
     "open_append",

@@ -128,7 +128,7 @@ def _write_error(e: OSError, tmp: Path, root: Path) -> WriteError:
     if is_permission_error(e):  # not a matter of space
         return WriteError(e.errno, f"cannot write a checkpoint into {root}: permission denied ({e.strerror or e}). "
                                    f"The previous checkpoints are intact: make {root} writable for this user (or "
-                                   "choose another output_dir) and resume=latest")
+                                   "choose another output_dir)")
     free = shutil.disk_usage(root).free if root.exists() else 0
     previous = [p for p in sorted(root.glob("step-*")) if p.is_dir()]
     need = max((sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0), written)
@@ -136,7 +136,7 @@ def _write_error(e: OSError, tmp: Path, root: Path) -> WriteError:
     return WriteError(
         e.errno, f"cannot write a checkpoint into {root}: {what}. A checkpoint needs about {need / 2**30:.2f} GiB "
         f"({written / 2**30:.2f} GiB were written before the failure, then removed); {free / 2**30:.2f} GiB are free. "
-        f"The previous checkpoints are intact: free space (or lower checkpoint.keep_last) and resume=latest")
+        f"The previous checkpoints are intact: free space (or lower checkpoint.keep_last)")
 
 
 def _as_write_error(e: Exception, folder: Path, weights_bytes: int) -> OSError | None:
@@ -189,50 +189,70 @@ def _write_manifest(folder: Path):
     (folder / "manifest.json").write_text(json.dumps({"sizes": sizes}, indent=1))
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[str, nn.Module],
-                    states: dict[str, Any], trainer_state: dict, config: dict, keep_last: int = 3) -> Path:
-    """Write checkpoints/step-N atomically (see the module docstring); every process must call it.
-    A write error (disk full, ...) removes the partial folder and raises WriteError."""
-    ckpt_root = Path(ckpt_root)
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        remove_path(tmp)  # a link planted at this name goes, so mkdir makes a folder inside the run
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-
-    failed = None
-    try:
-        _write_files(tmp, accelerator, modules, states, trainer_state, config, step)
-    except Exception as e:
-        failed = _as_write_error(e, tmp, _weights_bytes(modules))
-        if failed is None:
-            raise
-    if accelerator.num_processes > 1:  # every process must leave the save together, failed or not
+def _failed_anywhere(accelerator, failed: OSError | None) -> OSError | None:
+    """This process's failure, or one standing for another process's: every process leaves a step of the save
+    together, failed or not, so none waits in a collective for one that has gone."""
+    if accelerator.num_processes > 1:
         flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
         if accelerator.reduce(flag, "sum").item() > 0 and failed is None:
             failed = OSError(errno.EIO, "another process failed to write its part")
-    if failed is not None:
-        accelerator.wait_for_everyone()
-        raise _write_error(failed, tmp, ckpt_root) if accelerator.is_main_process else WriteError(
-            failed.errno, f"cannot write a checkpoint into {ckpt_root}: {failed}")
+    return failed
+
+
+def _raise_write_error(accelerator, failed: OSError, tmp: Path, root: Path):
+    accelerator.wait_for_everyone()
+    raise _write_error(failed, tmp, root) if accelerator.is_main_process else WriteError(
+        failed.errno, f"cannot write a checkpoint into {root}: {failed}")
+
+
+def _finish_save(tmp: Path, final: Path, ckpt_root: Path, step: int, keep_last: int):
+    """Main process: the manifest, then `tmp` becomes `final` (see the module docstring) and older ones go."""
+    _write_manifest(tmp)
+    follow_umask(tmp)  # safetensors writes 0600: a teammate could not sample the checkpoint
+    _fsync_tree(tmp)
+    trash = ckpt_root / f".trash-step-{step:08d}"
+    if final.exists():  # same step saved twice (step and epoch-end): the later one wins
+        remove_path(trash)
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    shutil.rmtree(trash, ignore_errors=True)
+    prune_checkpoints(ckpt_root, keep_last, step)
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, *, modules: dict[str, nn.Module],
+                    states: dict[str, Any], trainer_state: dict, config: dict, keep_last: int = 3) -> Path:
+    """Write checkpoints/step-N atomically (see the module docstring); every process must call it.
+    A write error (disk full, permissions, ...) of any process removes the partial folder and raises WriteError
+    on every process."""
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".tmp-step-{step:08d}"
+    failed = None
     if accelerator.is_main_process:
         try:
-            _write_manifest(tmp)
+            remove_path(tmp)  # a link planted at this name goes, so mkdir makes a folder inside the run
+            tmp.mkdir(parents=True)
         except OSError as e:
-            raise _write_error(e, tmp, ckpt_root) from None
+            failed = e
+    accelerator.wait_for_everyone()
 
+    if failed is None:
+        try:
+            _write_files(tmp, accelerator, modules, states, trainer_state, config, step)
+        except Exception as e:
+            failed = _as_write_error(e, tmp, _weights_bytes(modules))
+            if failed is None:
+                raise
+    if (failed := _failed_anywhere(accelerator, failed)) is not None:
+        _raise_write_error(accelerator, failed, tmp, ckpt_root)
     if accelerator.is_main_process:
-        follow_umask(tmp)  # safetensors writes 0600: a teammate could not sample the checkpoint
-        _fsync_tree(tmp)
-        trash = ckpt_root / f".trash-step-{step:08d}"
-        if final.exists():  # same step saved twice (step and epoch-end): the later one wins
-            remove_path(trash)
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-        shutil.rmtree(trash, ignore_errors=True)
-        prune_checkpoints(ckpt_root, keep_last, step)
+        try:
+            _finish_save(tmp, final, ckpt_root, step, keep_last)
+        except OSError as e:
+            failed = e
+    if (failed := _failed_anywhere(accelerator, failed)) is not None:
+        _raise_write_error(accelerator, failed, tmp, ckpt_root)
     accelerator.wait_for_everyone()
     return final
 

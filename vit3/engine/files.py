@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WriteError
 
 
 def _read_umask() -> int:
@@ -134,3 +134,27 @@ def open_append(path: str | os.PathLike, what: str = "a run"):
 
 def is_permission_error(e: OSError) -> bool:
     return e.errno in PERMISSION_ERRNOS
+
+
+def check_writable(folders: dict):
+    """WriteError, in one line, naming the first folder of `folders` ({folder: the setting that chooses it}) this
+    process cannot write: each must take a new file, or, if it does not exist yet, its nearest existing parent
+    must (where it will be made).
+
+    The probe really writes (a fresh temporary file, removed at once): os.access answers yes to root for any
+    folder, and no mode bit shows a read-only mount, an ACL or a full inode table."""
+    for folder, setting in folders.items():
+        folder = there = Path(folder)
+        while not os.path.lexists(there) and there != there.parent:
+            there = there.parent
+        if not there.is_dir():
+            raise WriteError(errno.ENOTDIR, f"cannot write {folder}: {there} is not a folder; remove it or choose "
+                                            f"another {setting}")
+        try:
+            fd, name = tempfile.mkstemp(prefix=".write-check.", dir=there)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as e:
+            made_in = "" if there == folder else f" (it will be made in {there})"
+            raise WriteError(e.errno, f"cannot write {folder}{made_in}: {e.strerror or e}; make {there} writable "
+                                      f"for this user or choose another {setting}") from None

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import ConfigError
+from .files import link_error
 
 LOCK = ".lock"
 HEARTBEAT_S, STALE_S = 30, 300  # a holder touches its lock every 30 s; one untouched for 5 minutes is stale
@@ -48,13 +49,16 @@ def _beat(path: Path, stop: threading.Event):
 def acquire_lock(folder: Path, what: str) -> Path:
     """folder/.lock, holding this process's host and pid, created atomically (O_EXCL) and touched every
     HEARTBEAT_S seconds while held. A stale lock (its process gone, see `_stale`) is taken over with a
-    warning; a live one stops this process with an error naming the holder. Taking it again is a no-op."""
+    warning; a live one stops this process with an error naming the holder, a link there with one naming the
+    link. Taking it again is a no-op."""
     path = Path(folder) / LOCK
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            if path.is_symlink():  # O_EXCL did not follow it, reading it would: what it points to is no lock
+                raise link_error(path, "a lock") from None
             try:
                 holder = json.loads(path.read_text())
             except (OSError, ValueError):  # being written this instant, or damaged

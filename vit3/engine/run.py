@@ -33,7 +33,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import config_diffs
-from .files import atomic_write_text, is_permission_error, open_append, refuse_link
+from .files import atomic_write_text, check_writable, is_permission_error, open_append, refuse_link
 from .lock import LOCK, acquire_lock, release_lock
 from .signals import StopSignal
 
@@ -130,7 +130,7 @@ def _new_run_dir(out: Path, name: str, run_name: str) -> Path:
             idx += 1
 
 
-def _resolve_run_local(output_dir: str, name: str, run_name: str, resume: str, new_run: bool):
+def _resolve_run_local(output_dir: str, name: str, run_name: str, resume: str, new_run: bool, writes: dict):
     out = Path(output_dir)
     run, ckpt = _find_resume(out, name, run_name, resume)
     try:
@@ -142,17 +142,26 @@ def _resolve_run_local(output_dir: str, name: str, run_name: str, resume: str, n
             raise
         raise WriteError(e.errno, f"cannot write a run folder in {out}: permission denied ({e.strerror}); choose an "
                                   "output_dir this user can write, or change its permissions") from None
+    try:  # now, not at the first save: a folder that cannot be written would throw away the training before it
+        check_writable({run: "output_dir", **{run / folder: setting for folder, setting in writes.items()}})
+    except WriteError:
+        release_lock(run / LOCK)
+        remove_unused_run(run)
+        raise
     return run, ckpt
 
 
-def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = "",
-                new_run: bool = False) -> tuple[Path, Path | None]:
-    """Pick (run folder, checkpoint to resume or None) on the main process and share it.
+def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = "", new_run: bool = False,
+                writes: dict | None = None) -> tuple[Path, Path | None]:
+    """Pick (run folder, checkpoint to resume or None) on the main process, check that it and the folders the run
+    will write can be written, and share it.
 
     Fresh runs get `output_dir/NNN-name` (or `output_dir/run_name`); resume=latest|auto continues
     the newest run of that name that has a checkpoint (auto starts fresh if none); a checkpoint
     path continues in its own run folder. new_run=True (evaluation) finds the checkpoint the same
-    way but writes to a new `NNN-name-eval` folder, leaving the training run untouched.
+    way but writes to a new `NNN-name-eval` folder, leaving the training run untouched. `writes`: {folder (in the
+    run folder, or an absolute path): the setting that chooses it}; one that cannot be written is a WriteError
+    (`files.check_writable`), and a run folder made for this run is removed again.
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -160,7 +169,8 @@ def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = ""
     # the same process group the Accelerator will use; PartialState() alone ignores ACCELERATE_USE_CPU
     # (only AcceleratorState reads it) and would silently run each CPU process on its own
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    return on_main_process(state, lambda: _resolve_run_local(output_dir, name, run_name, resume, new_run))
+    return on_main_process(state, lambda: _resolve_run_local(output_dir, name, run_name, resume, new_run,
+                                                             writes or {}))
 
 
 def on_main_process(state, fn):
@@ -197,13 +207,15 @@ class Run:
 
 
 @contextlib.contextmanager
-def start_run(cfg, name: str, arch_keys: tuple[str, ...], new_run: bool = False):
+def start_run(cfg, name: str, arch_keys: tuple[str, ...], new_run: bool = False, writes: dict | None = None):
     """`with start_run(...) as run:` the start-up both trainers share.
 
-    Sets the thread count (cfg.threads), picks the run folder and the checkpoint to resume, refuses a
-    checkpoint of another model (cfg.model against arch_keys) before anything is built, creates the
-    Accelerator (precision, accumulation, trackers), the log and the SIGTERM / SIGUSR1 handler. Bad
-    input (ConfigError, DataError: both ValueErrors) leaves no empty run folder behind.
+    Sets the thread count (cfg.threads), picks the run folder and the checkpoint to resume, checks that every
+    folder the run will write can be written (the run folder, checkpoints/, the trackers' folder and the trainer's
+    `writes`, as `resolve_run` takes them), refuses a checkpoint of another model (cfg.model against arch_keys)
+    before anything is built, creates the Accelerator (precision, accumulation, trackers), the log and the
+    SIGTERM / SIGUSR1 handler. Bad input (ConfigError, DataError: both ValueErrors) leaves no empty run folder
+    behind.
     """
     from accelerate import Accelerator
 
@@ -212,13 +224,16 @@ def start_run(cfg, name: str, arch_keys: tuple[str, ...], new_run: bool = False)
         torch.set_num_threads(cfg.threads)
     run_dir = None
     try:
-        run_dir, resume_ckpt = resolve_run(cfg.output_dir, name, cfg.run_name, cfg.resume, new_run=new_run)
+        log_with = [t.strip() for t in cfg.log.log_with.split(",") if t.strip() not in ("", "none")]
+        # the trackers write into run_dir/name (Accelerate's project_dir / the project name of init_trackers)
+        writes = {"checkpoints": "output_dir", **({name: "output_dir"} if log_with else {}), **(writes or {})}
+        run_dir, resume_ckpt = resolve_run(cfg.output_dir, name, cfg.run_name, cfg.resume, new_run=new_run,
+                                           writes=writes)
         if resume_ckpt:
             state = read_trainer_state(resume_ckpt)
             check_same_model(state, dataclasses.asdict(cfg.model), arch_keys, resume_ckpt)
             if not new_run:
                 check_same_batch(state, cfg.data.batch_size, resume_ckpt)
-        log_with = [t.strip() for t in cfg.log.log_with.split(",") if t.strip() not in ("", "none")]
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                                   gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                                   log_with=log_with or None, project_dir=str(run_dir),
@@ -335,7 +350,10 @@ def write_run_info(run_dir: Path, config: dict, accelerator, seed: int, extra: d
         for line in changed:
             logger.warning(f"resumed with a changed setting: {line}")
         record = info
+        # both are kept, not rewritten, so a link at either would stand as the run's record: refused, as log.txt
+        # (kept, appended to) is; the files a run rewrites (eval.json, ...) replace a link by a rename instead
         refuse_link(run_dir / "run.json")
+        refuse_link(run_dir / "config.yaml")
         if (run_dir / "run.json").is_file():
             record = json.loads((run_dir / "run.json").read_text())
             record.setdefault("resumes", []).append(info)

@@ -1,5 +1,5 @@
 """The training state and the Checkpointer that owns it: restored on resume (or seeded for a fresh run),
-saved once per position, never saved diverged.
+saved once per position, never saved diverged, and a failed save costs at most one more save interval.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from ..errors import TrainingDiverged
+from ..errors import TrainingDiverged, WriteError
 from .checkpoint import load_checkpoint, save_checkpoint, seed_process
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ class TrainState:
 
 class Checkpointer:
     """Owns the training state (`state`, a TrainState): restores it with everything else on resume, or seeds a
-    fresh run; saves it, skipping a second save of the same position; refuses to save diverged weights.
+    fresh run; saves it, skipping a second save of the same position, trying a failed save again at the next save
+    point; refuses to save diverged weights.
 
     Non-finite losses are recorded on the device (`watch`, no host sync) and checked at each log
     and each save (`check`), on every process at once.
@@ -61,6 +62,7 @@ class Checkpointer:
         self.state = TrainState() if state is None else state
         self.last_good = run.resume_from
         self.saved_at = None  # the state's position at the last save (or at the restore)
+        self.failed_at = None  # the step whose save failed, until a save succeeds
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)
 
     def restore(self, seed: int, updates_per_epoch: int) -> bool:
@@ -100,8 +102,16 @@ class Checkpointer:
                 "(resume=<that folder>) with a lower optim.lr, optim.clip_grad > 0, or mixed_precision=bf16 "
                 "instead of fp16")
 
-    def save(self) -> Path | None:
-        """checkpoints/step-N of the state as it is; None if this position is saved already."""
+    def save(self, last: bool = False) -> Path | None:
+        """checkpoints/step-N of the state as it is; None if this position is saved already, or if the write failed
+        and is put off to the next save point.
+
+        A failed write (WriteError: disk full, quota, permissions changed since the start) has lost nothing yet: the
+        state is still in memory. So it is logged in one line and training goes on; the next call tries again. A
+        second failure in a row, or a failure of the `last` save (the run's end or a stop signal: no later point),
+        raises WriteError: going on puts at most one more save interval at risk. save_checkpoint raises on every
+        process alike, so all processes take the same decision.
+        """
         step = self.state.global_step
         if self.saved_at == self.state.position():
             return None
@@ -109,9 +119,22 @@ class Checkpointer:
         finite = torch.stack([torch.isfinite(p).all() for m in self.modules.values() for p in m.parameters()]).all()
         if not bool(finite):
             raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saved. {self._advice()}")
-        path = save_checkpoint(self.accelerator, self.root, step, modules=self.modules, states=self.states,
-                               trainer_state=dataclasses.asdict(self.state), config=self.config,
-                               keep_last=self.keep_last)
-        self.saved_at, self.last_good = self.state.position(), path
-        logger.info(f"saved checkpoint {path}")
+        try:
+            path = save_checkpoint(self.accelerator, self.root, step, modules=self.modules, states=self.states,
+                                   trainer_state=dataclasses.asdict(self.state), config=self.config,
+                                   keep_last=self.keep_last)
+        except WriteError as e:
+            if last or self.failed_at is not None:
+                also = f" (as at step {self.failed_at})" if self.failed_at is not None else ""
+                raise WriteError(e.errno, f"{e.strerror}. Saving step {step} failed{also}: training stopped; the "
+                                          f"newest checkpoint is {self.last_good or 'none'}: resume=latest once the "
+                                          "folder can be written") from None
+            self.failed_at = step
+            logger.warning(f"saving step {step} failed: {e.strerror}. Training goes on from the state in memory and "
+                           "the save is tried again at the next save point; if that fails too, the run stops "
+                           "(exit code 5)")
+            return None
+        again = f" (the save of step {self.failed_at} had failed)" if self.failed_at is not None else ""
+        self.saved_at, self.last_good, self.failed_at = self.state.position(), path, None
+        logger.info(f"saved checkpoint {path}{again}")
         return path

@@ -97,3 +97,26 @@ def test_an_unwritable_folder_is_a_permission_error_not_a_full_disk(tmp_path, mo
     out = make_unwritable(tmp_path / "ro", monkeypatch)
     with pytest.raises(T.WriteError, match=rf"cannot write a run folder in {out}: permission denied.*output_dir"):
         T.resolve_run(str(out), "exp")
+
+
+def test_check_writable_probes_each_folder_with_a_real_write(tmp_path, monkeypatch):
+    """A folder, or (not made yet) its nearest existing parent, must take a new file. We run as root, which writes
+    through any mode bits, so the refusal a normal user gets is reproduced where the probe writes: make_unwritable
+    refuses os.open / os.mkdir under its folder (tempfile creates its file with os.open), so a probe that only read
+    mode bits (os.access) would pass here and the test would fail. A path under a regular file fails for real."""
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    T.check_writable({ok: "output_dir", tmp_path / "new" / "deeper": "output_dir"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"] and not any(ok.iterdir())  # nothing left behind
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(T.WriteError, match=rf"cannot write {tmp_path / 'file' / 'ckpt'}: {tmp_path / 'file'} is not "
+                                           "a folder; remove it or choose another output_dir"):
+        T.check_writable({ok: "output_dir", tmp_path / "file" / "ckpt": "output_dir"})
+    ro = make_unwritable(tmp_path / "ro", monkeypatch)
+    with pytest.raises(T.WriteError, match=rf"cannot write {ro}: Permission denied; make {ro} writable for this "
+                                           r"user or choose another data\.latents$") as e:
+        T.check_writable({ok: "output_dir", ro: "data.latents"})
+    assert e.value.errno == 13
+    with pytest.raises(T.WriteError, match=rf"cannot write {ro / 'samples'} \(it will be made in {ro}\)"):
+        T.check_writable({ro / "samples": "output_dir"})

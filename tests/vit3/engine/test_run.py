@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from tests.trainer_helpers import make_unwritable
 from tests.vit3.engine.fakes import OneProcess
 from vit3 import engine as T
 from vit3.engine import ConfigError
@@ -95,3 +96,52 @@ def test_exit_codes(raised, code, capsys):
     assert e.value.code == code
     err = capsys.readouterr().err
     assert ("Traceback" in err) == (code == 1)
+
+
+def test_a_planted_config_yaml_link_is_refused_naming_the_link(tmp_path):
+    """config.yaml is kept as the run's record (never rewritten once there): a link planted there is refused, as
+    at run.json, instead of standing as the run's config."""
+    class Acc(OneProcess):
+        num_processes, distributed_type, mixed_precision, device = 1, "NO", "no", torch.device("cpu")
+
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("model: planted\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").symlink_to(victim)
+    with pytest.raises(ConfigError, match=rf"{run / 'config.yaml'} is a symbolic link \(to {victim}\).*remove the "
+                                          "link"):
+        T.write_run_info(run, {"a": 1}, Acc(), seed=0)
+    assert victim.read_text() == "model: planted\n" and not (run / "run.json").exists()
+
+
+def test_a_lock_that_is_a_link_is_named_as_one(tmp_path):
+    """Not as a lock that "keeps changing": the link, where it points, and the fix, in one line."""
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("model: planted\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match=rf"{run / '.lock'} is a symbolic link \(to {victim}\).*remove the link"):
+        T.acquire_lock(run, "run folder")
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(tmp_path / "nowhere")  # dangling: O_EXCL still refuses to create through it
+    with pytest.raises(ConfigError, match=r"\.lock is a symbolic link \(to .*nowhere\)"):
+        T.acquire_lock(run, "run folder")
+    assert victim.read_text() == "model: planted\n" and not (tmp_path / "nowhere").exists()
+
+
+def test_a_folder_the_run_cannot_write_stops_it_at_the_start(tmp_path, monkeypatch):
+    """resolve_run probes the run folder and every folder the run will write (see check_writable's test for how
+    the refusal is made under root); a run folder made for this run is removed again, its lock released."""
+    out = tmp_path / "out"
+    elsewhere = make_unwritable(tmp_path / "latents", monkeypatch)
+    with pytest.raises(T.WriteError, match=rf"cannot write {elsewhere}: Permission denied.*data\.latents"):
+        T.resolve_run(str(out), "exp", writes={"checkpoints": "output_dir", str(elsewhere): "data.latents"})
+    assert list(out.iterdir()) == []
+    run, _ = T.resolve_run(str(out), "exp", writes={"checkpoints": "output_dir"})
+    T.release_lock(run / ".lock")
+    make_unwritable(run / "checkpoints", monkeypatch)
+    with pytest.raises(T.WriteError, match=rf"cannot write {run / 'checkpoints'}: Permission denied"):
+        T.resolve_run(str(out), "exp", run_name=run.name, writes={"checkpoints": "output_dir"})
+    assert run.is_dir() and not (run / ".lock").exists()  # kept: it holds checkpoints/

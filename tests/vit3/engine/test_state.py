@@ -1,11 +1,14 @@
 """engine.TrainState and the Checkpointer that owns it: counting, one save per position, restore and seeding,
-no diverged weights saved."""
+no diverged weights saved, a failed save tried again."""
 import dataclasses
+import errno
+import logging
 
 import pytest
 import torch
 import torch.nn as nn
 
+from tests.trainer_helpers import make_unwritable
 from tests.vit3.engine.fakes import fake_run, tiny_model
 from vit3 import engine as T
 
@@ -87,3 +90,41 @@ def test_diverged_weights_are_never_saved(tmp_path):
     with pytest.raises(T.TrainingDiverged, match="loss became NaN or inf at step 3"):
         ckpt.check()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_a_failed_save_is_tried_again_and_stops_the_run_only_if_it_fails_again(tmp_path, monkeypatch, caplog):
+    """A save that fails (permissions changed, disk full) loses nothing yet: one line in the log, the state stays in
+    memory, and the next save point writes it; a second failure in a row, or one at the run's last save, raises
+    WriteError (exit code 5). The permission change is made with make_unwritable (we run as root, which a chmod
+    would not stop): creating the save's folder under checkpoints/ then fails as it does for a normal user."""
+    ckpt = T.Checkpointer(fake_run(tmp_path), modules={"model": tiny_model()}, states={}, config={}, keep_last=0)
+    ckpt.state.advance()
+    first = ckpt.save()
+    ckpt.state.advance()
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, "vit3.train"):
+        make_unwritable(tmp_path / "checkpoints", m)
+        assert ckpt.save() is None
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "saving step 2 failed: cannot write a checkpoint into" in line and "permission denied" in line
+    assert "tried again at the next save point" in line and "\n" not in line
+    ckpt.state.advance()
+    assert ckpt.save().name == "step-00000003" and ckpt.failed_at is None  # the next save point writes the state
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T.checkpoint, "_save_torch", full)
+    ckpt.state.advance()
+    assert ckpt.save() is None
+    ckpt.state.advance()
+    with pytest.raises(T.WriteError, match=r"the disk is full.*GiB are free.*Saving step 5 failed \(as at step 4\): "
+                                           r"training stopped; the newest checkpoint is .*step-00000003: "
+                                           "resume=latest") as e:
+        ckpt.save()
+    assert "\n" not in str(e.value)
+    fresh = T.Checkpointer(fake_run(tmp_path / "b"), modules={"model": tiny_model()}, states={}, config={},
+                           keep_last=0)
+    fresh.state.advance()
+    with pytest.raises(T.WriteError, match="Saving step 1 failed: training stopped; the newest checkpoint is none"):
+        fresh.save(last=True)  # the run's end: no later point to try again
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [first.name, "step-00000003"]
