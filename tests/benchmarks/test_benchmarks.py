@@ -211,3 +211,25 @@ def test_gpu_check_part_failure_and_time_limit_are_recorded(tmp_path):
                               1, tmp_path / "b.log")
     assert slow["error"] == "stopped at its time limit (1 s)" and slow["seconds"] < 10
     assert slow["last_line"] == "started"
+
+
+def test_bench_sampling_writes_its_table_json_and_plot(tmp_path):
+    """bench_sampling.py at two small token counts, one round: every mixer's time per image (50 steps over the
+    batch) and a step's peak memory from its own process, the markdown table with the DiT / DiT3 ratio, the
+    JSON with no absolute path, and the plot."""
+    import bench_sampling
+
+    res = bench_sampling.main(["--tokens", "16", "64", "--rounds", "1", "--batch", "1",
+                               "--model-kwargs", "{hidden_size: 32, depth: 1, num_heads: 2}", "--out",
+                               str(tmp_path / "bs")])
+    assert set(res["points"]) == {f"{m}/{t}" for m in bench_sampling.MIXERS for t in (16, 64)}
+    for p in res["points"].values():
+        assert p["s_per_image"] == pytest.approx(50 * p["step_ms"] / 1e3) and p["step_ms"] > 0
+        assert p["peak_mib"] >= p["held_mib"] > 0 and p["image_px"] == 2 * math.isqrt(p["tokens"])
+    table = (tmp_path / "bs.md").read_text()
+    ratio = res["points"]["DiT/64"]["s_per_image"] / res["points"]["DiT3/64"]["s_per_image"]
+    assert "| 64 (16 px) |" in table and f"{ratio:.2f}x" in table
+    assert str(tmp_path) not in (tmp_path / "bs.json").read_text()
+    assert (tmp_path / "bs.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        bench_sampling.main(["--tokens", "17"])
