@@ -51,6 +51,7 @@ from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample_images, sample_seed, s
 from dit3.weights import load_dit3
 from vit3 import engine
 from vit3.engine import ConfigError, WriteError
+from vit3.ttt.dispatch import forced_impl
 
 
 @dataclasses.dataclass
@@ -359,6 +360,7 @@ def main(argv=None) -> dict:
 
 def execute(args: SampleConfig) -> dict:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    forced_impl(state.device.type)  # a bad VIT3_TTT_IMPL: one line before any work
     ckpt = resolve_checkpoint(args.ckpt)
     model, vae, scale, config = load_run(ckpt, args, state.device)
     args, flow = resolve_objective(args, config)

@@ -119,7 +119,7 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
         return shards
     if data.in_memory:  # the flips are drawn per item, the rest of the transform is done once
         folder = open_image_folder(Path(data.path), image_transform(cfg.model.image_size, hflip=False), data.bad_images)
-        return InMemoryFolder(folder, hflip=data.hflip)
+        return InMemoryFolder(folder, hflip=data.hflip, log=log)
     return open_image_folder(Path(data.path), image_transform(cfg.model.image_size, data.hflip), data.bad_images)
 
 

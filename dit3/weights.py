@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vit3.errors import ConfigError
+from vit3.errors import ConfigError, load_error_text
 
 from .models import DiT3, DiT3_models
 
@@ -28,8 +28,7 @@ def _read_official(path: Path) -> Mapping:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of a damaged or foreign file
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {first}): the file is damaged or not a checkpoint "
+        raise ConfigError(f"cannot read {path} ({load_error_text(e)}): the file is damaged or not a checkpoint "
                           "(expected a train_dit.py checkpoint folder or an official DiT³ / DiT .pt)") from None
 
 
@@ -57,7 +56,7 @@ def load_official_checkpoint(model: DiT3, checkpoint: str | PathLike | Mapping, 
 
 
 def _weights_error(path: Path, e: Exception) -> ConfigError:
-    return ConfigError(f"cannot read the weights {path} ({type(e).__name__}: {e}). The file is damaged; use "
+    return ConfigError(f"cannot read the weights {path} ({load_error_text(e)}). The file is damaged; use "
                        "another checkpoint")
 
 

@@ -209,11 +209,27 @@ class InMemoryFolder(torch.utils.data.Dataset):
     memory (the digits demo: 1437 images, 4 MB); a step then reads no file and decodes no image.
     """
 
-    def __init__(self, folder: ClassificationFolder, hflip: bool):
-        items = [folder[i] for i in range(len(folder))]
-        self.images = torch.stack([x for x, _, _ in items])  # [N, C, H, W]
-        self.targets = [y for _, y, _ in items]
-        self.skipped = [s for _, _, s in items]  # an unreadable file stays counted at every read, as on disk
+    def __init__(self, folder: ClassificationFolder, hflip: bool, log=None):
+        """log: a logger for the one line saying how much memory the images take (checked before any is decoded
+        but the first: DataError if that, times the processes on this machine, exceeds the available memory)."""
+        first, target, skipped = folder[0]
+        size = len(folder) * first.numel() * first.element_size()
+        copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each process on this machine holds its own
+        available = available_memory()
+        what = (f"data.in_memory: {len(folder)} images of {list(first.shape)} {str(first.dtype).split('.')[-1]} "
+                f"take {_mib(size)} per process x {copies} process(es) on this machine")
+        if available is not None and size * copies > available:
+            raise DataError(f"{what}, more than the {_mib(available)} of memory available: set "
+                            "data.in_memory=false (images are then read from disk each step) or lower the image size")
+        if log is not None:
+            log.info(what + (f" ({_mib(available)} available)" if available is not None else ""))
+        self.images = first.new_empty((len(folder), *first.shape))  # [N, C, H, W], filled in place: no second copy
+        self.targets, self.skipped = [target], [skipped]  # a skipped file stays counted at every read, as on disk
+        self.images[0] = first
+        for i in range(1, len(folder)):
+            self.images[i], target, skipped = folder[i]
+            self.targets.append(target)
+            self.skipped.append(skipped)
         self.classes, self.root, self.hflip = folder.classes, folder.root, hflip
 
     def __len__(self):
@@ -225,6 +241,26 @@ class InMemoryFolder(torch.utils.data.Dataset):
         if self.hflip and seed is not None and torch.rand(1, generator=torch.Generator().manual_seed(seed)) < 0.5:
             x = x.flip(-1)
         return x, self.targets[index], self.skipped[index]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.3f} MiB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: MemAvailable of /proc/meminfo (Linux), else the free
+    physical pages (os.sysconf), else None (unknown: nothing is refused)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # "MemAvailable:   12345 kB"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a name this system knows, or no sysconf (Windows)
+        return None
 
 
 def _has_images(folder: Path) -> bool:

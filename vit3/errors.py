@@ -24,3 +24,16 @@ class TrainingDiverged(RuntimeError):
 class SamplingDiverged(RuntimeError):
     """A sampler gave samples that are not images: NaN / inf, far outside the data's range, or flat; nothing
     was written from them."""
+
+
+def load_error_text(e: BaseException) -> str:
+    """What torch.load (or safetensors) found wrong with a file, as "TypeName: the first sentence".
+
+    torch's weights_only refusal goes on to advise loading with weights_only=False, which runs whatever code the
+    file holds: that advice is left out and the reason it gives kept (an unsupported pickle operand or global).
+    """
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    first = (text.strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:200]}"

@@ -43,7 +43,7 @@ from .layers import RoPE2d
 from .mixers import Attention, LinearAttention
 from .ttt import TTT
 from .vit import ViT3
-from .weights import checkpoint_filter_fn, fetch_pretrained, official_file_globals
+from .weights import checkpoint_filter_fn, create_pretrained, official_file_globals
 
 __all__ = ["ViT3", "HViT3", "MODEL_NAMES", "create_model"]
 
@@ -78,7 +78,7 @@ def _cfg(url: str, first_conv: str, pool_size: tuple[int, int]) -> dict:
             "origin_url": "https://github.com/LeapLabTHU/ViTTT", "paper_ids": "arXiv:2512.01643"}
 
 
-# the official ImageNet-1k weights (weights.fetch_pretrained downloads them)
+# the official ImageNet-1k weights (weights.create_pretrained downloads them)
 default_cfgs = generate_default_cfgs({
     **{f"{name}.official_in1k": _cfg(OFFICIAL_WEIGHTS[name], "patch_embed.proj", (14, 14))
        for name in MODEL_NAMES[:3]},
@@ -87,22 +87,28 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, model_cls: type, pretrained: bool, model_args: dict, **kwargs) -> nn.Module:
-    if pretrained:  # a url in the cfg becomes a file in the torch hub cache
-        kwargs = fetch_pretrained(variant, kwargs)
-    kwargs = dict(model_args, **kwargs)
+def _build(variant: str, model_cls: type, pretrained: bool, kwargs: dict) -> nn.Module:
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     # parameters are made on `device` (meta too), not moved there
     with torch.device(device) if device is not None else nullcontext(), official_file_globals():
         model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                      feature_cfg=dict(out_indices=4 if model_cls is HViT3 else 3, feature_cls="getter"),
                                      **kwargs)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _create(variant: str, model_cls: type, pretrained: bool, model_args: dict, **kwargs) -> nn.Module:
+    kwargs = dict(model_args, **kwargs)
+    if pretrained:  # a url in the cfg becomes a file in the torch hub cache
+        model = create_pretrained(lambda kw: _build(variant, model_cls, True, kw), variant, kwargs)
+    else:
+        model = _build(variant, model_cls, False, kwargs)
     # timm's data config (resolve_data_config) then uses the size the model was built for
     img_size = to_2tuple(kwargs.get("img_size", 224))
     stride = kwargs["patch_size"] if model_cls is ViT3 else 32  # H-ViT³ rounds each halving up
     model.pretrained_cfg.update(input_size=(kwargs.get("in_chans", 3), *img_size),
                                 pool_size=tuple(-(-side // stride) for side in img_size))
-    return model.to(dtype=dtype) if dtype is not None else model
+    return model
 
 
 @register_model

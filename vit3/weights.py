@@ -4,20 +4,19 @@
 .safetensors file, and the official release files, through timm's checkpoint loading
 (`timm.models.load_checkpoint`, weights_only) with `checkpoint_filter_fn`; a file that is not a
 checkpoint gets an error naming it. `load_official_checkpoint` maps an official file (or its
-dict) onto our names, which are the official ones. `fetch_pretrained` downloads a release file
-into the torch hub cache for `timm.create_model(name, pretrained=True)`.
+dict) onto our names, which are the official ones. `create_pretrained` downloads a release file
+into the torch hub cache for `timm.create_model(name, pretrained=True)`, checked before it enters.
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
 import os
-import pickle
 import re
 import uuid
-import zipfile
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError
@@ -30,7 +29,7 @@ from timm.models import resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source  # timm's choice of weight source; not re-exported
 from tqdm import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, load_error_text
 
 
 class _ConfigAsDict:
@@ -90,75 +89,141 @@ def cached_file_name(url: str, model_tag: str) -> str:
     return f"{model_tag}-{key}{PurePosixPath(path).suffix or '.pth'}"
 
 
+# a transfer that sends nothing for this long is given up (and its partial file removed), not waited on forever
+STALL_TIMEOUT_S = 60
+# torch.hub's naming of release files, "resnet18-f37072fd.pth": the first hex digits of the file's sha256
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.\w+$")
+
+
+def _read_weights_file(file: Path, suffix: str) -> Mapping:
+    """A weights file's top level (a .safetensors file's names as keys, by `suffix`), read with weights_only."""
+    from safetensors import safe_open
+
+    if suffix == ".safetensors":
+        with safe_open(str(file), "pt") as f:
+            return dict.fromkeys(f.keys())
+    with official_file_globals():
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def weights_file_problem(file: Path, suffix: str | None = None) -> str | None:
+    """Why `file` cannot be read as weights (a .safetensors file by `suffix`, default its own, else a torch file
+    holding a dict), or None when it can; the file is read whole."""
+    try:
+        data = _read_weights_file(file, suffix or file.suffix)
+    except Exception as e:  # pickle, zip, EOF, decode or safetensors errors: whatever the bytes give
+        return load_error_text(e)
+    return None if isinstance(data, Mapping) else f"it holds a {type(data).__name__}, not a state dict"
+
+
+def _offline_way(dst: Path) -> str:
+    return f"download the file elsewhere and pass pretrained_cfg_overlay=dict(file=PATH) to timm.create_model, " \
+           f"or copy it to {dst}"
+
+
 def download_cached(url: str, file_name: str, cache_dir: str | PathLike | None = None) -> Path:
     """The file at `url`, downloaded once (with a progress bar) into the torch hub cache as `file_name`.
 
     The cache is timm's and torch.hub's, <torch.hub.get_dir()>/checkpoints ($TORCH_HOME/hub/checkpoints),
-    or `cache_dir`; a file already there is returned without a request. Offline, on an HTTP error or a
-    transfer that ends early, RuntimeError names the url and the way to load the file without a network.
+    or `cache_dir`; a file already there is returned without a request. A download enters the cache only
+    whole (its Content-Length), matching the sha256 prefix its url's file name gives (torch.hub's
+    "name-<hash>.pth") and readable as weights: an HTML page sent with status 200 (a login or an expired
+    link) never does. Offline, on an HTTP error, a transfer that ends early or stalls for STALL_TIMEOUT_S,
+    or a file that fails those checks, RuntimeError names the url, what came back and the way to load the
+    file without a network.
     """
     folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
     dst = folder / file_name
     if dst.is_file():
         return dst
     folder.mkdir(parents=True, exist_ok=True)
-    # written under a temporary name in the same folder and renamed once complete, so that a dropped
-    # connection or a killed process never leaves a partial file under the final name; as
-    # torch.hub.download_url_to_file does, but that accepts a body shorter than its Content-Length (urllib
-    # ends such a read as if the file were complete)
+    # written under a temporary name in the same folder and renamed once checked, so that a dropped
+    # connection, a killed process or a wrong body never leaves a file under the final name. Not
+    # torch.hub.download_url_to_file: it accepts a body shorter than its Content-Length (urllib ends such a
+    # read as if the file were complete) and opens the url without a timeout, so a stalled server hangs it
     tmp = folder / f"{file_name}.{uuid.uuid4().hex}.partial"
+    sha256 = hashlib.sha256()
     try:
-        with urlopen(Request(url, headers={"User-Agent": "vit3"}), timeout=60) as response, open(tmp, "wb") as f:
-            length = response.headers.get("Content-Length")
-            size = int(length) if length else None
-            with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=file_name) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if size is not None and f.tell() != size:
-                raise ConnectionError(f"the transfer ended after {f.tell()} of {size} bytes")
+        try:
+            with (urlopen(Request(url, headers={"User-Agent": "vit3"}), timeout=STALL_TIMEOUT_S) as response,
+                  open(tmp, "wb") as f):
+                content_type = response.headers.get("Content-Type") or "no Content-Type"
+                length = response.headers.get("Content-Length")
+                size = int(length) if length else None
+                with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=file_name) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        sha256.update(chunk)
+                        bar.update(len(chunk))
+                if size is not None and f.tell() != size:
+                    raise ConnectionError(f"the transfer ended after {f.tell()} of {size} bytes")
+        except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError, timeouts, resets
+            reason = (f"HTTP {e.code} {e.reason}" if isinstance(e, HTTPError)
+                      else getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
+            raise RuntimeError(f"cannot download {url} ({reason}). Without a network, {_offline_way(dst)}") from e
+        _check_download(url, tmp, dst, content_type, sha256.hexdigest())
         os.replace(tmp, dst)
-    except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError, timeouts, resets
-        reason = (f"HTTP {e.code} {e.reason}" if isinstance(e, HTTPError)
-                  else getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
-        raise RuntimeError(
-            f"cannot download {url} ({reason}). Without a network, download the file elsewhere and pass "
-            f"pretrained_cfg_overlay=dict(file=PATH) to timm.create_model, or copy it to {dst}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return dst
 
 
-def fetch_pretrained(variant: str, kwargs: dict) -> dict:
-    """The create_model kwargs of `variant`, with the `url` that timm would fetch downloaded (once, into the
-    torch hub cache) and given as the cfg's `file` instead: timm's loader then reads it as any file=
-    overlay, taking the EMA weights where there are any and adapting head and in_chans. timm's own url
-    loading names the cached file after the url's path, which the release links (.../f/<id>/?dl=1) lack,
-    and takes a checkpoint dict for the weights themselves."""
+def _check_download(url: str, tmp: Path, dst: Path, content_type: str, digest: str):
+    """RuntimeError unless the body downloaded from `url` into `tmp` is the weights file meant for `dst`."""
+    promised = _HASH_IN_NAME.search(PurePosixPath(urlparse(url).path).name)
+    if promised and not digest.startswith(promised.group(1)):
+        raise RuntimeError(f"{url} sent a file whose sha256 is {digest}, but its name gives {promised.group(1)}: the "
+                           f"transfer was damaged or the link serves another file; nothing was cached. Try again, or "
+                           f"{_offline_way(dst)}")
+    problem = weights_file_problem(tmp, dst.suffix)
+    if problem is not None:
+        with open(tmp, "rb") as f:
+            head = f.read(64)
+        what = ("an HTML page" if "html" in content_type.lower() or head.lstrip()[:1] == b"<"
+                else f"{tmp.stat().st_size} bytes of {content_type}")
+        raise RuntimeError(f"{url} sent {what}, not a weights file ({problem}; it begins {head!r}); nothing was "
+                           f"cached. The link may need a login or have moved: {_offline_way(dst)}")
+
+
+def create_pretrained(build: Callable[[dict], nn.Module], variant: str, kwargs: dict) -> nn.Module:
+    """build(kwargs), timm's build_model_with_cfg with pretrained weights, the `url` that timm would fetch
+    downloaded (once, into the torch hub cache) and given as the cfg's `file` instead: timm's loader then
+    reads it as any file= overlay, taking the EMA weights where there are any and adapting head and
+    in_chans. timm's own url loading names the cached file after the url's path, which the release links
+    (.../f/<id>/?dl=1) lack, and takes a checkpoint dict for the weights themselves.
+
+    A cached file that cannot be read (damaged or cut since it was downloaded) is named in a warning,
+    deleted and downloaded again, once; if the new one cannot be read either, RuntimeError says to delete it.
+    """
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     source, url = _resolve_pretrained_source(cfg.to_dict())
     if source != "url":  # a file, a state dict, a local-dir, the hf hub, or nothing: timm's loader handles those
-        return kwargs
-    file = download_cached(url, cached_file_name(url, f"{variant}.{cfg.tag}" if cfg.tag else variant),
-                           kwargs.get("cache_dir"))
-    return dict(kwargs, pretrained_cfg_overlay=dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(file)))
+        return build(kwargs)
+    name = cached_file_name(url, f"{variant}.{cfg.tag}" if cfg.tag else variant)
+    for attempt in range(2):
+        file = download_cached(url, name, kwargs.get("cache_dir"))
+        overlay = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(file))
+        try:
+            return build(dict(kwargs, pretrained_cfg_overlay=overlay))
+        except Exception:
+            problem = weights_file_problem(file)
+            if problem is None:  # the file reads: the error is the model's (a head or a shape that does not fit)
+                raise
+        if attempt:
+            raise RuntimeError(f"the cached weights {file}, downloaded again from {url}, cannot be read ({problem}): "
+                               f"delete {file}; then, without a network, {_offline_way(file)}") from None
+        warnings.warn(f"the cached weights {file} cannot be read ({problem}): deleting it and downloading it again "
+                      f"from {url}")
+        file.unlink()
 
 
 def _top_keys(file: Path) -> list[str]:
     """The top-level entries of a weights file (read with weights_only); ConfigError if it is none."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), "pt") as f:
-                return list(f.keys())
-        with official_file_globals():
-            data = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError, RuntimeError, EOFError, OSError) as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ConfigError(f"cannot read {file} ({type(e).__name__}: {first}): expected classifier weights, a "
-                          ".safetensors file or a torch checkpoint (train_vit.py, timm or the official release)"
-                          ) from None
+        data = _read_weights_file(file, file.suffix)
+    except Exception as e:  # pickle, zip, EOF, decode or safetensors errors: whatever the bytes give
+        raise ConfigError(f"cannot read {file} ({load_error_text(e)}): expected classifier weights, a .safetensors "
+                          "file or a torch checkpoint (train_vit.py, timm or the official release)") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{file} holds a {type(data).__name__}, not a state dict or checkpoint dict")
     return list(data)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.trainer_helpers import load_script
+from tests.trainer_helpers import ROOT, load_script
 from vit3 import engine
 from vit3.engine import ConfigError, run_script
 
@@ -109,3 +109,26 @@ def test_help_exits_0_without_a_traceback(script, monkeypatch, capsys):
         run_script(main)
     out, err = capsys.readouterr()
     assert e.value.code == 0 and err == "" and "keys and defaults:" in out
+
+
+@pytest.mark.parametrize("script", ["train_vit", "train_dit", "sample"])
+@pytest.mark.parametrize("value, words", [
+    ("bogus", "VIT3_TTT_IMPL='bogus': choose one of fast, triton, reference, or unset it"),
+    ("triton", "VIT3_TTT_IMPL='triton' cannot run here (cpu tensors, which need Triton's interpreter"),
+])
+def test_a_bad_ttt_impl_switch_is_one_line_before_the_run_folder(script, value, words, tmp_path, monkeypatch, capsys):
+    """VIT3_TTT_IMPL (read when vit3 is imported) with an unknown value, or triton on a CPU without Triton's
+    interpreter: exit 2, one line, and no run folder left."""
+    import vit3.ttt.triton_ops
+    from vit3.ttt import dispatch
+
+    monkeypatch.setattr(dispatch, "FORCED_IMPL", value)
+    monkeypatch.setattr(vit3.ttt.triton_ops, "INTERPRETED", False)  # the suite's CPU runs set TRITON_INTERPRET=1
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *(["--ckpt", str(tmp_path / "run")] if script == "sample" else
+                                                        ["--config", str(ROOT / f"configs/{script[6:]}3_demo.yaml"),
+                                                         f"output_dir={tmp_path}"])])
+    with pytest.raises(SystemExit) as e:
+        run_script(load_script(script).main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err
+    assert not any(tmp_path.iterdir())

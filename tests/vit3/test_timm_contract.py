@@ -10,9 +10,6 @@ full width but shallow (SHALLOW), so that every model's contract costs seconds o
 import math
 import re
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -276,42 +273,6 @@ def test_pretrained_official_file_through_timm(name, tmp_path):
     assert adapted.head.out_features == 10
 
 
-@pytest.fixture
-def release_server():
-    """An HTTP server on 127.0.0.1 (a free port, its own thread) serving `files[id]` at release-style urls,
-    /f/<id>/?dl=1; ids in `truncated` announce their full Content-Length but send half and close, unknown
-    ids get 404. `requests` records every path asked for. Shut down after the test."""
-    server_state = SimpleNamespace(files={}, truncated=set(), requests=[])
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 10  # a stalled client cannot hold the server's thread
-
-        def do_GET(self):
-            server_state.requests.append(self.path)
-            match = re.fullmatch(r"/f/(\w+)/\?dl=1", self.path)
-            body = server_state.files.get(match.group(1)) if match else None
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[:len(body) // 2] if match.group(1) in server_state.truncated else body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server_state.url = lambda file_id: f"http://127.0.0.1:{server.server_port}/f/{file_id}/?dl=1"
-    yield server_state
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
 def small_official_file(name, path) -> dict:
     """A shallow `name` (SHALLOW) saved as the official trainers save (H-ViT³: RoPE tables stored, EMA
     weights beside the model's); returns the weights timm's loader should take from it."""
@@ -324,13 +285,6 @@ def small_official_file(name, path) -> dict:
         ema_sd = {k: -v if v.is_floating_point() else v for k, v in model_sd.items()}
     _save_official_file(path, model_sd, ema_sd)
     return ema_sd or model_sd
-
-
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch):
-    """An empty torch hub cache: its checkpoints folder."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path / "torch" / "hub" / "checkpoints"
 
 
 @pytest.mark.parametrize("name", ["vit3_tiny", "hvit3_tiny"])

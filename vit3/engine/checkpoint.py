@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from ..errors import ConfigError, WriteError
+from ..errors import ConfigError, WriteError, load_error_text
 from .files import follow_umask, is_permission_error, remove_path
 
 logger = logging.getLogger("vit3.train")
@@ -412,7 +412,6 @@ def _read_state(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file: zip, pickle or EOF errors
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {first}): the checkpoint is damaged; resume "
+        raise ConfigError(f"cannot read {path} ({load_error_text(e)}): the checkpoint is damaged; resume "
                           "an older one") from None
 

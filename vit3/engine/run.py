@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from ..errors import ConfigError, WriteError
+from ..ttt.dispatch import forced_impl
 from .checkpoint import (
     CKPT_RE,
     check_same_model,
@@ -169,6 +170,7 @@ def resolve_run(output_dir: str, name: str, run_name: str = "", resume: str = ""
     # the same process group the Accelerator will use; PartialState() alone ignores ACCELERATE_USE_CPU
     # (only AcceleratorState reads it) and would silently run each CPU process on its own
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    forced_impl(state.device.type)  # a bad VIT3_TTT_IMPL: one line, and no run folder made for it
     return on_main_process(state, lambda: _resolve_run_local(output_dir, name, run_name, resume, new_run,
                                                              writes or {}))
 

@@ -10,7 +10,8 @@ The check costs one small forward and backward on each path; the kernels compile
 ones the layer then runs (the token count is not a compile-time constant).
 
 VIT3_TTT_IMPL=fast|triton|reference (read when vit3 is imported, as timm reads TIMM_FUSED_ATTN)
-replaces auto's choice for the paper's design, unchecked: a forced path that fails raises. Layers
+replaces auto's choice for the paper's design, unchecked: a forced path that fails raises. Another value,
+or triton where it cannot run, is a ConfigError at the first call (and before a script makes its run folder). Layers
 built with an explicit impl keep it, and other designs take the reference path whatever it says.
 """
 import importlib.util
@@ -19,6 +20,7 @@ import warnings
 
 import torch
 
+from ..errors import ConfigError
 from ..layers import RoPE2d, autocast_off
 
 ENV_VAR = "VIT3_TTT_IMPL"
@@ -41,15 +43,36 @@ TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 VERDICTS: dict[tuple, str | None] = {}
 
 
-def _forced_impl() -> str | None:
-    value = os.environ.get(ENV_VAR, "")
-    if value and value not in FORCEABLE:
-        raise ValueError(f"{ENV_VAR}={value!r}: choose one of {', '.join(FORCEABLE)}, or unset it to let "
-                         "impl='auto' choose")
-    return value or None
+# read once, checked where it is used (forced_impl): a bad value is then one line from the scripts, not a traceback
+# from `import vit3` at the top of each
+FORCED_IMPL = os.environ.get(ENV_VAR) or None
 
 
-FORCED_IMPL = _forced_impl()
+def forced_impl(device_type: str) -> str | None:
+    """The path VIT3_TTT_IMPL forces for calls on `device_type` tensors, None when it is unset.
+
+    ConfigError, one line, for a value that names no path, or for "triton" where it cannot run (Triton not
+    installed; tensors not on CUDA, outside Triton's interpreter). The scripts ask before making a run folder.
+    """
+    if FORCED_IMPL is None:
+        return None
+    if FORCED_IMPL not in FORCEABLE:
+        raise ConfigError(f"{ENV_VAR}={FORCED_IMPL!r}: choose one of {', '.join(FORCEABLE)}, or unset it to let "
+                          "impl='auto' choose")
+    if FORCED_IMPL == "triton" and (reason := _triton_unavailable(device_type)):
+        raise ConfigError(f"{ENV_VAR}='triton' cannot run here ({reason}): choose fast or reference, or unset it to "
+                          "let impl='auto' choose")
+    return FORCED_IMPL
+
+
+def _triton_unavailable(device_type: str) -> str | None:
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    if device_type == "cuda":
+        return None
+    from .triton_ops import INTERPRETED
+
+    return None if INTERPRETED else f"{device_type} tensors, which need Triton's interpreter (TRITON_INTERPRET=1)"
 
 
 @torch.compiler.assume_constant_result

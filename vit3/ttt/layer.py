@@ -135,7 +135,7 @@ class TTT(nn.Module):
         if self.impl != "auto":
             return self.impl
         if dispatch.FORCED_IMPL:
-            return dispatch.FORCED_IMPL
+            return dispatch.forced_impl(device.type)
         return "triton" if dispatch.auto_takes_triton(device, dtype, self.dim // self.num_heads, rope) else "fast"
 
     def forward(self, x: torch.Tensor, h: int, w: int, rope: RoPE2d | None = None) -> torch.Tensor:
