@@ -134,6 +134,18 @@ def parse_args(argv=None) -> SampleConfig:
     return args
 
 
+def check_metric_inputs(args: SampleConfig):
+    """ConfigError for a metrics input that is not there (benchmarks/study.py checks its own with this)."""
+    if args.fid_ref and not Path(args.fid_ref).exists():
+        raise ConfigError(f"--fid-ref {args.fid_ref} does not exist: pass an image folder, an ADM-style .npz "
+                          "(arr_0) or a statistics .npz (mu, sigma)")
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        raise ConfigError(f"--inception-weights {args.inception_weights} does not exist")
+    if args.feature_extractor and not Path(args.feature_extractor).exists():
+        raise ConfigError(f"--feature-extractor {args.feature_extractor} does not exist: pass a train_vit.py run "
+                          "folder or checkpoint")
+
+
 # ----------------------------------------------------------------------------------------
 # Loading a checkpoint
 # ----------------------------------------------------------------------------------------
@@ -368,14 +380,7 @@ def execute(args: SampleConfig) -> dict:
     for c in args.classes or []:
         if not 0 <= c < model.num_classes:
             raise ConfigError(f"class {c} is out of range: this model has classes 0 .. {model.num_classes - 1}")
-    if args.fid_ref and not Path(args.fid_ref).exists():
-        raise ConfigError(f"--fid-ref {args.fid_ref} does not exist: pass an image folder, an ADM-style .npz "
-                          "(arr_0) or a statistics .npz (mu, sigma)")
-    if args.inception_weights and not Path(args.inception_weights).is_file():
-        raise ConfigError(f"--inception-weights {args.inception_weights} does not exist")
-    if args.feature_extractor and not Path(args.feature_extractor).exists():
-        raise ConfigError(f"--feature-extractor {args.feature_extractor} does not exist: pass a train_vit.py run "
-                          "folder or checkpoint")
+    check_metric_inputs(args)
     if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
         raise ConfigError(f"--export {args.export} is a file; the export is a folder (a DiT3Pipeline): name a new "
                           "folder, or an existing one to write it into")

@@ -239,8 +239,9 @@ def check_objective(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler=sampler))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train as the config and overrides in argv say; returns a summary."""
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
+    """(config, run name) that argv asks for, every value checked before any work: ConfigError (exit code 2)
+    otherwise. benchmarks/study.py checks each of its runs' arguments with it before its first run."""
     cfg, cfg_path = engine.load_config(TrainConfig, argv, flags=FLAGS, usage=__doc__.split("\n\n")[1])
     name = cfg.name or (Path(cfg_path).stem if cfg_path else cfg.model.name.replace("/", "-"))
     cfg = check_objective(cfg)
@@ -257,6 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError(f"sample.{key}={getattr(sc, key)} does not exist")
     if cfg.data.latents and not cfg.vae.name:
         raise ConfigError("data.latents needs a VAE (vae.name); pixel-space training (vae.name='') reads images")
+    return cfg, name
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train as the config and overrides in argv say; returns a summary."""
+    cfg, name = parse_config(argv)
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

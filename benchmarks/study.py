@@ -2,6 +2,7 @@
 
     python benchmarks/study.py                    # the digits study (configs/study_digits.yaml), CPU, alone
     python benchmarks/study.py --quick            # 1 seed, 4 updates, 10 samples: the orchestration only
+    python benchmarks/study.py --quick --seeds 0 1   # --quick sets defaults: options given win
     python benchmarks/study.py --out DIR          # a killed study: rerun the same command, it continues
     python benchmarks/study.py --seeds 0 1 2 3    # a finished one grows by the runs of the new seeds
     python benchmarks/study.py objective=ddpm     # DiT's DDPM instead of flow matching: key=value reach every run
@@ -22,12 +23,15 @@ samples, sampler steps and noise for every run (sample.py draws sample i from se
 Each mixer's time per training update is measured in this process, alone, before any run starts
 (medians of interleaved rounds), for the FID-against-wall-clock view.
 
-Writes into --out: runs/<mixer>-lr<lr>-s<seed>/ (train_dit.py run folders), evals/ (sample.py outputs),
-study.json (the spec; a rerun with another spec is refused), state.json (timings), and the report of
-study_report.py: results.json, results.md and fid.png. Finished runs and evaluations are skipped on a
-rerun; a killed run resumes from its last checkpoint (resume=auto). The digits study's config trains
-with flow matching (SiT's objective: the DiT-S/2 runs are SiT-S/2), which learns the classes in far
-fewer updates than DDPM here; objective=ddpm runs the same study with DiT's DDPM.
+Every argument, and every run's and evaluation's arguments (read by train_dit.py's and sample.py's own
+parsers, in this process), is checked before the first work; bad input is one line and exit code 2, an
+--out that cannot be written exit code 5 (the scripts' codes). Then it writes into --out:
+study.json (the spec; a rerun with another spec is refused), runs/<mixer>-lr<lr>-s<seed>/ (train_dit.py
+run folders, each with its training time in wall_clock.json), evals/ (sample.py outputs), state.json (the
+other timings), and the report of study_report.py: results.json, results.md and fid.png. Finished runs
+and evaluations are skipped on a rerun; a killed run resumes from its last checkpoint (resume=auto).
+The digits study's config trains with flow matching (SiT's objective: the DiT-S/2 runs are SiT-S/2),
+which learns the classes in far fewer updates than DDPM here; objective=ddpm runs the same study with DiT's DDPM.
 
 On GPUs (ImageNet latents, one run at a time over all GPUs; a feature extractor of your own or Inception):
     python benchmarks/study.py --config configs/dit3_b2_in256.yaml --updates 400000 --seeds 0 \\
@@ -45,20 +49,24 @@ import math
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from study_report import FID, choose_lr, write_report  # noqa: E402
+from study_report import FID, RunClock, choose_lr, write_report  # noqa: E402
 
+from vit3.engine.config import SEED_RULE  # noqa: E402
 from vit3.engine.files import atomic_write_text  # noqa: E402
+from vit3.errors import ConfigError, WriteError  # noqa: E402
 
 MIXERS = ("DiT3", "DiT", "DiT3-LA")
+# --quick changes these defaults; an option given with it wins (--quick --seeds 0 1: two seeds, quickly)
+QUICK = dict(seeds=(0,), updates=4, budgets=(0.5, 1.0), sweep_budget=0.5, samples=10, steps=2, time_rounds=2)
+CLOCK_S = 10.0  # a running training run's time is written this often (RunClock): a kill -9 loses at most this
 
 
 # ----------------------------------------------------------------------------------------
@@ -87,69 +95,102 @@ class Study:
     time_rounds: int = 20
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as the scripts' bad input (not argparse's usage block)
+        raise ConfigError(f"{message} (python benchmarks/study.py --help lists the options)")
+
+
 def parse_args(argv=None) -> tuple[Study, Path, list[str], bool]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    """The study argv asks for, each argument checked on its own (ConfigError: one line, exit code 2); the config
+    and every run's arguments are checked by `check_runs`."""
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=__doc__)
     d = Study()
     p.add_argument("--config", default=d.config, help="the base train_dit.py config")
     p.add_argument("--mixers", nargs="+", default=list(d.mixers), choices=MIXERS)
     p.add_argument("--size", default=d.size, help='model size and patch, e.g. "S/2" ("" = the config\'s)')
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
+    p.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2 (quick: 0)")
     p.add_argument("--lrs", nargs="+", type=float, default=[], help="the lr sweep (default: config lr x 0.5, 1, 2)")
-    p.add_argument("--updates", type=int, default=d.updates, help="updates per run (0 = the config's max_steps)")
-    p.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets), help="fractions of the updates")
-    p.add_argument("--sweep-budget", type=float, default=d.sweep_budget,
-                   help="the sweep runs this fraction of the updates (one of --budgets); the chosen lr's run goes on")
-    p.add_argument("--samples", type=int, default=d.samples, help="samples per evaluation (balanced classes)")
-    p.add_argument("--steps", type=int, default=d.steps, help="sampler steps (0 = the config's sample.steps)")
+    p.add_argument("--updates", type=int, help="updates per run (default 0: the config's max_steps; quick: 4)")
+    p.add_argument("--budgets", nargs="+", type=float,
+                   help="fractions of the updates (default 0.25 0.5 1; quick: 0.5 1)")
+    p.add_argument("--sweep-budget", type=float, help="the sweep runs this fraction of the updates (one of --budgets; "
+                   "default 0.5); the chosen lr's run goes on")
+    p.add_argument("--samples", type=int, help="samples per evaluation, balanced classes (default 200; quick: 10)")
+    p.add_argument("--steps", type=int, help="sampler steps (default 0: the config's sample.steps; quick: 2)")
     p.add_argument("--sampler", default=d.sampler, help='"" = the config\'s sample.sampler')
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="guidance of the guided evaluation")
     p.add_argument("--fid-ref", default=d.fid_ref)
     p.add_argument("--feature-extractor", default=d.feature_extractor)
     p.add_argument("--inception-weights", default=d.inception_weights)
-    p.add_argument("--time-rounds", type=int, default=d.time_rounds, help="interleaved rounds timing the updates")
+    p.add_argument("--time-rounds", type=int, help="interleaved rounds timing the updates (default 20; quick: 2)")
     p.add_argument("--out", default="", help="the study folder (default results/study-<config name>)")
     p.add_argument("--launcher", default=sys.executable,
                    help='runs each script: "python", or e.g. "accelerate launch --num_processes 8"')
-    p.add_argument("--quick", action="store_true", help="1 seed, no sweep, 4 updates, 10 samples of 2 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, no sweep, 4 updates, 10 samples of 2 steps: the defaults; options given still win")
     p.add_argument("--retime", action="store_true",
                    help="measure the time per update again (e.g. when the first measurement was not alone)")
     p.add_argument("overrides", nargs="*", help="key=value for every train_dit.py run")
-    a = p.parse_args(argv)
-    for o in a.overrides:
-        if "=" not in o:
-            p.error(f"{o!r} is not key=value: overrides reach every train_dit.py run, e.g. optim.weight_decay=0.01")
-    if not 0 < min(a.budgets) <= max(a.budgets) <= 1:
-        p.error("--budgets are fractions of the updates in (0, 1], e.g. 0.25 0.5 1")
-    if a.sweep_budget not in a.budgets:
-        p.error(f"--sweep-budget {a.sweep_budget:g} must be one of --budgets {a.budgets}: its evaluation picks the lr")
-    if a.cfg_scale < 1 or not math.isfinite(a.cfg_scale):
-        p.error("--cfg-scale is the guided evaluation's guidance, a finite number >= 1")
-    study = Study(config=str(Path(a.config).resolve()), mixers=tuple(dict.fromkeys(a.mixers)), size=a.size,
-                  seeds=tuple(dict.fromkeys(a.seeds)), lrs=tuple(a.lrs), updates=a.updates,
-                  budgets=tuple(sorted(set(a.budgets))), sweep_budget=a.sweep_budget, samples=a.samples,
-                  steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, fid_ref=a.fid_ref,
-                  feature_extractor=a.feature_extractor,
-                  inception_weights=a.inception_weights, overrides=tuple(a.overrides), time_rounds=a.time_rounds)
-    if a.quick:
-        study = dataclasses.replace(study, quick=True, seeds=study.seeds[:1], lrs=study.lrs[:1], updates=4,
-                                    budgets=(0.5, 1.0), sweep_budget=0.5, samples=10, steps=2, time_rounds=2,
-                                    classifier_overrides=("max_steps=2", "data.num_workers=0"))
+    a = p.parse_intermixed_args(argv)  # key=value before and after options
+    defaults = {**dataclasses.asdict(d), **(QUICK if a.quick else {})}
+    picked = {}
+    for k in QUICK:  # the option given, else --quick's default, else the study's
+        v = getattr(a, k)
+        picked[k] = defaults[k] if v is None else tuple(v) if isinstance(v, list) else v
+    study = Study(config=str(Path(a.config).resolve()), mixers=tuple(a.mixers), size=a.size, lrs=tuple(a.lrs),
+                  quick=a.quick, sampler=a.sampler, cfg_scale=a.cfg_scale, fid_ref=a.fid_ref,
+                  feature_extractor=a.feature_extractor, inception_weights=a.inception_weights,
+                  overrides=tuple(a.overrides), classifier_overrides=("max_steps=2", "data.num_workers=0") if a.quick
+                  else (), **picked)
+    check_arguments(study)
+    if not a.launcher.strip():
+        raise ConfigError('--launcher is empty: give the command that runs a script, e.g. "python"')
     out = Path(a.out or ROOT / "results" / f"study-{Path(a.config).stem}").resolve()
-    return study, out, shlex.split(a.launcher), a.retime
+    return dataclasses.replace(study, budgets=tuple(sorted(study.budgets))), out, shlex.split(a.launcher), a.retime
+
+
+def check_arguments(s: Study):
+    """ConfigError naming the first argument that is out of range, before anything is read or run."""
+    for o in s.overrides:
+        if "=" not in o:
+            raise ConfigError(f"{o!r} is not key=value: overrides reach every train_dit.py run, "
+                              "e.g. optim.weight_decay=0.01")
+    for name, values in (("--mixers", s.mixers), ("--seeds", s.seeds), ("--lrs", s.lrs), ("--budgets", s.budgets)):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ConfigError(f"{name} names {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in twice)} "
+                              "twice: each value is one set of runs, give it once")
+    seed_ok, seed_rule = SEED_RULE
+    bad = [x for x in s.seeds if not seed_ok(x)]
+    if bad:
+        raise ConfigError(f"--seeds {bad[0]}: each seed must be {seed_rule}")
+    if not all(math.isfinite(lr) and lr > 0 for lr in s.lrs):
+        raise ConfigError(f"--lrs {' '.join(f'{lr:g}' for lr in s.lrs)}: learning rates are finite numbers > 0")
+    if s.updates < 0:
+        raise ConfigError(f"--updates {s.updates}: the updates per run, an integer > 0 (0 = the config's max_steps)")
+    if not all(0 < b <= 1 for b in s.budgets):
+        raise ConfigError("--budgets are fractions of the updates in (0, 1], e.g. 0.25 0.5 1")
+    if s.sweep_budget not in s.budgets:
+        raise ConfigError(f"--sweep-budget {s.sweep_budget:g} must be one of --budgets "
+                          f"{' '.join(f'{b:g}' for b in s.budgets)}: its evaluation picks the lr")
+    if s.cfg_scale < 1 or not math.isfinite(s.cfg_scale):
+        raise ConfigError("--cfg-scale is the guided evaluation's guidance, a finite number >= 1")
+    for option, value, least, what in (("--samples", s.samples, 4, "samples per evaluation (precision and recall)"),
+                                       ("--steps", s.steps, 0, "sampler steps (0 = the config's sample.steps)"),
+                                       ("--time-rounds", s.time_rounds, 1, "rounds timing the updates")):
+        if value < least:
+            raise ConfigError(f"{option} {value}: the {what}, an integer >= {least}")
 
 
 def study_config(study: Study) -> dict:
-    """The base config with the study's key=value overrides applied, as train_dit.py will see it."""
-    cfg = yaml.safe_load(Path(study.config).read_text()) or {}
-    for o in study.overrides:
-        key, value = o.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = cfg
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
-    return cfg
+    """The base config with the study's key=value overrides applied, read and checked by train_dit.py's own parser
+    (an unknown key or a bad value: its ConfigError), as every run will see it."""
+    import train_dit
+
+    from vit3.engine import config_to_dict
+
+    return config_to_dict(train_dit.parse_config(["--config", study.config, *study.overrides])[0])
 
 
 def is_digits(study: Study) -> bool:
@@ -174,8 +215,8 @@ def resolve(study: Study) -> Study:
     fid_ref = study.fid_ref
     if not fid_ref:
         if not is_digits(study):
-            raise SystemExit("study: --fid-ref is needed (an image folder or .npz of held-out real images): "
-                             "only the digits demo brings its own")
+            raise ConfigError("--fid-ref is needed (an image folder or .npz of held-out real images): "
+                              "only the digits demo brings its own")
         fid_ref = str(digits_root(cfg) / "val")
     lrs = study.lrs or ((lr,) if study.quick else (lr / 2, lr, lr * 2))
     sample = cfg.get("sample", {})
@@ -184,9 +225,36 @@ def resolve(study: Study) -> Study:
                                sampler=study.sampler or sample.get("sampler", ""))
 
 
+def check_runs(study: Study, given: Study, out: Path):
+    """Every train_dit.py run and sample.py evaluation the study will start, its arguments read and checked in this
+    process by the script's own parser (ConfigError, exit code 2), before the study's first work."""
+    import sample
+    import train_dit
+
+    from vit3.engine import config_to_dict
+
+    for mixer in study.mixers:
+        for lr in study.lrs:
+            for seed in study.seeds:
+                cfg, _ = train_dit.parse_config(train_args(study, out, mixer, lr, seed, study.updates))
+                # the model name and its patch against the image size (a latent run also divides by the VAE's 8)
+                train_dit.model_input(cfg, 1, 3)
+    run = out / "runs" / run_name(study.mixers[-1], study.lrs[-1], study.seeds[-1])
+    for guidance in dict.fromkeys((1.0, study.cfg_scale)):
+        args = sample.parse_args(sample_args(study, run, study.updates, guidance, classifier=""))
+        sample.resolve_objective(args, config_to_dict(cfg))  # the sampler and its steps fit the runs' objective
+    # the files the user named (the digits' reference and classifier are written by the study)
+    sample.check_metric_inputs(dataclasses.replace(args, fid_ref=given.fid_ref,
+                                                   feature_extractor=given.feature_extractor))
+
+
 def check_spec(study: Study, out: Path):
     """study.json holds the spec the study started with; a rerun must ask for the same study, or for the same
-    with more seeds after the old ones (each seed's runs stand alone, so the study grows by those runs)."""
+    with more seeds after the old ones (each seed's runs stand alone, so the study grows by those runs). Written
+    at every start, after every check: a refused command records nothing, and a folder that cannot be written
+    is found before any work (WriteError, exit code 5)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: the study writes a folder there; give a new folder or a study's")
     path = out / "study.json"
     spec = json.loads(json.dumps(dataclasses.asdict(study)))  # tuples as lists, as read back
     if path.is_file():
@@ -195,21 +263,24 @@ def check_spec(study: Study, out: Path):
         if changed == ["seeds"] and spec["seeds"][:len(old["seeds"])] == old["seeds"]:
             print(f"study: adding seeds {spec['seeds'][len(old['seeds']):]} to {out}", flush=True)
         elif changed:
-            raise SystemExit(f"study: {out} holds a study with other settings ({', '.join(changed)}: "
-                             + "; ".join(f"{k} {old.get(k)} -> {spec[k]}" for k in changed)
-                             + "). Rerun it with its own settings (more --seeds may follow the old ones), "
-                             "or give a new --out")
-        else:
-            return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(spec, indent=2))
+            raise ConfigError(f"{out} holds a study with other settings ({', '.join(changed)}: "
+                              + "; ".join(f"{k} {old.get(k)} -> {spec[k]}" for k in changed)
+                              + "). Rerun it with its own settings (more --seeds may follow the old ones), "
+                              "or give a new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(spec, indent=2))
+    except OSError as e:
+        raise WriteError(f"cannot write the study into {out} ({e.strerror or e}): give an --out that can be "
+                         "written") from None
 
 
 # ----------------------------------------------------------------------------------------
 # Running the scripts
 # ----------------------------------------------------------------------------------------
 class State:
-    """state.json: seconds spent per run, evaluation and phase, summed over reruns."""
+    """state.json: seconds spent per evaluation and on the classifier, summed over reruns (a training run's
+    are in its own folder: RunClock), and the time per update."""
 
     def __init__(self, out: Path):
         self.path = out / "state.json"
@@ -224,19 +295,36 @@ class State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
-def run_script(cmd: list[str], log: Path, what: str, echo: str = "") -> float:
-    """Run cmd with its output into `log` (appended); echo its lines holding `echo`. -> seconds taken."""
+def run_script(cmd: list[str], log: Path, what: str, echo: str = "", clock=None) -> float:
+    """Run cmd with its output into `log` (appended); echo its lines holding `echo`; call clock(seconds so far)
+    every CLOCK_S seconds while it runs and once at its end. -> seconds taken."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(log, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            if echo and echo in line:
-                print("    " + line.rstrip().split("] ", 1)[-1], flush=True)
-        rc = proc.wait()
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(CLOCK_S):
+            clock(time.time() - t0)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    try:
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if clock:
+                ticker.start()
+            for line in proc.stdout:
+                f.write(line)
+                if echo and echo in line:
+                    print("    " + line.rstrip().split("] ", 1)[-1], flush=True)
+            rc = proc.wait()
+    finally:
+        stop.set()
+        if ticker.is_alive():
+            ticker.join()
+        if clock:  # also a failed or interrupted invocation: its time was spent
+            clock(time.time() - t0)
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise SystemExit(f"study: {what} failed (exit {rc}); the end of its log {log}:\n{tail}")
@@ -251,6 +339,15 @@ def budget_steps(study: Study) -> list[int]:
     return [max(1, round(b * study.updates)) for b in study.budgets]
 
 
+def train_args(study: Study, out: Path, mixer: str, lr: float, seed: int, upto: int) -> list[str]:
+    """train_dit.py's arguments for one run (`check_runs` reads them before the first run)."""
+    return ["--config", study.config, *study.overrides, f"output_dir={out / 'runs'}",
+            f"run_name={run_name(mixer, lr, seed)}", f"model.name={mixer}-{study.size}", f"optim.lr={lr}",
+            f"seed={seed}", f"max_steps={upto}", f"checkpoint.every_steps={math.gcd(*budget_steps(study))}",
+            "checkpoint.keep_last=0", "resume=auto", "sample.every=0", "sample.digits_per_class=0",
+            "sample.fid_every=0", "log.progress=false"]
+
+
 def train(study: Study, out: Path, launcher: list[str], mixer: str, lr: float, seed: int, upto: int,
           label: str) -> Path:
     """One train_dit.py run to update `upto`, with a checkpoint at every budget; a killed or shorter run of
@@ -261,35 +358,38 @@ def train(study: Study, out: Path, launcher: list[str], mixer: str, lr: float, s
         print(f"{label} {name}: {upto} updates done before", flush=True)
         return run
     print(f"{label} {name}: training to {upto} updates", flush=True)
-    cmd = [*launcher, str(ROOT / "train_dit.py"), "--config", study.config, *study.overrides,
-           f"output_dir={out / 'runs'}", f"run_name={name}", f"model.name={mixer}-{study.size}",
-           f"optim.lr={lr}", f"seed={seed}", f"max_steps={upto}",
-           f"checkpoint.every_steps={math.gcd(*budget_steps(study))}",
-           "checkpoint.keep_last=0", "resume=auto", "sample.every=0", "sample.digits_per_class=0", "sample.fid_every=0",
-           "log.progress=false"]
-    seconds = run_script(cmd, out / "logs" / f"{name}.log", f"training {name}", echo="(step ")
-    State(out).add_seconds(f"train/{name}", seconds)
+    cmd = [*launcher, str(ROOT / "train_dit.py"), *train_args(study, out, mixer, lr, seed, upto)]
+    seconds = run_script(cmd, out / "logs" / f"{name}.log", f"training {name}", echo="(step ", clock=RunClock(run))
     print(f"{label} {name}: done in {seconds / 60:.1f} min", flush=True)
     return run
+
+
+def eval_folder(run: Path, step: int, cfg_scale: float) -> Path:
+    return run.parent.parent / "evals" / run.name / f"step-{step:08d}-cfg{cfg_scale:g}"
+
+
+def sample_args(study: Study, run: Path, step: int, cfg_scale: float, classifier: str) -> list[str]:
+    """sample.py's arguments for one evaluation (`check_runs` reads them before the first run)."""
+    args = ["--ckpt", str(run / "checkpoints" / f"step-{step:08d}"), "--num-samples", str(study.samples),
+            "--steps", str(study.steps), "--cfg-scale", str(cfg_scale), "--out", str(eval_folder(run, step, cfg_scale)),
+            "--fid-ref", study.fid_ref]
+    args += ["--sampler", study.sampler] if study.sampler else []
+    args += ["--feature-extractor", classifier] if classifier else []
+    args += ["--inception-weights", study.inception_weights] if study.inception_weights else []
+    args += ["--digits-accuracy"] if is_digits(study) else []
+    threads = study_config(study).get("threads", 0)
+    return args + (["--threads", str(threads)] if threads else [])  # as the runs: torch's default can oversubscribe
 
 
 def evaluate(study: Study, out: Path, launcher: list[str], run: Path, step: int, cfg_scale: float,
              classifier: str) -> dict:
     """sample.py on one checkpoint at one guidance: FID / precision / recall (and the SVC's accuracy)."""
-    folder = out / "evals" / run.name / f"step-{step:08d}-cfg{cfg_scale:g}"
+    folder = eval_folder(run, step, cfg_scale)
     wanted = [FID, "precision", "recall"] + (["digits_accuracy"] if is_digits(study) else [])
     metrics_file = folder / "metrics.json"
     if metrics_file.is_file() and all(k in json.loads(metrics_file.read_text()) for k in wanted):
         return json.loads(metrics_file.read_text())
-    cmd = [*launcher, str(ROOT / "sample.py"), "--ckpt", str(run / "checkpoints" / f"step-{step:08d}"),
-           "--num-samples", str(study.samples), "--steps", str(study.steps), "--cfg-scale", str(cfg_scale),
-           "--out", str(folder), "--fid-ref", study.fid_ref]
-    cmd += ["--sampler", study.sampler] if study.sampler else []
-    cmd += ["--feature-extractor", classifier] if classifier else []
-    cmd += ["--inception-weights", study.inception_weights] if study.inception_weights else []
-    cmd += ["--digits-accuracy"] if is_digits(study) else []
-    threads = study_config(study).get("threads", 0)
-    cmd += ["--threads", str(threads)] if threads else []  # as the runs: torch's default can oversubscribe
+    cmd = [*launcher, str(ROOT / "sample.py"), *sample_args(study, run, step, cfg_scale, classifier)]
     seconds = run_script(cmd, out / "logs" / f"{run.name}-eval.log", f"evaluating {folder.name} of {run.name}")
     State(out).add_seconds(f"eval/{run.name}/{step}/cfg{cfg_scale:g}", seconds)
     metrics = json.loads(metrics_file.read_text())
@@ -348,10 +448,19 @@ def time_updates(study: Study, out: Path, again: bool = False) -> dict:
 # ----------------------------------------------------------------------------------------
 # The study
 # ----------------------------------------------------------------------------------------
-def main(argv=None) -> Path:
-    study, out, launcher, retime = parse_args(argv)
-    study = resolve(study)
+def prepare(argv=None) -> tuple[Study, Path, list[str], bool]:
+    """The study argv asks for, every argument and every run's and evaluation's arguments checked, then its spec
+    recorded: a refused command (ConfigError, exit code 2) leaves nothing behind, so the corrected one is
+    accepted in the same folder."""
+    given, out, launcher, retime = parse_args(argv)
+    study = resolve(given)
+    check_runs(study, given, out)
     check_spec(study, out)
+    return study, out, launcher, retime
+
+
+def main(argv=None) -> Path:
+    study, out, launcher, retime = prepare(argv)
     print(f"study: {', '.join(study.mixers)} at {study.size}, seeds {list(study.seeds)}, lrs "
           f"{[f'{lr:g}' for lr in study.lrs]}, {study.updates} updates, evaluated at {budget_steps(study)} "
           f"({study.samples} samples, {study.steps} steps, guidance 1 and {study.cfg_scale:g}) -> {out}", flush=True)
@@ -386,4 +495,6 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from vit3.engine.script import run_script as script_main
+
+    script_main(main)

@@ -3,8 +3,12 @@
     python benchmarks/study_report.py results/study-study_digits   # rebuild the report of a study folder
 
 results.json holds the spec, each mixer's time per update and chosen lr, the sweep, every evaluation
-of every run, and per mixer and budget the mean, std (over seeds, n - 1) and values of each metric.
+of every run, per mixer and budget the mean, std (over seeds, n - 1) and values of each metric, and the
+seconds each script took (a training run's from its own folder: every invocation of it, a killed one too).
 results.md holds the tables; fid.png the curves (a line per mixer, a band of ± one std over seeds).
+Its paths name no folder of the machine it ran on (`portable`): each run's relative to the study folder,
+the others relative to the repository's root, or to the home (~/...) for the files outside the repository
+there (the digits cache).
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from pathlib import Path
 
 from vit3.engine.files import atomic_write_text
 
+ROOT = Path(__file__).resolve().parents[1]
 FID = "frechet_inception_distance"
+CLOCK = "wall_clock.json"  # in each run folder: {"segments": [seconds of each train_dit.py invocation]}
 # name in the report -> (guidance: "cfg1" unguided, "guided"; key in sample.py's metrics.json)
 METRICS = {
     "fid": ("cfg1", FID),
@@ -34,6 +40,43 @@ TITLES = {"fid": "FID", "precision": "precision", "recall": "recall", "fid_guide
 def choose_lr(sweep: dict) -> float:
     """lr -> {"cfg1": metrics, ...} of the seed-0 runs' last checkpoint: the lr of the lowest unguided FID."""
     return min(sweep, key=lambda lr: sweep[lr]["cfg1"][FID])
+
+
+class RunClock:
+    """The wall clock of a training run, in its own folder (CLOCK): one segment per train_dit.py invocation, the
+    running one rewritten (atomically) as it goes (benchmarks/study.py: every CLOCK_S seconds and at its end), so a
+    study killed with -9 loses only the time since the last write, and the rerun that resumes the run adds its own."""
+
+    def __init__(self, run: Path):
+        self.path = run / CLOCK
+        self.before = json.loads(self.path.read_text())["segments"] if self.path.is_file() else []
+
+    def __call__(self, seconds: float):
+        if self.path.parent.is_dir():  # train_dit.py makes the run folder
+            atomic_write_text(self.path, json.dumps({"segments": [*self.before, round(seconds, 3)]}))
+
+
+def training_seconds(out: Path) -> dict:
+    """"train/<run>" -> the seconds of every invocation of the run, summed, from each run folder's CLOCK."""
+    return {f"train/{p.parent.name}": sum(json.loads(p.read_text())["segments"])
+            for p in sorted((out / "runs").glob(f"*/{CLOCK}"))}
+
+
+def portable(value, root: Path = ROOT, home: Path = Path.home()):
+    """`value` (a results tree) with each absolute path in its strings (a word of them: "classifier /x/y" too)
+    relative to the repository's `root`, or written ~/... if it is outside `root` and inside `home`."""
+    def one(word: str) -> str:
+        if not os.path.isabs(word) or len(word) < 2:
+            return word
+        if Path(word).is_relative_to(home) and not Path(word).is_relative_to(root):
+            return f"~/{Path(word).relative_to(home).as_posix()}"
+        return Path(os.path.relpath(word, root)).as_posix()
+
+    if isinstance(value, dict):
+        return {k: portable(v, root, home) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, root, home) for v in value]
+    return " ".join(one(w) for w in value.split(" ")) if isinstance(value, str) else value
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -90,7 +133,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(
                 f"{by_lr[lr]['cfg1'][FID]:.2f} ({100 * by_lr[lr]['guided'].get('digits_accuracy', float('nan')):.1f})"
                 if lr in by_lr else "-" for lr in lrs) + " |")
-    secs = res["seconds"]  # each script's wall clock, summed over reruns (a killed one is not counted)
+    secs = res["seconds"]  # each script's wall clock, summed over reruns (a killed evaluation is not counted)
     train_s = sum(v for k, v in secs.items() if k.startswith("train/"))
     eval_s = sum(v for k, v in secs.items() if k.startswith("eval/"))
     work = train_s + eval_s + secs.get("classifier", 0)
@@ -146,7 +189,9 @@ def write_report(study, out: Path, runs: list[dict], sweep: dict, chosen: dict, 
             for r in runs]
     sweep = {m: {lr: {"cfg1": e["cfg1"], "guided": e[guided]} for lr, e in by.items()} for m, by in sweep.items()}
     res = {"spec": dataclasses.asdict(study), "update_ms": state.get("update_ms", {}), "chosen_lr": chosen,
-           "sweep": sweep, "runs": runs, "summary": summarize(runs), "seconds": state.get("seconds", {})}
+           "sweep": sweep, "runs": runs, "summary": summarize(runs),
+           "seconds": {**state.get("seconds", {}), **training_seconds(out)}}
+    res = portable(res)
     atomic_write_text(out / "results.json", json.dumps(res, indent=2))
     atomic_write_text(out / "results.md", markdown(res))
     plot(res, out / "fid.png")

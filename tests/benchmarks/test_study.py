@@ -1,7 +1,9 @@
 """The quality study (benchmarks/study.py): its quick mode end to end, its resume and its report's math."""
 import dataclasses
+import errno
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -16,6 +18,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import study  # noqa: E402
 import study_report  # noqa: E402
+
+from vit3.engine.files import atomic_write_text  # noqa: E402
+from vit3.engine.script import run_script  # noqa: E402
+from vit3.errors import ConfigError  # noqa: E402
+
+
+def absolute_paths(tree) -> list[str]:
+    """The words of the strings in a JSON tree that are absolute paths."""
+    if isinstance(tree, dict):
+        return [p for v in tree.values() for p in absolute_paths(v)]
+    if isinstance(tree, list):
+        return [p for v in tree for p in absolute_paths(v)]
+    return [w for w in tree.split(" ") if len(w) > 1 and os.path.isabs(w)] if isinstance(tree, str) else []
 
 
 @pytest.fixture(scope="module")
@@ -54,30 +69,67 @@ def test_quick_study_trains_evaluates_and_reports_every_mixer(quick):
     assert (out / "fid.png").read_bytes()[:4] == b"\x89PNG"
     spec = json.loads((out / "study.json").read_text())
     assert spec["updates"] == 4 and spec["budgets"] == [0.5, 1.0] and spec["samples"] == 10
+    # the report names no path of this machine (issue #32): the study's own relative to it, the config to the repo
+    assert absolute_paths(res) == [] and res["spec"]["config"] == "configs/study_digits.yaml"
+    assert all(f"train/{Path(r['run']).name}" in res["seconds"] for r in res["runs"])
 
 
-def test_rerun_skips_what_is_done_and_resumes_a_killed_run(quick, capsys):
+def test_committed_results_name_no_path_of_this_machine():
+    for path in sorted((ROOT / "benchmarks" / "results" / "study_digits").glob("*.json")):
+        assert absolute_paths(json.loads(path.read_text())) == [], path.name
+
+
+def test_a_killed_study_resumes_its_run_and_reports_every_runs_training_time(quick, capsys):
+    """kill -9 of the study while it trains a run, simulated: the run's last checkpoint is missing, its folder's
+    clock holds what the study wrote until it died (KILLED seconds, more than any run takes here), and the
+    study's state.json holds no training time (a killed study never got to record one there)."""
     out, argv = quick
-    state = json.loads((out / "state.json").read_text())
+    killed = 1000.0
+    before = json.loads((out / "results.json").read_text())["seconds"]
     evals = sorted((out / "evals").rglob("metrics.json"))
     mtimes = [p.stat().st_mtime_ns for p in evals]
     # a run killed between its two checkpoints: only its last one is gone
     lr = json.loads((out / "study.json").read_text())["lrs"][0]
     run = out / "runs" / study.run_name("DiT", lr, 0)
     shutil.rmtree(run / "checkpoints" / "step-00000004")
+    atomic_write_text(run / study_report.CLOCK, json.dumps({"segments": [killed]}))
+    state = json.loads((out / "state.json").read_text())
+    state["seconds"] = {k: v for k, v in state["seconds"].items() if not k.startswith("train/")}
+    atomic_write_text(out / "state.json", json.dumps(state))
     study.main(argv)
     log = capsys.readouterr().out
     assert log.count("4 updates done before") == 2 and "training to 4 updates" in log
     assert "training to step 4 from step 2" in (out / "logs" / f"{run.name}.log").read_text().split("$ ")[-1]
     assert [p.stat().st_mtime_ns for p in evals] == mtimes  # no evaluation redone
-    after = json.loads((out / "state.json").read_text())["seconds"]
-    assert {k: v for k, v in after.items() if k.startswith("train/") and run.name not in k} == \
-        {k: v for k, v in state["seconds"].items() if k.startswith("train/") and run.name not in k}
+    res = json.loads((out / "results.json").read_text())
+    train = {k: v for k, v in res["seconds"].items() if k.startswith("train/")}
+    assert sorted(train) == sorted(f"train/{Path(r['run']).name}" for r in res["runs"])  # every run's time
+    assert killed < train[f"train/{run.name}"] < killed + 600  # the killed invocation and the resumed one
+    assert {k: v for k, v in train.items() if run.name not in k} == \
+        {k: v for k, v in before.items() if k.startswith("train/") and run.name not in k}
+    assert f"{len(res['runs'])} training runs recorded" in (out / "results.md").read_text()
+
+
+def test_a_training_runs_time_is_on_disk_while_it_runs(tmp_path, monkeypatch):
+    """The clock is rewritten every CLOCK_S seconds while the script runs (so a kill -9 of the study loses at most
+    that much), after the segments of earlier invocations; the script itself reads it mid-run here."""
+    monkeypatch.setattr(study, "CLOCK_S", 0.05)
+    run = tmp_path / "runs" / "DiT3-lr0.001-s0"
+    run.mkdir(parents=True)
+    clock = run / study_report.CLOCK
+    clock.write_text(json.dumps({"segments": [5.0]}))  # an earlier, killed invocation
+    code = f"import time; time.sleep(1.0); print(open({str(clock)!r}).read())"
+    seconds = study.run_script([sys.executable, "-c", code], tmp_path / "log.txt", "a test",
+                               clock=study_report.RunClock(run))
+    seen = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])["segments"]
+    assert seen[0] == 5.0 and 0.5 < seen[1] < seconds
+    assert json.loads(clock.read_text())["segments"] == [5.0, pytest.approx(seconds, abs=0.05)]
+    assert study_report.training_seconds(tmp_path) == {f"train/{run.name}": pytest.approx(5 + seconds, abs=0.05)}
 
 
 def test_rerun_with_other_settings_is_refused(quick):
     out, argv = quick
-    with pytest.raises(SystemExit, match=r"cfg_scale 4.0 -> 3.0"):
+    with pytest.raises(ConfigError, match=r"cfg_scale 4.0 -> 3.0"):
         study.main([*argv, "--cfg-scale", "3"])
 
 
@@ -89,21 +141,85 @@ def test_a_study_grows_by_new_seeds_only(tmp_path, capsys):
     assert "adding seeds [2]" in capsys.readouterr().out
     assert json.loads((tmp_path / "study.json").read_text())["seeds"] == [0, 1, 2]
     for other in (dict(seeds=(0, 1)), dict(seeds=(0, 2, 1)), dict(seeds=(0, 1, 2, 3), samples=7)):
-        with pytest.raises(SystemExit, match="other settings"):
+        with pytest.raises(ConfigError, match="other settings"):
             study.check_spec(dataclasses.replace(s, **other), tmp_path)
 
 
-def test_bad_arguments_say_what_to_do(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_arguments_say_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="fractions of the updates"):
         study.parse_args(["--budgets", "0", "1"])
-    assert "fractions of the updates" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="is not key=value"):
         study.parse_args(["optim.lr"])
-    assert "is not key=value" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="invalid choice: 'Mamba'"):  # argparse's own, in one line
+        study.parse_args(["--mixers", "Mamba"])
     cfg = tmp_path / "nodigits.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"name": "DiT3-S/2", "image_size": 16}, "data": {"path": "x"}}))
-    with pytest.raises(SystemExit, match="--fid-ref is needed"):
+    with pytest.raises(ConfigError, match="--fid-ref is needed"):
         study.resolve(study.parse_args(["--config", str(cfg)])[0])
+
+
+class Started(Exception):
+    """The study's first work began."""
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--seeds", "-1"], "--seeds -1: each seed must be an integer from 0"),
+    (["--seeds", "0", "1", "0"], "--seeds names 0 twice"),
+    (["--updates", "-5"], "--updates -5"),
+    (["--lrs", "0"], "finite numbers > 0"),
+    (["--samples", "2"], "--samples 2: the samples per evaluation"),
+    (["--size", "S/3"], "unknown model.name 'DiT3-S/3'"),  # train_dit.py's own messages from here
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'.*Did you mean 'lr'"),
+    (["optim.lr=-1"], "optim.lr=-1.0 is not accepted"),
+    (["--sampler", "ddim"], "--sampler ddim does not sample.*objective=flow"),  # sample.py's from here
+    (["--steps", "1"], "steps=1: a flow sampler's grid needs at least 2 points"),
+    (["--fid-ref", "/nonexistent/val"], "--fid-ref /nonexistent/val does not exist"),
+])
+def test_a_refused_command_records_nothing_and_the_corrected_one_is_accepted(bad, message, tmp_path, monkeypatch):
+    """Every argument, and every run's and evaluation's arguments (read by train_dit.py's and sample.py's own
+    parsers, in this process), is checked before the study's first work (timing the mixers) and before its spec
+    is recorded, so the corrected command is not refused as another study."""
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(study, "time_updates", started)
+    out = tmp_path / "study"
+    digits = f"data.path={tmp_path / 'digits16'}"
+    with pytest.raises(ConfigError, match=message):
+        study.main(["--quick", *bad, "--out", str(out), digits])
+    assert not out.exists()
+    with pytest.raises(Started):
+        study.main(["--quick", "--out", str(out), digits])
+    assert json.loads((out / "study.json").read_text())["seeds"] == [0]
+
+
+def test_out_on_a_file_is_refused_and_an_unwritable_out_is_a_write_error(tmp_path, capsys, monkeypatch):
+    """As the scripts: one line, exit code 2 (bad input) or 5 (cannot write). The tests run as root, whom chmod
+    does not stop, so the unwritable folders are a path under a regular file (mkdir: ENOTDIR) and a folder
+    whose writes fail with EACCES (the file writer monkeypatched), what a read-only folder gives a user."""
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    digits = f"data.path={tmp_path / 'digits16'}"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    for out, code, patch in ((file, 2, False), (file / "study", 5, False), (tmp_path / "ro", 5, True)):
+        with monkeypatch.context() as m:
+            if patch:
+                m.setattr(study, "atomic_write_text", denied)
+            with pytest.raises(SystemExit) as e:
+                run_script(lambda: study.main(["--quick", "--out", str(out), digits]))
+        err = capsys.readouterr().err
+        assert e.value.code == code and len(err.strip().splitlines()) == 1 and str(out) in err, err
+    assert file.read_text() == "not a folder"
+
+
+def test_quick_sets_defaults_and_the_options_given_win():
+    s = study.parse_args(["--quick"])[0]
+    assert (s.seeds, s.updates, s.budgets, s.samples, s.steps, s.lrs) == ((0,), 4, (0.5, 1.0), 10, 2, ())
+    s = study.parse_args(["--quick", "--seeds", "0", "1", "--updates", "6", "--lrs", "1e-3", "2e-3"])[0]
+    assert (s.seeds, s.updates, s.lrs, s.samples) == ((0, 1), 6, (1e-3, 2e-3), 10)
 
 
 def test_defaults_come_from_the_config(tmp_path):
