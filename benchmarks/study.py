@@ -295,6 +295,16 @@ class State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
+def die_with_the_study():
+    """Run in a child before its exec: Linux sends it SIGTERM when the study dies, kill -9 included, so a run does
+    not train on unrecorded, holding its lock against the rerun; train_dit.py saves a checkpoint on SIGTERM."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_script(cmd: list[str], log: Path, what: str, echo: str = "", clock=None) -> float:
     """Run cmd with its output into `log` (appended); echo its lines holding `echo`; call clock(seconds so far)
     every CLOCK_S seconds while it runs and once at its end. -> seconds taken."""
@@ -311,7 +321,8 @@ def run_script(cmd: list[str], log: Path, what: str, echo: str = "", clock=None)
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    preexec_fn=die_with_the_study)
             if clock:
                 ticker.start()
             for line in proc.stdout:

@@ -282,3 +282,34 @@ def test_a_sweep_run_stopped_early_is_the_prefix_of_the_longer_run():
             sched.step_update(k)
             lrs[-1].append(opt.param_groups[0]["lr"])
     assert lrs[0] == lrs[1] and lrs[0][0] == o["warmup_lr"] and lrs[0][-1] == o["lr"]
+
+
+@pytest.mark.subprocess
+def test_a_run_dies_with_its_study(tmp_path):
+    """kill -9 of the study ends the script it runs (SIGTERM, on which train_dit.py saves and stops), instead of
+    leaving it to train on unrecorded and hold its run folder's lock against the rerun."""
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import study; from pathlib import Path; "
+              f"study.run_script([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'log.txt')!r}), 'sleep')")
+    study_proc = subprocess.Popen([sys.executable, "-c", parent])
+    for _ in range(300):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    os.kill(study_proc.pid, signal.SIGKILL)
+    study_proc.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the run outlived its study by 10 s")
