@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    writes = {"samples": "output_dir", **({"fid": "output_dir"} if sc.fid_every else {}),
+    writes = {"samples": "output_dir", **({"fid": "output_dir"} if cfg.sample.fid_every else {}),
               **({cfg.data.latents: "data.latents"} if cfg.data.latents and not latents_complete(cfg.data.latents)
                  else {})}  # checked before any work, with the run folder
     with engine.start_run(cfg, name, ARCH_KEYS, writes=writes) as run:

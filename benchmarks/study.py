@@ -187,7 +187,6 @@ def study_config(study: Study) -> dict:
     """The base config with the study's key=value overrides applied, read and checked by train_dit.py's own parser
     (an unknown key or a bad value: its ConfigError), as every run will see it."""
     import train_dit
-
     from vit3.engine import config_to_dict
 
     return config_to_dict(train_dit.parse_config(["--config", study.config, *study.overrides])[0])
@@ -230,7 +229,6 @@ def check_runs(study: Study, given: Study, out: Path):
     process by the script's own parser (ConfigError, exit code 2), before the study's first work."""
     import sample
     import train_dit
-
     from vit3.engine import config_to_dict
 
     for mixer in study.mixers:
