@@ -47,10 +47,7 @@ import dataclasses
 import json
 import math
 import shlex
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from study_report import FID, RunClock, choose_lr, write_report  # noqa: E402
+from study_scripts import run_script  # noqa: E402
 
 from vit3.engine.config import SEED_RULE  # noqa: E402
 from vit3.engine.files import atomic_write_text  # noqa: E402
@@ -66,7 +64,6 @@ from vit3.errors import ConfigError, WriteError  # noqa: E402
 MIXERS = ("DiT3", "DiT", "DiT3-LA")
 # --quick changes these defaults; an option given with it wins (--quick --seeds 0 1: two seeds, quickly)
 QUICK = dict(seeds=(0,), updates=4, budgets=(0.5, 1.0), sweep_budget=0.5, samples=10, steps=2, time_rounds=2)
-CLOCK_S = 10.0  # a running training run's time is written this often (RunClock): a kill -9 loses at most this
 
 
 # ----------------------------------------------------------------------------------------
@@ -81,6 +78,9 @@ class Study:
     lrs: tuple = ()  # the sweep; () = the config's lr x 0.5, 1, 2 (quick: the config's lr)
     quick: bool = False
     updates: int = 0  # 0 = the config's max_steps
+    # > 0: equal wall clock instead of equal updates: each mixer trains minutes x 60 s / its measured time per
+    # update, so a faster mixer trains longer; budgets and the sweep are then fractions of these minutes
+    minutes: float = 0.0
     budgets: tuple = (0.25, 0.5, 1.0)
     sweep_budget: float = 0.5  # the sweep's runs stop here (one of budgets); the chosen lr's run goes on to the end
     samples: int = 200
@@ -112,6 +112,9 @@ def parse_args(argv=None) -> tuple[Study, Path, list[str], bool]:
     p.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2 (quick: 0)")
     p.add_argument("--lrs", nargs="+", type=float, default=[], help="the lr sweep (default: config lr x 0.5, 1, 2)")
     p.add_argument("--updates", type=int, help="updates per run (default 0: the config's max_steps; quick: 4)")
+    p.add_argument("--minutes", type=float, default=d.minutes,
+                   help="equal wall clock: each mixer trains this many minutes at its measured time per update "
+                        "(default 0: equal updates, --updates)")
     p.add_argument("--budgets", nargs="+", type=float,
                    help="fractions of the updates (default 0.25 0.5 1; quick: 0.5 1)")
     p.add_argument("--sweep-budget", type=float, help="the sweep runs this fraction of the updates (one of --budgets; "
@@ -139,7 +142,7 @@ def parse_args(argv=None) -> tuple[Study, Path, list[str], bool]:
         v = getattr(a, k)
         picked[k] = defaults[k] if v is None else tuple(v) if isinstance(v, list) else v
     study = Study(config=str(Path(a.config).resolve()), mixers=tuple(a.mixers), size=a.size, lrs=tuple(a.lrs),
-                  quick=a.quick, sampler=a.sampler, cfg_scale=a.cfg_scale, fid_ref=a.fid_ref,
+                  quick=a.quick, minutes=a.minutes, sampler=a.sampler, cfg_scale=a.cfg_scale, fid_ref=a.fid_ref,
                   feature_extractor=a.feature_extractor, inception_weights=a.inception_weights,
                   overrides=tuple(a.overrides), classifier_overrides=("max_steps=2", "data.num_workers=0") if a.quick
                   else (), **picked)
@@ -169,6 +172,9 @@ def check_arguments(s: Study):
         raise ConfigError(f"--lrs {' '.join(f'{lr:g}' for lr in s.lrs)}: learning rates are finite numbers > 0")
     if s.updates < 0:
         raise ConfigError(f"--updates {s.updates}: the updates per run, an integer > 0 (0 = the config's max_steps)")
+    if not (math.isfinite(s.minutes) and s.minutes >= 0):
+        raise ConfigError(f"--minutes {s.minutes:g}: the training minutes of each mixer, a number > 0 (0 = equal "
+                          "updates instead)")
     if not all(0 < b <= 1 for b in s.budgets):
         raise ConfigError("--budgets are fractions of the updates in (0, 1], e.g. 0.25 0.5 1")
     if s.sweep_budget not in s.budgets:
@@ -293,72 +299,36 @@ class State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
-def die_with_the_study():
-    """Run in a child before its exec: Linux sends it SIGTERM when the study dies, kill -9 included, so a run does
-    not train on unrecorded, holding its lock against the rerun; train_dit.py saves a checkpoint on SIGTERM."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def run_script(cmd: list[str], log: Path, what: str, echo: str = "", clock=None) -> float:
-    """Run cmd with its output into `log` (appended); echo its lines holding `echo`; call clock(seconds so far)
-    every CLOCK_S seconds while it runs and once at its end. -> seconds taken."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    stop = threading.Event()
-
-    def tick():
-        while not stop.wait(CLOCK_S):
-            clock(time.time() - t0)
-
-    ticker = threading.Thread(target=tick, daemon=True)
-    try:
-        with open(log, "a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
-            f.flush()
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    preexec_fn=die_with_the_study)
-            if clock:
-                ticker.start()
-            for line in proc.stdout:
-                f.write(line)
-                if echo and echo in line:
-                    print("    " + line.rstrip().split("] ", 1)[-1], flush=True)
-            rc = proc.wait()
-    finally:
-        stop.set()
-        if ticker.is_alive():
-            ticker.join()
-        if clock:  # also a failed or interrupted invocation: its time was spent
-            clock(time.time() - t0)
-    if rc != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(f"study: {what} failed (exit {rc}); the end of its log {log}:\n{tail}")
-    return time.time() - t0
-
-
 def run_name(mixer: str, lr: float, seed: int) -> str:
     return f"{mixer}-lr{lr:g}-s{seed}"
 
 
-def budget_steps(study: Study) -> list[int]:
-    return [max(1, round(b * study.updates)) for b in study.budgets]
+def mixer_updates(study: Study, update_ms: dict) -> dict:
+    """mixer -> its updates: study.updates each, or (--minutes) the updates that fit the minutes at its measured
+    ms per update."""
+    if not study.minutes:
+        return {m: study.updates for m in study.mixers}
+    return {m: max(1, round(study.minutes * 60e3 / update_ms[m])) for m in study.mixers}
 
 
-def train_args(study: Study, out: Path, mixer: str, lr: float, seed: int, upto: int) -> list[str]:
-    """train_dit.py's arguments for one run (`check_runs` reads them before the first run)."""
+def budget_steps(study: Study, updates: int | None = None) -> list[int]:
+    """The checkpoints evaluated: each budget's share of `updates` (default: study.updates)."""
+    return [max(1, round(b * (updates or study.updates))) for b in study.budgets]
+
+
+def train_args(study: Study, out: Path, mixer: str, lr: float, seed: int, upto: int,
+               updates: int | None = None) -> list[str]:
+    """train_dit.py's arguments for one run to `upto` of the mixer's `updates` (default study.updates): a
+    checkpoint at each budget (`check_runs` reads them before the first run)."""
     return ["--config", study.config, *study.overrides, f"output_dir={out / 'runs'}",
             f"run_name={run_name(mixer, lr, seed)}", f"model.name={mixer}-{study.size}", f"optim.lr={lr}",
-            f"seed={seed}", f"max_steps={upto}", f"checkpoint.every_steps={math.gcd(*budget_steps(study))}",
+            f"seed={seed}", f"max_steps={upto}", f"checkpoint.every_steps={math.gcd(*budget_steps(study, updates))}",
             "checkpoint.keep_last=0", "resume=auto", "sample.every=0", "sample.digits_per_class=0",
             "sample.fid_every=0", "log.progress=false"]
 
 
 def train(study: Study, out: Path, launcher: list[str], mixer: str, lr: float, seed: int, upto: int,
-          label: str) -> Path:
+          updates: int, label: str) -> Path:
     """One train_dit.py run to update `upto`, with a checkpoint at every budget; a killed or shorter run of
     the same name is resumed (resume=auto: a constant-lr run stopped early is the prefix of the longer one)."""
     name = run_name(mixer, lr, seed)
@@ -367,7 +337,7 @@ def train(study: Study, out: Path, launcher: list[str], mixer: str, lr: float, s
         print(f"{label} {name}: {upto} updates done before", flush=True)
         return run
     print(f"{label} {name}: training to {upto} updates", flush=True)
-    cmd = [*launcher, str(ROOT / "train_dit.py"), *train_args(study, out, mixer, lr, seed, upto)]
+    cmd = [*launcher, str(ROOT / "train_dit.py"), *train_args(study, out, mixer, lr, seed, upto, updates)]
     seconds = run_script(cmd, out / "logs" / f"{name}.log", f"training {name}", echo="(step ", clock=RunClock(run))
     print(f"{label} {name}: done in {seconds / 60:.1f} min", flush=True)
     return run
@@ -470,12 +440,18 @@ def prepare(argv=None) -> tuple[Study, Path, list[str], bool]:
 
 def main(argv=None) -> Path:
     study, out, launcher, retime = prepare(argv)
+    budget = f"{study.minutes:g} minutes each" if study.minutes else f"{study.updates} updates"
     print(f"study: {', '.join(study.mixers)} at {study.size}, seeds {list(study.seeds)}, lrs "
-          f"{[f'{lr:g}' for lr in study.lrs]}, {study.updates} updates, evaluated at {budget_steps(study)} "
+          f"{[f'{lr:g}' for lr in study.lrs]}, {budget}, evaluated at {list(study.budgets)} of it "
           f"({study.samples} samples, {study.steps} steps, guidance 1 and {study.cfg_scale:g}) -> {out}", flush=True)
-    time_updates(study, out, again=retime)
+    update_ms, state = time_updates(study, out, again=retime), State(out)
+    # the runs' lengths are fixed at the first start: a --retime changes the report's minutes, not the runs
+    updates = state.data.get("updates") or mixer_updates(study, update_ms)
+    state.set("updates", updates)
+    if study.minutes:
+        print("    updates in the minutes: " + ", ".join(f"{m} {n}" for m, n in updates.items()), flush=True)
     classifier = train_classifier(study, out, launcher)
-    final, sweep_step = study.updates, budget_steps(study)[study.budgets.index(study.sweep_budget)]
+    sweep_at = {m: budget_steps(study, updates[m])[study.budgets.index(study.sweep_budget)] for m in study.mixers}
     sweeping = len(study.lrs) > 1
     total = len(study.mixers) * (len(study.lrs) * sweeping + len(study.seeds))
     k = 0
@@ -484,21 +460,24 @@ def main(argv=None) -> Path:
         for lr in study.lrs:  # lr outermost: a partial sweep already compares the mixers
             for mixer in study.mixers:
                 k += 1
-                run = train(study, out, launcher, mixer, lr, study.seeds[0], sweep_step, f"[run {k}/{total}]")
+                run = train(study, out, launcher, mixer, lr, study.seeds[0], sweep_at[mixer], updates[mixer],
+                            f"[run {k}/{total}]")
                 sweep.setdefault(mixer, {})[lr] = evaluate_run(study, out, launcher, run, classifier,
-                                                               [sweep_step])[sweep_step]
-        print(f"chosen lr (lowest unguided FID at {sweep_step} updates, seed {study.seeds[0]}): "
+                                                               [sweep_at[mixer]])[sweep_at[mixer]]
+        print(f"chosen lr (lowest unguided FID at {study.sweep_budget:g} of the budget, seed {study.seeds[0]}): "
               + ", ".join(f"{m} {choose_lr(sweep[m]):g}" for m in study.mixers), flush=True)
     chosen = {m: choose_lr(sweep[m]) if sweeping else study.lrs[0] for m in study.mixers}
     runs = []
     for seed in study.seeds:  # seed outermost: a partial study already compares the mixers
         for mixer in study.mixers:
             k += 1  # the chosen sweep run goes on from the sweep budget
-            run = train(study, out, launcher, mixer, chosen[mixer], seed, final, f"[run {k}/{total}]")
-            print(f"evaluating {run.name} at {budget_steps(study)}", flush=True)
+            run = train(study, out, launcher, mixer, chosen[mixer], seed, updates[mixer], updates[mixer],
+                        f"[run {k}/{total}]")
+            steps = budget_steps(study, updates[mixer])
+            print(f"evaluating {run.name} at {steps}", flush=True)
             runs.append({"mixer": mixer, "lr": chosen[mixer], "seed": seed, "run": str(run),
-                         "evals": evaluate_run(study, out, launcher, run, classifier, budget_steps(study))})
-    report = write_report(study, out, runs, sweep, chosen, State(out).data)
+                         "evals": evaluate_run(study, out, launcher, run, classifier, steps)})
+    report = write_report(study, out, runs, sweep, chosen, State(out).data, updates)
     print(f"study: done; {report}", flush=True)
     return out
 

@@ -101,21 +101,36 @@ def _cell(x: dict | None, pct: bool = False) -> str:
     return f"{f * x['mean']:.{digits}f} ± {f * x['std']:.{digits}f}" if x["n"] > 1 else f"{f * x['mean']:.{digits}f}"
 
 
+def mixer_updates(res: dict) -> dict:
+    """mixer -> its updates: each mixer's own at equal wall clock (spec minutes > 0), else the spec's."""
+    return res.get("updates") or {m: res["spec"]["updates"] for m in res["summary"]}
+
+
 def markdown(res: dict) -> str:
-    spec, summary = res["spec"], res["summary"]
-    final = max(int(s) for m in summary.values() for s in m)
+    spec, summary, updates = res["spec"], res["summary"], mixer_updates(res)
     seeds = len(spec["seeds"])
-    lines = [f"{', '.join(spec['mixers'])} at {spec['size']}: {spec['updates']} updates, seeds {spec['seeds']}, "
+    budget = (f"{spec['minutes']:g} training minutes each (equal wall clock: each mixer's updates at its measured "
+              f"time per update)" if spec.get("minutes") else f"{spec['updates']} updates")
+    lines = [f"{', '.join(spec['mixers'])} at {spec['size']}: {budget}, seeds {spec['seeds']}, "
              f"each evaluated with {spec['samples']} samples of {spec['steps']} sampler steps (the same noise for "
              f"every run), unguided and at guidance {spec['cfg_scale']:g}. Mean ± std over {seeds} seed(s).", "",
-             f"At the end ({final} updates):", "",
-             "| mixer | lr (swept) | ms / update | " + " | ".join(TITLES.values()) + " |",
-             "|---|---:|---:|" + "---:|" * len(TITLES)]
+             "At the end:", "",
+             "| mixer | lr (swept) | ms / update | updates | " + " | ".join(TITLES.values()) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(TITLES)]
     for m, steps in summary.items():
-        row = steps[final]
+        row = steps[int(updates[m])]
         cells = [_cell(row.get(k), pct=k.startswith("svc") or k in ("precision", "recall")) for k in TITLES]
-        lines.append(f"| {m} | {res['chosen_lr'][m]:g} | {res['update_ms'].get(m, float('nan')):.1f} | "
+        lines.append(f"| {m} | {res['chosen_lr'][m]:g} | {res['update_ms'].get(m, float('nan')):.1f} | {updates[m]} | "
                      + " | ".join(cells) + " |")
+    if spec.get("minutes"):
+        fractions = spec["budgets"]
+        lines += ["", "Unguided FID (SVC guided, %) by training minutes (each mixer's checkpoint at that share of "
+                  "its updates):", "", "| mixer | " + " | ".join(f"{b * spec['minutes']:.3g} min" for b in fractions)
+                  + " |", "|---|" + "---:|" * len(fractions)]
+        for m, steps in summary.items():
+            cells = [steps.get(max(1, round(b * int(updates[m])))) for b in fractions]
+            lines.append(f"| {m} | " + " | ".join(
+                f"{_cell(c.get('fid'))} ({_cell(c.get('svc_guided'), pct=True)})" if c else "-" for c in cells) + " |")
     budgets = sorted({int(s) for m in summary.values() for s in m})
     lines += ["", "Unguided FID (SVC unguided, %) by updates:", "",
               "| mixer | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
@@ -125,8 +140,8 @@ def markdown(res: dict) -> str:
             for b in budgets) + " |")
     if res["sweep"]:
         lrs = sorted({float(lr) for s in res["sweep"].values() for lr in s})
-        at = round(spec["sweep_budget"] * spec["updates"])
-        lines += ["", f"The lr sweep (seed {spec['seeds'][0]}, at {at} updates): unguided FID (SVC guided, %):", "",
+        lines += ["", f"The lr sweep (seed {spec['seeds'][0]}, at {spec['sweep_budget']:g} of the budget): unguided "
+                  "FID (SVC guided, %):", "",
                   "| mixer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
         for m, by_lr in res["sweep"].items():
             by_lr = {float(k): v for k, v in by_lr.items()}
@@ -144,51 +159,52 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path):
+    """FID (top) and class accuracy, guided and unguided (bottom), against training updates (left) and training
+    minutes on this machine (right): a line per mixer, a band of ± one std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+    colors = {m: f"C{i}" for i, m in enumerate(res["summary"])}
     for m, steps in res["summary"].items():
-        xs = sorted(steps)
         ms = res["update_ms"].get(m)
-        for ax, x_of, key in ((axes[0], lambda s: s, "fid"),
-                              (axes[1], lambda s: s * ms / 60e3 if ms else float("nan"), "fid"),
-                              (axes[2], lambda s: s, "svc_unguided")):
-            pts = [(x_of(s), steps[s][key]) for s in xs if key in steps[s]]
-            if not pts:
-                continue
-            f = 100 if key.startswith("svc") else 1
-            x = [p[0] for p in pts]
-            mean = [f * p[1]["mean"] for p in pts]
-            std = [f * p[1]["std"] for p in pts]
-            line, = ax.plot(x, mean, marker="o", label=m)
-            ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                            color=line.get_color(), alpha=0.2)
-    n = len(res["spec"]["seeds"])
-    for ax, xl, yl in ((axes[0], "training updates", "FID, unguided (lower is better)"),
-                       (axes[1], "training minutes on this machine (time per update x updates)", "FID, unguided"),
-                       (axes[2], "training updates", "SVC accuracy of unguided samples, %")):
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        if ax is not axes[2]:
-            ax.set_yscale("log")  # FID falls by an order of magnitude over a run
+        for col, x_of in enumerate((lambda s: s, lambda s: s * ms / 60e3 if ms else float("nan"))):
+            for row, key, style in ((0, "fid", "-"), (1, "svc_guided", "-"), (1, "svc_unguided", "--")):
+                pts = [(x_of(s), steps[s][key]) for s in sorted(steps) if key in steps[s]]
+                if not pts:
+                    continue
+                f = 100 if key.startswith("svc") else 1
+                x, mean = [p[0] for p in pts], [f * p[1]["mean"] for p in pts]
+                std = [f * p[1]["std"] for p in pts]
+                label = m if key != "svc_unguided" else f"{m} (unguided)"
+                axes[row, col].plot(x, mean, style, marker="o", color=colors[m], label=label)
+                axes[row, col].fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                                            color=colors[m], alpha=0.2)
+    for col, xl in enumerate(("training updates", "training minutes on this machine (time per update x updates)")):
+        axes[0, col].set(xlabel=xl, ylabel="FID, unguided (lower is better)", yscale="log")  # FID falls 10x in a run
+        axes[1, col].set(xlabel=xl, ylabel="class accuracy of samples, % (solid: guided, dashed: unguided)")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{res['spec']['size']}, {n} seed(s): mean, band = ± one std over seeds")
+        ax.legend(fontsize=8)
+    budget = f"{res['spec']['minutes']:g} min each" if res["spec"].get("minutes") else "equal updates"
+    fig.suptitle(f"{res['spec']['size']}, {budget}, {len(res['spec']['seeds'])} seed(s): mean, band = ± one std "
+                 "over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(study, out: Path, runs: list[dict], sweep: dict, chosen: dict, state: dict) -> str:
+def write_report(study, out: Path, runs: list[dict], sweep: dict, chosen: dict, state: dict,
+                 updates: dict | None = None) -> str:
     guided = f"cfg{study.cfg_scale:g}"
     runs = [{**r, "run": os.path.relpath(r["run"], out),  # the folder moves with its report
              "evals": {int(s): {"cfg1": e["cfg1"], "guided": e[guided]} for s, e in r["evals"].items()}}
             for r in runs]
     sweep = {m: {lr: {"cfg1": e["cfg1"], "guided": e[guided]} for lr, e in by.items()} for m, by in sweep.items()}
-    res = {"spec": dataclasses.asdict(study), "update_ms": state.get("update_ms", {}), "chosen_lr": chosen,
+    res = {"spec": dataclasses.asdict(study), "update_ms": state.get("update_ms", {}), "updates": updates,
+           "chosen_lr": chosen,
            "sweep": sweep, "runs": runs, "summary": summarize(runs),
            "seconds": {**state.get("seconds", {}), **training_seconds(out)}}
     res = portable(res)

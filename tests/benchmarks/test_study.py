@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import study  # noqa: E402
 import study_report  # noqa: E402
+import study_scripts  # noqa: E402
 
 from vit3.engine.files import atomic_write_text  # noqa: E402
 from vit3.engine.script import run_script  # noqa: E402
@@ -113,13 +114,13 @@ def test_a_killed_study_resumes_its_run_and_reports_every_runs_training_time(qui
 def test_a_training_runs_time_is_on_disk_while_it_runs(tmp_path, monkeypatch):
     """The clock is rewritten every CLOCK_S seconds while the script runs (so a kill -9 of the study loses at most
     that much), after the segments of earlier invocations; the script itself reads it mid-run here."""
-    monkeypatch.setattr(study, "CLOCK_S", 0.05)
+    monkeypatch.setattr(study_scripts, "CLOCK_S", 0.05)
     run = tmp_path / "runs" / "DiT3-lr0.001-s0"
     run.mkdir(parents=True)
     clock = run / study_report.CLOCK
     clock.write_text(json.dumps({"segments": [5.0]}))  # an earlier, killed invocation
     code = f"import time; time.sleep(1.0); print(open({str(clock)!r}).read())"
-    seconds = study.run_script([sys.executable, "-c", code], tmp_path / "log.txt", "a test",
+    seconds = study_scripts.run_script([sys.executable, "-c", code], tmp_path / "log.txt", "a test",
                                clock=study_report.RunClock(run))
     seen = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])["segments"]
     assert seen[0] == 5.0 and 0.5 < seen[1] < seconds
@@ -294,8 +295,9 @@ def test_a_run_dies_with_its_study(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    parent = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import study; from pathlib import Path; "
-              f"study.run_script([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'log.txt')!r}), 'sleep')")
+    parent = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import study_scripts; "
+              f"from pathlib import Path; study_scripts.run_script([sys.executable, '-c', {child!r}], "
+              f"Path({str(tmp_path / 'log.txt')!r}), 'sleep')")
     study_proc = subprocess.Popen([sys.executable, "-c", parent])
     for _ in range(300):
         if pid_file.is_file() and pid_file.read_text():
@@ -313,3 +315,41 @@ def test_a_run_dies_with_its_study(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the run outlived its study by 10 s")
+
+
+def test_equal_minutes_give_each_mixer_the_updates_of_its_own_speed():
+    """--minutes M: each mixer trains M x 60 s / its measured ms per update (at least 1), its checkpoints at the
+    budgets' shares of its own updates; without it every mixer has study.updates."""
+    s = study.Study(mixers=("DiT3", "DiT"), updates=10, minutes=2.0, budgets=(0.25, 0.5, 1.0))
+    assert study.mixer_updates(s, {"DiT3": 200.0, "DiT": 100.0}) == {"DiT3": 600, "DiT": 1200}
+    assert study.mixer_updates(dataclasses.replace(s, minutes=0.0), {"DiT3": 200.0, "DiT": 100.0}) == \
+        {"DiT3": 10, "DiT": 10}
+    assert study.mixer_updates(dataclasses.replace(s, minutes=1e-6), {"DiT3": 200.0, "DiT": 100.0}) == \
+        {"DiT3": 1, "DiT": 1}
+    assert study.budget_steps(s, 600) == [150, 300, 600] and study.budget_steps(s) == [2, 5, 10]
+    args = study.train_args(s, Path("/o"), "DiT", 1e-3, 0, 1200, 1200)
+    assert "checkpoint.every_steps=300" in args and "max_steps=1200" in args
+    for bad in ("-1", "nan"):
+        with pytest.raises(ConfigError, match=f"--minutes {bad}: the training minutes of each mixer"):
+            study.parse_args(["--quick", "--minutes", bad])
+
+
+@pytest.mark.slow
+def test_an_equal_minutes_study_reports_by_minutes(tmp_path, monkeypatch, capsys):
+    """A quick study at equal wall clock (the time per update fixed here, as if measured): each mixer's runs end
+    at its own updates, the report lists them and a table by minutes; a rerun after --retime keeps the runs."""
+    ms = {"DiT3": 1500.0, "DiT": 1000.0}  # 0.1 min: 4 and 6 updates
+    monkeypatch.setattr(study, "time_updates", lambda s, out, again=False: study.State(out).set("update_ms", ms) or ms)
+    out = tmp_path / "study"
+    argv = ["--quick", "--mixers", "DiT3", "DiT", "--minutes", "0.1", "--out", str(out),
+            f"data.path={tmp_path / 'digits16'}", "threads=1"]
+    study.main(argv)
+    res = json.loads((out / "results.json").read_text())
+    assert res["updates"] == {"DiT3": 4, "DiT": 6} and res["spec"]["minutes"] == 0.1
+    assert {r["mixer"]: sorted(map(int, r["evals"])) for r in res["runs"]} == {"DiT3": [2, 4], "DiT": [3, 6]}
+    md = (out / "results.md").read_text()
+    assert "0.1 training minutes each" in md and "| 0.05 min | 0.1 min |" in md
+    ms.update(DiT3=3000.0)  # measured again: the runs keep the lengths they started with
+    study.main([*argv, "--retime"])
+    assert json.loads((out / "results.json").read_text())["updates"] == {"DiT3": 4, "DiT": 6}
+    assert capsys.readouterr().out.count("updates done before") >= 2
