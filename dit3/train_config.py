@@ -93,7 +93,8 @@ class RepaConfig:
     # folder / checkpoint (a ViT³ classifier)
     encoder: str = ""
     encoder_file: str = ""  # a timm encoder's weights file ("" = timm's cache, i.e. the Hugging Face hub's)
-    depth: int = checked(8, at_least(1, "a block number >= 1 (1 = the first block's output; REPA: 8 for XL)"))
+    # the block (1 = the first) whose output tokens are aligned; REPA: 8 of SiT-XL's 28
+    depth: int = checked(8, at_least(1, "a block number >= 1 (1 = the first block's output)"))
     coeff: float = checked(0.5, at_least(0.0))  # weight of the alignment loss (REPA: 0.5)
     # mlp: REPA's (Linear-SiLU-Linear-SiLU-Linear); conv: iREPA's 3x3 conv, with spatially normalised targets
     projector: str = checked("mlp", one_of(*PROJECTORS))
