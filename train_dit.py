@@ -94,10 +94,6 @@ def check_repa(cfg: TrainConfig):
     rc = cfg.repa
     if not rc.encoder:
         return
-    if cfg.data.latents:
-        raise ConfigError("repa with data.latents needs the encoder's features of each image, which the latents "
-                          "do not hold (storing them with the latents: not yet); train from the images "
-                          "(data.latents='') or without repa (repa.encoder='')")
     if cfg.model.name in DiT3_models:
         depth = cfg.model.kwargs.get("depth", DiT3_models[cfg.model.name].keywords["depth"])
         if rc.depth > depth:
@@ -129,8 +125,8 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
             extract_latents(images, vae, data.latents, accelerator, image_size=cfg.model.image_size,
                             vae_name=cfg.vae.name, shard_size=data.latent_shard_size,
                             batch_size=data.extract_batch_size, dtype=data.latent_dtype,
-                            progress=cfg.log.progress)
-        shards = LatentShards(data.latents, cfg.vae.scale, hflip=data.hflip)
+                            progress=cfg.log.progress, pixels=bool(cfg.repa.encoder))
+        shards = LatentShards(data.latents, cfg.vae.scale, hflip=data.hflip, pixels=bool(cfg.repa.encoder))
         idx = shards.index
         if idx["image_size"] != cfg.model.image_size or idx["vae"] != cfg.vae.name:
             raise ConfigError(f"latents in {data.latents} are of {idx['image_size']}px images through VAE "
@@ -409,9 +405,9 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"step (epoch {epoch + 1})",
                    disable=not (acc.is_main_process and cfg.log.progress), dynamic_ncols=True)
-        for x, y, bad in loader:
+        for x, y, bad, *pixels in loader:  # pixels: the images of latents extracted for REPA
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            images = x  # the clean (flipped) images: REPA's encoder sees them
+            images = pixels[0].to(dev, non_blocking=True) if pixels else x  # clean, flipped: REPA's encoder input
             skipped += bad.sum()
             if vae is not None and not cfg.data.latents:
                 with torch.no_grad():

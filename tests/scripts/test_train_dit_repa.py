@@ -114,6 +114,7 @@ def test_both_losses_are_logged_and_the_projector_is_saved_beside_the_model(data
     ("DiT-S/2", ("objective=flow", "sample.sampler=euler")),  # SiT + REPA
     ("DiT3-LA-S/2", ()),
     ("DiT3-S/2", ("objective=flow", "sample.sampler=euler", "repa.projector=conv", "repa.depth=2")),  # iREPA
+    ("DiT3-S/2", ("mixed_precision=bf16", "model.grad_checkpointing=true")),  # the encoder in the run's autocast
 ])
 def test_every_mixer_and_objective_trains_with_repa(data, vit_file, tmp_path, model, extra):
     r = _run(data, tmp_path, vit_file, f"model.name={model}", "max_steps=2", *extra)
@@ -188,6 +189,51 @@ def test_exports_and_sample_py_of_a_repa_run_hold_no_repa_part(data, vit_file, t
     assert r["step"] == 1
 
 
+def test_latents_extracted_for_repa_keep_the_images_flipped_as_their_latents(data, vit_file, tmp_path):
+    """With repa on, --extract-latents also stores each cropped image (uint8, once); an item gives it back in
+    [-1, 1] with its latent's flip, so the encoder sees what it would from the image folder. A folder extracted
+    without them is refused in one line when repa is on."""
+    from dit3.latents import LatentShards, image_transform
+    from tests.dit3.tiny import tiny_vae
+    from vit3.data import open_image_folder
+
+    vae = tmp_path / "vae"
+    tiny_vae().save_pretrained(vae)
+    common = (f"vae.name={vae}", "model.image_size=16", "data.latent_dtype=float32")
+    latents = tmp_path / "latents"
+    _run(data, tmp_path / "out", vit_file, *common, f"data.latents={latents}", "--extract-latents")
+    assert json.loads((latents / "index.json").read_text())["pixels"] is True
+    images = open_image_folder(data, image_transform(16, hflip=False), "error")
+    shards = LatentShards(latents, scale=0.5, pixels=True)
+    flips = set()
+    for item in [(5, 1), (5, 2), (17, 3), (17, 4)]:
+        z, label, _, image = shards[item]
+        flip = int(torch.randint(0, 2, (), generator=torch.Generator().manual_seed(item[1])))
+        flips.add(flip)
+        expected = images[item[0]][0]
+        torch.testing.assert_close(image, expected.flip(-1) if flip else expected, rtol=0, atol=1e-6)
+        z_plain, label_plain, _ = LatentShards(latents, scale=0.5)[item]
+        assert torch.equal(z, z_plain) and label == label_plain
+    assert flips == {0, 1}
+    r = _run(data, tmp_path / "out", vit_file, *common, f"data.latents={latents}", "max_steps=2")
+    assert r["step"] == 2 and "REPA: block 1 aligned" in (r["run_dir"] / "log.txt").read_text()
+
+    plain = tmp_path / "plain"
+    _run(data, tmp_path / "out", vit_file, *common, f"data.latents={plain}", "--extract-latents", "repa.encoder=",
+         "repa.encoder_file=")
+    with pytest.raises(ConfigError, match=r"latents in .*plain hold no images, and repa's encoder needs them"):
+        _run(data, tmp_path / "out", vit_file, *common, f"data.latents={plain}")
+    index = json.loads((plain / "index.json").read_text())  # a folder from before images were stored ...
+    del index["pixels"]
+    (plain / "index.json").write_text(json.dumps({**index, "complete": False}))
+    _run(data, tmp_path / "out", vit_file, *common, f"data.latents={plain}", "--extract-latents", "repa.encoder=",
+         "repa.encoder_file=")  # ... is still finished by a plain extraction
+    with pytest.raises(ConfigError, match=r"latent folder .*plain was written for other data or settings \(pixels: "
+                                          r"folder False vs this run True\)"):
+        (plain / "index.json").write_text(json.dumps({**index, "complete": False}))
+        _run(data, tmp_path / "out", vit_file, *common, f"data.latents={plain}", "--extract-latents")
+
+
 # ---------------------------------------------------------------------------------------------
 # bad settings: one line, before any work
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +247,6 @@ def test_bad_settings_are_refused_before_any_work(data, vit_file, tmp_path):
         _run(data, out, vit_file, "repa.encoder_file=/nowhere/dinov2.pth")
     with pytest.raises(ConfigError, match=r"repa.encoder='vit_no_such_model' is neither an existing path nor a timm"):
         _run(data, out, vit_file, "repa.encoder=vit_no_such_model")
-    with pytest.raises(ConfigError, match=r"repa with data.latents needs the encoder's features .* not yet"):
-        _run(data, out, vit_file, "vae.name=stabilityai/sd-vae-ft-ema", f"data.latents={tmp_path / 'lat'}")
     with pytest.raises(ConfigError, match=r"repa.projector.* must be one of"):
         _run(data, out, vit_file, "repa.projector=attention")
     convnext = tmp_path / "convnext.safetensors"  # no patch grid: its features cannot be matched to the tokens
