@@ -85,7 +85,7 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------------------
 def is_path(encoder: str) -> bool:
     """A run folder / checkpoint rather than a timm name: timm names hold no '/' except the hub's prefix."""
-    return "/" in encoder and not encoder.startswith(("hf-hub:", "hf_hub:")) or Path(encoder).exists()
+    return ("/" in encoder and not encoder.startswith(("hf-hub:", "hf_hub:"))) or Path(encoder).exists()
 
 
 def check_encoder(encoder: str, encoder_file: str):
@@ -121,8 +121,9 @@ def _load_model(encoder: str, encoder_file: str) -> tuple[nn.Module, str]:
 
         try:
             return load_classifier(encoder)[0], f"ViT³ classifier {encoder}"
-        except FileNotFoundError as e:
-            raise ConfigError(f"repa.encoder: {e}") from None
+        except (FileNotFoundError, KeyError, RuntimeError) as e:  # no config.yaml, or one of another trainer
+            raise ConfigError(f"repa.encoder={encoder} is not a train_vit.py run folder or checkpoint "
+                              f"({type(e).__name__}: {e}); pass one, or a timm model name") from None
     overlay = dict(file=str(Path(encoder_file).resolve())) if encoder_file else None
     try:
         model = timm.create_model(encoder, pretrained=True, pretrained_cfg_overlay=overlay)

@@ -256,6 +256,10 @@ def test_bad_settings_are_refused_before_any_work(data, vit_file, tmp_path):
                                           r"patches: its features have no patch grid to match the model's 4x4 tokens"):
         _run(data, out, vit_file, "repa.encoder=test_convnext.r160_in1k", f"repa.encoder_file={convnext}")
     assert not out.exists() or not any(out.iterdir())  # no run folder left behind
+    dit_run = _run(data, tmp_path, vit_file, "run_name=dit", "max_steps=1", "repa.encoder=",
+                   "repa.encoder_file=")["run_dir"]
+    with pytest.raises(ConfigError, match=r"repa.encoder=.*dit is not a train_vit.py run folder or checkpoint"):
+        _run(data, out, vit_file, f"repa.encoder={dit_run}", "repa.encoder_file=")
 
 
 @pytest.mark.subprocess
