@@ -43,8 +43,9 @@ from dit3.latents import (
     vae_downsample,
 )
 from dit3.models import DiT3_models
+from dit3.repa import Alignment, check_encoder
 from dit3.sampling import FLOW_SAMPLERS, SAMPLERS, sample_images, sample_seed, save_grid, save_pngs, to_uint8
-from dit3.train_config import DataConfig, TrainConfig
+from dit3.train_config import DataConfig, RepaConfig, TrainConfig
 from dit3.weights import load_dit3_weights
 from vit3 import engine
 from vit3.data import InMemoryFolder, open_image_folder
@@ -54,6 +55,7 @@ from vit3.engine import ConfigError, DataError, SamplingDiverged
 FLAGS = {"--extract-latents": "extract_only=true"}
 ARCH_KEYS = ("name", "num_classes", "image_size", "kwargs")  # a checkpoint must match these to resume
 FLOW_KEYS = ("path", "prediction")  # a flow checkpoint must match these to resume
+REPA_KEYS = ("encoder", "projector", "projector_dim")  # fix the projector's shape: a resumed run keeps them
 DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "sde-euler"}  # the grids' sampler when sample.sampler is ""
 
 
@@ -86,6 +88,20 @@ def create_model(cfg: TrainConfig, num_classes: int, input_size: int, in_channel
     return model
 
 
+def check_repa(cfg: TrainConfig):
+    """ConfigError, one line, for repa settings that cannot run: checked before any work (the encoder's grid
+    when it is loaded, before the first update)."""
+    rc = cfg.repa
+    if not rc.encoder:
+        return
+    if cfg.model.name in DiT3_models:
+        depth = cfg.model.kwargs.get("depth", DiT3_models[cfg.model.name].keywords["depth"])
+        if rc.depth > depth:
+            raise ConfigError(f"repa.depth={rc.depth} is past the last block of {cfg.model.name} ({depth} blocks); "
+                              f"use 1 .. {depth} (REPA aligns block 8 of SiT-XL's 28)")
+    check_encoder(rc.encoder, rc.encoder_file)
+
+
 def resolve_data(cfg: TrainConfig) -> DataConfig:
     """The data config with the demo folder written and filled in."""
     if not cfg.data.demo:
@@ -109,8 +125,8 @@ def build_data(cfg: TrainConfig, accelerator, vae, log):
             extract_latents(images, vae, data.latents, accelerator, image_size=cfg.model.image_size,
                             vae_name=cfg.vae.name, shard_size=data.latent_shard_size,
                             batch_size=data.extract_batch_size, dtype=data.latent_dtype,
-                            progress=cfg.log.progress)
-        shards = LatentShards(data.latents, cfg.vae.scale, hflip=data.hflip)
+                            progress=cfg.log.progress, pixels=bool(cfg.repa.encoder))
+        shards = LatentShards(data.latents, cfg.vae.scale, hflip=data.hflip, pixels=bool(cfg.repa.encoder))
         idx = shards.index
         if idx["image_size"] != cfg.model.image_size or idx["vae"] != cfg.vae.name:
             raise ConfigError(f"latents in {data.latents} are of {idx['image_size']}px images through VAE "
@@ -258,6 +274,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
             raise ConfigError(f"sample.{key}={getattr(sc, key)} does not exist")
     if cfg.data.latents and not cfg.vae.name:
         raise ConfigError("data.latents needs a VAE (vae.name); pixel-space training (vae.name='') reads images")
+    check_repa(cfg)
     return cfg, name
 
 
@@ -286,6 +303,10 @@ def check_resumed_objective(cfg: TrainConfig, run: engine.Run):
                           f"objective={cfg.objective}: resume it with its own, or start a new run")
     if objective == "flow":
         engine.check_same_model(trained, dataclasses.asdict(cfg.flow), FLOW_KEYS, run.resume_from, section="flow")
+    # checkpoints before REPA: off; the projector's shape and its optimizer state must match this run's
+    repa = {**dataclasses.asdict(RepaConfig()), **((trained.get("config") or {}).get("repa") or {})}
+    engine.check_same_model({"config": {"repa": repa}}, dataclasses.asdict(cfg.repa), REPA_KEYS, run.resume_from,
+                            section="repa")
 
 
 def classes_of(cfg: TrainConfig, dataset) -> int:
@@ -332,8 +353,9 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
     # ---- model, EMA, optimizer ---------------------------------------------------------------
     engine.seed_process(cfg.seed)  # same init on every process
     raw_model = create_model(cfg, num_classes, input_size, in_channels).to(dev)
-    model, ema, optimizer, scheduler = engine.build_optimization(raw_model, cfg, sampler.updates_per_epoch,
-                                                                 cfg.max_steps, acc)
+    alignment = Alignment.build(cfg.repa, raw_model, dev) if cfg.repa.encoder else None
+    model, ema, optimizer, scheduler = engine.build_optimization(
+        raw_model, cfg, sampler.updates_per_epoch, cfg.max_steps, acc, trained=alignment and alignment.aligned)
     fc = cfg.flow
     diffusion = create_diffusion("") if cfg.objective == "ddpm" else None
     flow = create_flow(fc.path, fc.prediction, fc.loss_weight, fc.train_eps, fc.sample_eps, fc.time_dist,
@@ -352,10 +374,12 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         f"{len(dataset)} images from {cfg.data.latents or cfg.data.path}",
         f"global batch {cfg.data.batch_size} = {acc.num_processes} x {accum} x {micro} | lr {lr:.3g} | "
         f"{sampler.updates_per_epoch} updates/epoch | {cfg.max_steps} updates",
-        f"objective: {objective} | samples: {cfg.sample.sampler}, {cfg.sample.steps} steps"])
+        f"objective: {objective} | samples: {cfg.sample.sampler}, {cfg.sample.steps} steps",
+        *([alignment.describe()] if alignment else [])])
 
     # ---- resume or start ----------------------------------------------------------------------
-    ckpt = engine.Checkpointer(run, modules={"model": raw_model, **({"ema": ema.module} if ema else {})},
+    ckpt = engine.Checkpointer(run, modules={"model": raw_model, **({"ema": ema.module} if ema else {}),
+                                             **({"repa_projector": alignment.aligned.projector} if alignment else {})},
                                states={"optimizer": optimizer, "scheduler": scheduler, "scaler": acc.scaler},
                                config=config, keep_last=cfg.checkpoint.keep_last)
     if not ckpt.restore(cfg.seed, sampler.updates_per_epoch) and cfg.weights:
@@ -381,8 +405,9 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
         skipped = torch.zeros((), dtype=torch.long)
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"step (epoch {epoch + 1})",
                    disable=not (acc.is_main_process and cfg.log.progress), dynamic_ncols=True)
-        for x, y, bad in loader:
+        for x, y, bad, *pixels in loader:  # pixels: the images of latents extracted for REPA
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            images = pixels[0].to(dev, non_blocking=True) if pixels else x  # clean, flipped: REPA's encoder input
             skipped += bad.sum()
             if vae is not None and not cfg.data.latents:
                 with torch.no_grad():
@@ -395,6 +420,12 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
                 else:
                     with acc.autocast():
                         loss = flow.training_losses(model, x, dict(class_labels=y))["loss"].mean()
+                if alignment is not None:
+                    with acc.autocast():
+                        loss_repa = alignment.loss(images)
+                    tlog.meters.add("loss_diffusion", loss)
+                    tlog.meters.add("loss_repa", loss_repa)
+                    loss = loss + alignment.coeff * loss_repa
                 engine.optimizer_step(acc, model, optimizer, loss, cfg.optim.clip_grad, tlog.meters)
             tlog.add(loss, len(x), acc.sync_gradients)
             if not acc.sync_gradients:
@@ -430,7 +461,8 @@ def train(cfg: TrainConfig, run: engine.Run) -> dict:
 
     result = {"run_dir": run.dir, "step": step, "state": st, "stopped": None if stopped == "done" else stopped,
               "preempted": run.stop.fired, "world_size": acc.num_processes, "model": raw_model,
-              "ema": ema.module if ema else None, "local_train": tlog.meters.last_local}
+              "ema": ema.module if ema else None, "local_train": tlog.meters.last_local,
+              "repa_projector": alignment.aligned.projector if alignment else None}
     if stopped == "done" and acc.is_main_process:
         result["grid"] = unless_samples_diverged("final sample grid", step, run, lambda: sample_grid(
             sample_model, cfg, vae, shape, run.dir / "samples" / "final.png", acc))

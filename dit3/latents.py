@@ -9,6 +9,11 @@ itself. `extract_latents` encodes the dataset once, with the horizontally flippe
 image (the flip of a latent is not the latent of the flipped image), into safetensors shards;
 `LatentShards` serves them. A shard stores the posterior mean and standard deviation, not one
 draw, so each training step still sees a fresh sample of q(z | x), as with on-the-fly encoding.
+With `pixels=True` a shard also keeps each cropped image as uint8, once (its mirror image is flipped when
+read), for what needs the image itself: REPA's encoder. That is the cheaper trade than storing the
+encoder's features: 3 x 256 x 256 bytes (192 KiB) an image, against 256 tokens x 768 x 2 bytes x 2 flips
+(768 KiB) for DINOv2-B's; the encoder then runs at each step, a DINOv2-B/14 forward at 224 px being about
+a fifth of a SiT-XL/2 forward's FLOPs (~23 against ~119 GFLOPs), a sixteenth of its update.
 Extraction is spread over all processes, shows a progress bar and is resumable: every shard is
 written to a temporary file and renamed, and finished shards are skipped on a restart.
 """
@@ -107,16 +112,17 @@ def _shard_path(root: Path, k: int) -> Path:
     return root / f"shard-{k:05d}.safetensors"
 
 
-def _spec(dataset, image_size: int, vae_name: str, shard_size: int, dtype: str) -> dict:
+def _spec(dataset, image_size: int, vae_name: str, shard_size: int, dtype: str, pixels: bool) -> dict:
     return {"format": LATENT_FORMAT, "num_images": len(dataset), "classes": list(dataset.classes),
             "image_size": image_size, "vae": vae_name, "shard_size": shard_size, "dtype": dtype,
-            "images": str(Path(dataset.root).resolve())}
+            "images": str(Path(dataset.root).resolve()), "pixels": pixels}
 
 
 def _check_spec(root: Path, spec: dict):
     """ConfigError if root holds latents of other images, size or VAE than `spec` describes."""
     found = json.loads((root / "index.json").read_text())
-    keys = ("format", "num_images", "classes", "image_size", "vae", "shard_size", "dtype")
+    found.setdefault("pixels", False)  # folders from before pixels were stored hold none
+    keys = ("format", "num_images", "classes", "image_size", "vae", "shard_size", "dtype", "pixels")
     diffs = [k for k in keys if found.get(k) != spec.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: folder {str(found.get(k))[:60]} vs this run {str(spec.get(k))[:60]}" for k in diffs)
@@ -132,11 +138,12 @@ def latents_complete(root: str | os.PathLike) -> bool:
 @torch.no_grad()
 def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image_size: int, vae_name: str,
                     shard_size: int = 1024, batch_size: int = 64, dtype: str = "float16",
-                    progress: bool = True) -> Path:
+                    progress: bool = True, pixels: bool = False) -> Path:
     """Encode `dataset` (items (image [3, H, W] in [-1, 1], label, skipped), no random flip) into shards.
 
     Shard k holds images k*shard_size ... in dataset order: "mean" and "std" [n, 2, C, h, w] (index 1
-    of dim 1 is the flipped image) in `dtype`, and "labels" [n]. Process r encodes shards r, r+R, ...;
+    of dim 1 is the flipped image) in `dtype`, "labels" [n] and, with `pixels`, the images themselves as
+    "pixels" [n, 3, H, W] uint8 (not flipped). Process r encodes shards r, r+R, ...;
     shards already on disk are kept. index.json records what was extracted, "complete" at the end.
     """
     from safetensors.torch import save_file
@@ -145,7 +152,7 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
     from vit3.engine.files import atomic_path, atomic_write_text  # the training engine: not loaded by `import dit3`
 
     root = Path(root).expanduser()
-    spec = _spec(dataset, image_size, vae_name, shard_size, dtype)
+    spec = _spec(dataset, image_size, vae_name, shard_size, dtype, pixels)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if (root / "index.json").is_file():
@@ -164,7 +171,7 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
                disable=not progress, dynamic_ncols=True)
     for k in mine:
         lo, hi = k * shard_size, min((k + 1) * shard_size, len(dataset))
-        means, stds, labels = [], [], []
+        means, stds, labels, images = [], [], [], []
         for b in range(lo, hi, batch_size):
             items = [dataset[i] for i in range(b, min(b + batch_size, hi))]
             x = torch.stack([it[0] for it in items]).to(device)  # [n, 3, H, W]
@@ -174,9 +181,12 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
             means.append(torch.stack([dist.mean[:n], dist.mean[n:]], dim=1).to(store).cpu())  # [n, 2, C, h, w]
             stds.append(torch.stack([dist.std[:n], dist.std[n:]], dim=1).to(store).cpu())
             labels += [int(it[1]) for it in items]
+            if pixels:  # [-1, 1] back to the image's bytes: (x + 1) * 127.5 is an integer up to rounding
+                images.append(((x[:n] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
         with atomic_path(_shard_path(root, k)) as tmp:
             save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
-                       "labels": torch.tensor(labels, dtype=torch.long)}, str(tmp))
+                       "labels": torch.tensor(labels, dtype=torch.long),
+                       **({"pixels": torch.cat(images).contiguous()} if pixels else {})}, str(tmp))
         bar.update(1)
     bar.close()
     accelerator.wait_for_everyone()
@@ -192,14 +202,15 @@ def extract_latents(dataset, vae, root: str | os.PathLike, accelerator, *, image
 
 
 class LatentShards(torch.utils.data.Dataset):
-    """Training items (scaled latent [C, h, w], label, 0) from `extract_latents` shards.
+    """Training items (scaled latent [C, h, w], label, 0) from `extract_latents` shards; with `pixels`, also the
+    image [3, H, W] in [-1, 1], flipped as its latent is (a folder extracted with pixels=True).
 
     The item index may be (index, seed), as `training.ResumableBatchSampler` yields: the seed picks
     the flip and the draw z = mean + std * noise, so a resumed run sees the same latents.
     Shards are memory-mapped (safetensors), opened lazily in each loader worker.
     """
 
-    def __init__(self, root: str | os.PathLike, scale: float, hflip: bool = True):
+    def __init__(self, root: str | os.PathLike, scale: float, hflip: bool = True, pixels: bool = False):
         self.root = Path(root).expanduser()
         if not latents_complete(self.root):
             raise DataError(f"{self.root} holds no complete latent extraction (index.json with complete=true); "
@@ -207,7 +218,10 @@ class LatentShards(torch.utils.data.Dataset):
         self.index = json.loads((self.root / "index.json").read_text())
         self.classes = self.index["classes"]
         self.shard_size = self.index["shard_size"]
-        self.scale, self.hflip = scale, hflip
+        self.scale, self.hflip, self.pixels = scale, hflip, pixels
+        if pixels and not self.index.get("pixels"):
+            raise ConfigError(f"latents in {self.root} hold no images, and repa's encoder needs them: extract into a "
+                              "new data.latents folder with repa on (the images are then stored with the latents)")
         self._files: dict[int, object] = {}
 
     @staticmethod
@@ -238,7 +252,10 @@ class LatentShards(torch.utils.data.Dataset):
         std = f.get_slice("std")[j:j + 1, flip:flip + 1][0, 0].float()
         z = mean + std * torch.randn(mean.shape, generator=g)
         label = int(f.get_slice("labels")[j:j + 1][0])
-        return z * self.scale, label, 0
+        if not self.pixels:
+            return z * self.scale, label, 0
+        image = f.get_slice("pixels")[j:j + 1][0].float() / 127.5 - 1  # [3, H, W] in [-1, 1]
+        return z * self.scale, label, 0, image.flip(-1) if flip else image
 
     def __getstate__(self):  # loader workers open their own memory maps
         return {**self.__dict__, "_files": {}}

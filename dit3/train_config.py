@@ -9,6 +9,7 @@ from vit3 import engine
 from vit3.engine import SEED_RULE, at_least, between, checked, launch, one_of
 
 from .flow import DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_DISTRIBUTIONS
+from .repa import PROJECTORS
 from .sampling import FLOW_SAMPLERS, SAMPLERS
 
 POSITIVE = (lambda v: v > 0, "a positive number")
@@ -83,6 +84,25 @@ class FlowConfig:
 
 
 @dataclasses.dataclass
+class RepaConfig:
+    """REPA (arXiv 2410.06940): align the output tokens of block `depth` through a trained projector with the
+    patch features of a frozen encoder of the clean image (dit3.repa). Off while encoder is "". The projector
+    is saved in checkpoints beside the model, never in it: exports and sample.py see a plain model."""
+
+    # "" = off; a timm model name (vit_base_patch14_dinov2.lvd142m: REPA's DINOv2-B/14) or a train_vit.py run
+    # folder / checkpoint (a ViT³ classifier)
+    encoder: str = ""
+    encoder_file: str = ""  # a timm encoder's weights file ("" = timm's cache, i.e. the Hugging Face hub's)
+    # the block (1 = the first) whose output tokens are aligned; REPA: 8 of SiT-XL's 28
+    depth: int = checked(8, at_least(1, "a block number >= 1 (1 = the first block's output)"))
+    coeff: float = checked(0.5, at_least(0.0))  # weight of the alignment loss (REPA: 0.5)
+    # mlp: REPA's (Linear-SiLU-Linear-SiLU-Linear); conv: iREPA's 3x3 conv, with spatially normalised targets
+    projector: str = checked("mlp", one_of(*PROJECTORS))
+    projector_dim: int = checked(2048, at_least(1))  # mlp: hidden width (REPA: 2048)
+    spatial_norm_gamma: float = checked(0.7, between(0.0, 1.0))  # conv: share of the token mean removed (iREPA)
+
+
+@dataclasses.dataclass
 class TrainingSamplesConfig:
     """The `sample` section: what the run draws while it trains (grids, FID) and at its end (the digits
     accuracy). sample.py's own options are its SampleConfig."""
@@ -128,4 +148,5 @@ class TrainConfig(engine.TrainConfig):
     max_steps: int = launch(400_000, at_least(0))  # optimizer updates in total (the schedule's length)
     weights: str = ""  # start from these weights: our .safetensors / checkpoint folder, or an official DiT³ / DiT .pt
     extract_only: bool = False  # only extract data.latents, then exit
+    repa: RepaConfig = dataclasses.field(default_factory=RepaConfig)
     sample: TrainingSamplesConfig = dataclasses.field(default_factory=TrainingSamplesConfig)

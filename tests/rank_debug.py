@@ -1,5 +1,6 @@
 """Run a trainer's main() and write what this process ended with to RUN/debug/rank<r>.json: the weights
-digests of the model and the EMA, the step, and this process's own train metrics before the all-reduce.
+digests of the model and the EMA (and of REPA's projector), the step, and this process's own train metrics
+before the all-reduce.
 The two-process tests launch this under `accelerate launch` and compare the ranks' files.
 
     accelerate launch tests/rank_debug.py train_vit.py key=value ...
@@ -25,4 +26,6 @@ if __name__ == "__main__":
         "rank": state.process_index, "world_size": state.num_processes, "step": result["step"],
         "model_digest": weights_digest(result["model"]),
         "ema_digest": weights_digest(result["ema"]) if result["ema"] is not None else None,
-        "local_train": result["local_train"]}, indent=2))
+        "local_train": result["local_train"],
+        **({"repa_projector_digest": weights_digest(result["repa_projector"])}
+           if result.get("repa_projector") is not None else {})}, indent=2))

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 @pytest.mark.parametrize("config,model,image_size,max_steps", [
     ("dit3_s2_in256", "DiT3-S/2", 256, 400_000), ("dit3_b2_in256", "DiT3-B/2", 256, 400_000),
     ("dit3_xl2_in256", "DiT3-XL/2", 256, 400_000), ("dit_b2_in256", "DiT-B/2", 256, 400_000),
-    ("dit3_xl2_in512", "DiT3-XL/2", 512, 3_000_000)])  # DiT-XL/2 512x512: latent 64, 3M updates
+    ("dit3_xl2_in512", "DiT3-XL/2", 512, 3_000_000),  # DiT-XL/2 512x512: latent 64, 3M updates
+    ("dit3_xl2_in256_repa", "DiT3-XL/2", 256, 400_000)])
 def test_shipped_configs_follow_dits_recipe(config, model, image_size, max_steps):
     cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
     assert cfg.name == config
@@ -34,6 +35,23 @@ def test_shipped_configs_follow_dits_recipe(config, model, image_size, max_steps
     assert cfg.ema.enabled and (cfg.ema.decay, cfg.ema.decay_batch) == (0.9999, 0)
 
 
+@pytest.mark.parametrize("config,base", [("dit3_xl2_in256_repa", "dit3_xl2_in256"),
+                                         ("sit_xl2_in256_repa", "sit_b2_in256")])
+def test_repa_configs_are_their_base_with_repas_imagenet_recipe(config, base):
+    """DINOv2-B/14 (its 14-pixel patches at 224 px = the 16 x 16 tokens of an XL/2 at 256), block 8, coefficient
+    0.5, REPA's MLP projector of width 2048; everything else is the base config's (SiT's at the XL size)."""
+    cfg, _ = train_dit.parse_config(["--config", str(ROOT / "configs" / f"{config}.yaml")])
+    r = cfg.repa
+    assert (r.encoder, r.encoder_file, r.depth, r.coeff, r.projector, r.projector_dim) == (
+        "vit_base_patch14_dinov2.lvd142m", "", 8, 0.5, "mlp", 2048)
+    assert train_dit.model_input(cfg, 8, 4)[0] // 2 * 14 == 224
+    ours = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())
+    theirs = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    theirs["model"]["name"] = ours["model"]["name"]
+    assert {k: v for k, v in ours.items() if k not in ("name", "repa")} == {
+        k: v for k, v in theirs.items() if k != "name"}
+
+
 def test_demo_config_two_steps(tmp_path):
     digits = prepare_digits(tmp_path / "digits16", 16)
     r = train_dit.main(["--config", str(ROOT / "configs" / "dit3_demo.yaml"), f"data.path={digits}",
@@ -43,14 +61,15 @@ def test_demo_config_two_steps(tmp_path):
     assert 0.0 <= r["digits_accuracy"] <= 1.0 and (r["run_dir"] / "digits_accuracy.json").is_file()
 
 
-@pytest.mark.parametrize("config", ["sit_b2_in256", "dit3_b2_in256_flow"])
+@pytest.mark.parametrize("config", ["sit_b2_in256", "dit3_b2_in256_flow", "sit_xl2_in256_repa"])
 def test_shipped_flow_configs_follow_sits_recipe(config):
     """SiT's train.py: linear path, velocity, uniform times, AdamW lr 1e-4, no weight decay, batch 256, EMA
     0.9999, class dropout 0.1, 400K updates; its FID sampler (SDE Euler, 250 steps) draws the grids."""
     cfg, _ = T.load_config(train_dit.TrainConfig, ["--config", str(ROOT / "configs" / f"{config}.yaml")])
     T.check_values(cfg)
     assert cfg.name == config and cfg.objective == "flow"
-    assert cfg.model.name == {"sit_b2_in256": "DiT-B/2", "dit3_b2_in256_flow": "DiT3-B/2"}[config]
+    assert cfg.model.name == {"sit_b2_in256": "DiT-B/2", "dit3_b2_in256_flow": "DiT3-B/2",
+                              "sit_xl2_in256_repa": "DiT-XL/2"}[config]
     assert (cfg.model.image_size, cfg.model.num_classes, cfg.model.class_dropout_prob) == (256, 1000, 0.1)
     f = cfg.flow
     assert (f.path, f.prediction, f.loss_weight, f.time_dist, f.train_eps, f.sample_eps) == (

@@ -79,13 +79,17 @@ def create_ema(model: nn.Module, cfg: EMAConfig, global_batch: int):
     return ema
 
 
-def build_optimization(raw_model: nn.Module, cfg, updates_per_epoch: int, schedule_updates: int, accelerator):
+def build_optimization(raw_model: nn.Module, cfg, updates_per_epoch: int, schedule_updates: int, accelerator,
+                       trained: nn.Module | None = None):
     """(model to train, EMA or None, optimizer, scheduler or None) from cfg.optim / ema / compile, the schedule
-    over `schedule_updates` updates: the EMA is taken before `accelerator.prepare` wraps the model (DDP, autocast)."""
+    over `schedule_updates` updates: the EMA is taken before `accelerator.prepare` wraps the model (DDP, autocast).
+    trained: a module holding raw_model and more trained parts (REPA's projector), which the optimizer updates
+    and the accelerator wraps in its place; the EMA stays raw_model's alone."""
+    trained = raw_model if trained is None else trained
     ema = create_ema(raw_model, cfg.ema, cfg.data.batch_size)
-    optimizer, scheduler = create_optimizer_and_scheduler(raw_model, cfg.optim, cfg.data.batch_size,
+    optimizer, scheduler = create_optimizer_and_scheduler(trained, cfg.optim, cfg.data.batch_size,
                                                           updates_per_epoch, schedule_updates)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = torch.compile(trained) if cfg.compile else trained
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, ema, optimizer, scheduler
 
@@ -206,8 +210,9 @@ class TrainLog:
         self.accelerator.log({f"train/{k}": v for k, v in m.items()}, step=step)
         self.file.write(step, {f"train/{k}": v for k, v in m.items()})
         logger.info(f"(step {step:07d}) " + " ".join(
-            f"{k} {m[k]:{f}}" for k, f in (("epoch", ".2f"), ("loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
-                                           ("steps_per_s", ".2f"), ("images_per_s", ".1f")) if k in m))
+            f"{k} {m[k]:{f}}" for k, f in (("epoch", ".2f"), ("loss", ".4f"), ("loss_repa", ".4f"), ("lr", ".3e"),
+                                           ("grad_norm", ".3f"), ("steps_per_s", ".2f"), ("images_per_s", ".1f"))
+            if k in m))
         if bar is not None:
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
         self.meters.reset()
