@@ -87,7 +87,10 @@ def update_step(config: dict, model_name: str):
     clip = o.get("clip_grad", 0.0)
     optim_cfg = engine.OptimConfig(lr=o.get("lr", 1e-4), lr_batch=0, weight_decay=o.get("weight_decay", 0.0),
                                    sched="constant", warmup_epochs=0, clip_grad=clip)
-    optimizer, _ = engine.create_optimizer_and_scheduler(model, optim_cfg, batch, 1, 1)  # constant lr
+    # a repa section (train_dit.py's): the encoder, the projector and its term, as the trainer runs them
+    alignment = repa_alignment(config.get("repa") or {}, model)
+    trained = alignment.aligned if alignment else model
+    optimizer, _ = engine.create_optimizer_and_scheduler(trained, optim_cfg, batch, 1, 1)  # constant lr
     ema = engine.create_ema(model, engine.EMAConfig(decay=config.get("ema", {}).get("decay", 0.9999), decay_batch=0),
                             batch)
     if config.get("objective", "ddpm") == "flow":
@@ -95,18 +98,21 @@ def update_step(config: dict, model_name: str):
         flow = create_flow(f.get("path", "linear"), f.get("prediction", "velocity"), f.get("loss_weight", "none"))
 
         def losses(x, y):
-            return flow.training_losses(model, x, dict(class_labels=y))["loss"]
+            return flow.training_losses(trained, x, dict(class_labels=y))["loss"]
     else:
         diffusion = create_diffusion("")
 
         def losses(x, y):
-            return diffusion.training_losses(model, x, diffusion.sample_timesteps(batch), dict(class_labels=y))["loss"]
+            return diffusion.training_losses(trained, x, diffusion.sample_timesteps(batch),
+                                             dict(class_labels=y))["loss"]
     x = torch.randn(batch, channels, size, size)
     y = torch.randint(0, m["num_classes"], (batch,))
 
     def step():
         with record_function("forward"):
             loss = losses(x, y).mean()
+            if alignment:  # pixel space: x is the image the encoder sees
+                loss = loss + alignment.coeff * alignment.loss(x.clamp(-1, 1))
         with record_function("backward"):
             loss.backward()
         with record_function("clip"):  # what accelerator.clip_grad_norm_ calls on one process
@@ -119,6 +125,16 @@ def update_step(config: dict, model_name: str):
             ema.update(model)
         return loss.detach()
     return step
+
+
+def repa_alignment(repa: dict, model):
+    """dit3.repa.Alignment for a train_dit.py config's repa section, or None when it names no encoder."""
+    if not repa.get("encoder"):
+        return None
+    from dit3.repa import Alignment
+    from dit3.train_config import RepaConfig
+
+    return Alignment.build(RepaConfig(**repa), model, "cpu")
 
 
 def mixer_step(name: str, form: str | None = None, batch: int = 64, side: int = 4, dim: int = 96, heads: int = 2):

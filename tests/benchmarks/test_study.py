@@ -353,3 +353,35 @@ def test_an_equal_minutes_study_reports_by_minutes(tmp_path, monkeypatch, capsys
     study.main([*argv, "--retime"])
     assert json.loads((out / "results.json").read_text())["updates"] == {"DiT3": 4, "DiT": 6}
     assert capsys.readouterr().out.count("updates done before") >= 2
+
+
+def test_the_timed_update_includes_repa_when_the_config_has_it(tmp_path):
+    """A study with repa.* overrides times the update its runs make: the projector is trained by the step and
+    the encoder stays frozen."""
+    import timm
+    import torch
+    from bench_small import update_step
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_vit").state_dict(), str(tmp_path / "vit.safetensors"))
+    cfg = yaml.safe_load((ROOT / "configs" / "study_digits.yaml").read_text())
+    cfg["model"]["kwargs"] = {"hidden_size": 32, "depth": 2, "num_heads": 2}
+    cfg["data"]["batch_size"] = 4
+    cfg["repa"] = {"encoder": "test_vit", "encoder_file": str(tmp_path / "vit.safetensors"), "depth": 1,
+                   "coeff": 0.5, "projector_dim": 16}
+    seen = {}
+    import dit3.repa
+
+    real = dit3.repa.Alignment.build
+    dit3.repa.Alignment.build = classmethod(lambda cls, *a: seen.setdefault("a", real(*a)))
+    try:
+        step = update_step(cfg, "DiT-S/2")
+    finally:
+        dit3.repa.Alignment.build = real
+    a = seen["a"]
+    projector = [p.detach().clone() for p in a.aligned.projector.parameters()]
+    encoder = [p.detach().clone() for p in a.encoder.parameters()]
+    assert math.isfinite(step().item())
+    assert any(not torch.equal(p, q) for p, q in zip(projector, a.aligned.projector.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(encoder, a.encoder.parameters()))

@@ -37,3 +37,14 @@ def test_demo_config_two_steps(tmp_path):
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
                         "data.num_workers=0"])
     assert r["step"] == 2 and r["run_dir"].name == "000-vit3_demo"
+
+
+def test_glyphs_judge_config_two_steps(tmp_path):
+    """configs/vit3_glyphs.yaml (the glyphs demo's judge) trains on a glyphs folder at 32 px."""
+    from vit3.glyphs import prepare_glyphs
+
+    glyphs = prepare_glyphs(tmp_path / "glyphs32", 32, train_per_class=2, val_per_class=1)
+    r = train_vit.main(["--config", str(ROOT / "configs" / "vit3_glyphs.yaml"), f"data.path={glyphs}",
+                        f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
+                        "threads=1"])
+    assert r["step"] == 2 and r["run_dir"].name == "000-vit3_glyphs"
