@@ -53,3 +53,16 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def vit_file(tmp_path_factory):
+    """Random weights of timm's test_vit (patch 16, 64 dims, one class token) in a local file: a REPA encoder
+    loaded as a pretrained one is (repa.encoder_file), with no download."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("enc") / "test_vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    return path

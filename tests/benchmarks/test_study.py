@@ -355,20 +355,16 @@ def test_an_equal_minutes_study_reports_by_minutes(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out.count("updates done before") >= 2
 
 
-def test_the_timed_update_includes_repa_when_the_config_has_it(tmp_path):
+def test_the_timed_update_includes_repa_when_the_config_has_it(vit_file):
     """A study with repa.* overrides times the update its runs make: the projector is trained by the step and
     the encoder stays frozen."""
-    import timm
     import torch
     from bench_small import update_step
-    from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    save_file(timm.create_model("test_vit").state_dict(), str(tmp_path / "vit.safetensors"))
     cfg = yaml.safe_load((ROOT / "configs" / "study_digits.yaml").read_text())
     cfg["model"]["kwargs"] = {"hidden_size": 32, "depth": 2, "num_heads": 2}
     cfg["data"]["batch_size"] = 4
-    cfg["repa"] = {"encoder": "test_vit", "encoder_file": str(tmp_path / "vit.safetensors"), "depth": 1,
+    cfg["repa"] = {"encoder": "test_vit", "encoder_file": str(vit_file), "depth": 1,
                    "coeff": 0.5, "projector_dim": 16}
     seen = {}
     import dit3.repa

@@ -118,15 +118,6 @@ def test_gradient_checkpointing_gives_the_same_alignment_gradients():
 # ---------------------------------------------------------------------------------------------
 # the encoder
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def vit_file(tmp_path_factory):
-    """Random weights of timm's test_vit (patch 16, 64 dims, one class token) in a local file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("enc") / "test_vit.safetensors"
-    save_file(timm.create_model("test_vit").state_dict(), str(path))
-    return path
-
-
 def test_a_timm_encoder_from_a_local_file_sees_the_image_at_patch_x_grid(vit_file):
     """The weights come from the file (pretrained_cfg_overlay); the input is the [-1, 1] image resized to 16 x 4
     pixels and normalised with the encoder's mean / std; the class token is dropped."""

@@ -43,14 +43,6 @@ def data(tmp_path_factory):
     return root / "train"
 
 
-@pytest.fixture(scope="module")
-def vit_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("enc") / "test_vit.safetensors"
-    save_file(timm.create_model("test_vit").state_dict(), str(path))
-    return path
-
-
 def _argv(data, out, vit_file, *extra):
     return ["model.name=DiT3-S/2", "model.image_size=8", "model.num_classes=0", f"model.kwargs={TINY}",
             "vae.name=", f"data.path={data}", "data.batch_size=8", "data.num_workers=0", "max_steps=4",
