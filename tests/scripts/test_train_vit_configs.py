@@ -46,5 +46,5 @@ def test_glyphs_judge_config_two_steps(tmp_path):
     glyphs = prepare_glyphs(tmp_path / "glyphs32", 32, train_per_class=2, val_per_class=1)
     r = train_vit.main(["--config", str(ROOT / "configs" / "vit3_glyphs.yaml"), f"data.path={glyphs}",
                         f"output_dir={tmp_path}", "max_steps=2", "log.progress=false", "log.log_with=none",
-                        "threads=1"])
+                        "threads=1", "data.batch_size=8"])
     assert r["step"] == 2 and r["run_dir"].name == "000-vit3_glyphs"
