@@ -381,3 +381,23 @@ def test_the_timed_update_includes_repa_when_the_config_has_it(vit_file):
     assert math.isfinite(step().item())
     assert any(not torch.equal(p, q) for p, q in zip(projector, a.aligned.projector.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(encoder, a.encoder.parameters()))
+
+
+def test_compare_studies_takes_the_seeds_both_ran():
+    """compare_studies.py: per mixer and budget, the mean ± sample std of each metric over the seeds both studies
+    ran (a one-seed study against the same seed of a three-seed one), against statistics' own."""
+    import compare_studies
+
+    def run(mixer, seed, fid, svc):
+        e = {study.FID: fid, "digits_accuracy": svc}
+        return {"mixer": mixer, "seed": seed, "evals": {"4": {"cfg1": e, "guided": e}}}
+
+    a = {"spec": {"mixers": ["DiT3", "DiT"]}, "runs": [run("DiT3", s, 1.0 + s, 0.5) for s in (0, 1, 2)]
+         + [run("DiT", 0, 9.0, 0.25)]}
+    b = {"spec": {"mixers": ["DiT3"]}, "runs": [run("DiT3", 0, 0.5, 0.75), run("DiT3", 2, 0.7, 0.75)]}
+    lines = compare_studies.table(a, b, ("base", "repa"))
+    assert len(lines) == 3  # DiT3 only (b has no DiT), one budget
+    row = lines[2].split(" | ")
+    assert row[:3] == ["| DiT3", "4", "[0, 2]"]
+    assert row[3] == f"{statistics.fmean([1.0, 3.0]):.3g} ± {statistics.stdev([1.0, 3.0]):.2g}"
+    assert row[4] == f"{0.6:.3g} ± {statistics.stdev([0.5, 0.7]):.2g}" and row[6].startswith("75")
