@@ -63,9 +63,12 @@ def training_seconds(out: Path) -> dict:
 
 
 def portable(value, root: Path = ROOT, home: Path = Path.home()):
-    """`value` (a results tree) with each absolute path in its strings (a word of them: "classifier /x/y" too)
-    relative to the repository's `root`, or written ~/... if it is outside `root` and inside `home`."""
+    """`value` (a results tree) with each absolute path in its strings (a word of them: "classifier /x/y" and
+    "repa.encoder=/x/y" too) relative to the repository's `root`, or written ~/... if it is outside `root` and inside `home`."""
     def one(word: str) -> str:
+        key, eq, value = word.partition("=")
+        if eq and os.path.isabs(value):  # an override: key=/a/path
+            return f"{key}={one(value)}"
         if not os.path.isabs(word) or len(word) < 2:
             return word
         if Path(word).is_relative_to(home) and not Path(word).is_relative_to(root):

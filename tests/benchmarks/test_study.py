@@ -76,8 +76,17 @@ def test_quick_study_trains_evaluates_and_reports_every_mixer(quick):
 
 
 def test_committed_results_name_no_path_of_this_machine():
-    for path in sorted((ROOT / "benchmarks" / "results" / "study_digits").glob("*.json")):
-        assert absolute_paths(json.loads(path.read_text())) == [], path.name
+    paths = sorted((ROOT / "benchmarks" / "results").glob("study_*/*.json"))
+    assert len(paths) >= 4  # the digits study, its two ablations, the REPA study
+    for path in paths:
+        assert absolute_paths(json.loads(path.read_text())) == [], path
+        assert "=/" not in path.read_text(), path  # nor as an override's value
+
+
+def test_portable_paths_in_overrides():
+    home, root = Path("/home/u"), Path("/home/u/repo")
+    assert study_report.portable({"o": ["repa.encoder=/home/u/repo/runs/enc", "data.path=/home/u/d", "x=/opt/e"]},
+                                 root, home) == {"o": ["repa.encoder=runs/enc", "data.path=~/d", "x=../../../opt/e"]}
 
 
 def test_a_killed_study_resumes_its_run_and_reports_every_runs_training_time(quick, capsys):
