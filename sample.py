@@ -4,6 +4,7 @@
     accelerate launch sample.py --ckpt RUN --num-samples 50000 --cfg-scale 1.0 --out samples/dit3-b2
     python sample.py --ckpt RUN --num-samples 50000 --out DIR --fid-ref /data/imagenet256-val
     python sample.py --ckpt results/000-dit3_demo --num-samples 1000 --out DIR --digits-accuracy
+    python sample.py --ckpt RUN --num-samples 1000 --out DIR --fid-ref REAL --feature-extractor VIT_RUN --class-accuracy
     python sample.py --ckpt DiTTT-B-2.pt --classes 207 360 --vae /models/sd-vae-ft-ema   # official release file
     python sample.py --ckpt RUN --export dit3-pipeline [--push-to-hub user/dit3-b2]   # a DiT3Pipeline folder
     python sample.py --ckpt FLOW_RUN --classes 207 360 --sampler heun --steps 50   # a flow run: ODE / SDE samplers
@@ -94,6 +95,7 @@ class SampleConfig:
     feature_extractor: str = ""  # a train_vit.py run or checkpoint whose features replace Inception's (domain FID)
     save_ref_stats: str = ""  # write the reference's mu / sigma to this .npz
     digits_accuracy: bool = False  # digits demo: the share of samples an SVC trained on the real digits labels as asked
+    class_accuracy: bool = False  # the share of samples the --feature-extractor classifier labels as the class asked
     export: str = ""  # write a DiT3Pipeline folder: EMA transformer, the sampler's scheduler, VAE, id2label
     push_to_hub: str = ""  # with export: upload the folder to this hub repo
 
@@ -144,6 +146,24 @@ def check_metric_inputs(args: SampleConfig):
     if args.feature_extractor and not Path(args.feature_extractor).exists():
         raise ConfigError(f"--feature-extractor {args.feature_extractor} does not exist: pass a train_vit.py run "
                           "folder or checkpoint")
+
+
+def check_judge(args: SampleConfig, num_classes: int):
+    """ConfigError unless --class-accuracy has a classifier of the model's classes to judge with."""
+    if not args.class_accuracy:
+        return
+    from dit3.evaluation import classifier_checkpoint
+
+    if not args.feature_extractor or not args.num_samples:
+        raise ConfigError("--class-accuracy judges bulk samples with the --feature-extractor classifier: give "
+                          "--num-samples N --out DIR --feature-extractor RUN (a train_vit.py run on the same classes)")
+    try:
+        _, mc = classifier_checkpoint(args.feature_extractor)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--feature-extractor: {e}") from None
+    if mc["num_classes"] != num_classes:
+        raise ConfigError(f"--class-accuracy: the classifier {args.feature_extractor} has {mc['num_classes']} classes, "
+                          f"the model {num_classes}: judge with a classifier trained on the model's classes")
 
 
 # ----------------------------------------------------------------------------------------
@@ -381,6 +401,7 @@ def execute(args: SampleConfig) -> dict:
         if not 0 <= c < model.num_classes:
             raise ConfigError(f"class {c} is out of range: this model has classes 0 .. {model.num_classes - 1}")
     check_metric_inputs(args)
+    check_judge(args, model.num_classes)
     if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
         raise ConfigError(f"--export {args.export} is a file; the export is a folder (a DiT3Pipeline): name a new "
                           "folder, or an existing one to write it into")
@@ -414,6 +435,8 @@ def execute(args: SampleConfig) -> dict:
                 result["metrics"] = fidelity(Path(args.out), args, state)
             if args.digits_accuracy:
                 result["digits_accuracy"] = digits_accuracy_of_folder(config, Path(args.out), args)
+            if args.class_accuracy:
+                result["class_accuracy"] = class_accuracy_of_folder(Path(args.out), args, state)
     return result
 
 
@@ -483,6 +506,18 @@ def fidelity(out: Path, args, state: PartialState) -> dict:
     print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not isinstance(v, str))
           + f"  ({metrics['feature_extractor']}, {time.time() - t0:.0f} s)")
     return metrics
+
+
+def class_accuracy_of_folder(out: Path, args, state: PartialState) -> float:
+    """The share of the samples in `out` that the --feature-extractor classifier labels as asked."""
+    from dit3.evaluation import class_accuracy
+
+    labels = json.loads((out / "info.json").read_text())["labels"]
+    acc = class_accuracy(np.load(out / "samples.npz")["arr_0"], labels, args.feature_extractor,
+                         cuda=state.device.type == "cuda")
+    _update_metrics(out, {"class_accuracy": acc, "class_judge": str(args.feature_extractor)})
+    print(f"class accuracy {100 * acc:.1f}% of {len(labels)} samples (judged by {args.feature_extractor})")
+    return acc
 
 
 def digits_accuracy_of_folder(config: dict, out: Path, args) -> float:

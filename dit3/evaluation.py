@@ -25,19 +25,26 @@ CLASSIFIER_EXTRACTOR = "vit3-classifier"
 # ----------------------------------------------------------------------------------------
 # Feature extractors
 # ----------------------------------------------------------------------------------------
-def load_classifier(path: str | Path):
-    """(timm model, its image size) from a train_vit.py run folder or checkpoint (EMA weights if present)."""
-    import timm
+def classifier_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """(the checkpoint, its model config) of a train_vit.py run folder (its latest) or checkpoint."""
     import yaml
 
-    from vit3 import load_weights  # also registers the ViT³ models with timm
     from vit3.engine import find_latest_checkpoint
 
     path = Path(path)
     ckpt = find_latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
     if ckpt is None or not (ckpt / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a train_vit.py run folder or checkpoint (no config.yaml)")
-    mc = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
+    return ckpt, yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
+
+
+def load_classifier(path: str | Path):
+    """(timm model, its image size) from a train_vit.py run folder or checkpoint (EMA weights if present)."""
+    import timm
+
+    from vit3 import load_weights  # also registers the ViT³ models with timm
+
+    ckpt, mc = classifier_checkpoint(path)
     model = timm.create_model(mc["name"], num_classes=mc["num_classes"], img_size=mc["img_size"], **mc["kwargs"])
     if not load_weights(model, ckpt, ema=True):
         load_weights(model, ckpt)
@@ -282,3 +289,17 @@ def fidelity_metrics(samples: str | Path | list, reference: str | Path, *, cuda:
     metrics["num_samples"] = num_samples
     metrics["feature_extractor"] = INCEPTION if classifier is None else f"classifier {classifier}"
     return {k: v if isinstance(v, str) else float(v) for k, v in metrics.items()}
+
+
+def class_accuracy(images: np.ndarray, labels, classifier: str | Path, *, cuda: bool, batch_size: int = 64) -> float:
+    """The share of `images` (uint8 [N, H, W, 3]) that `classifier` (a train_vit.py run or checkpoint) labels as
+    `labels` [N]: its logits, from the same extractor, resize and normalisation as its domain FID's features."""
+    labels = torch.as_tensor(labels)
+    if len(images) != len(labels) or not len(images):
+        raise ValueError(f"{len(images)} images and {len(labels)} labels: class accuracy needs one label per image")
+    ext, _, isc_layer = feature_extractor(cuda, classifier=classifier)
+    logits = dataset_features(_ArrayImages(images), ext, cuda, batch_size)[isc_layer]  # [N, classes]
+    if int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"label {int(labels.max())} is past the {logits.shape[1]} classes of the classifier "
+                         f"{classifier}: judge samples with a classifier of the same classes")
+    return (logits.argmax(1).cpu() == labels).double().mean().item()

@@ -96,3 +96,43 @@ def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, t
         np.savez(tmp_path / f"{name}.npz", **fields)
         with pytest.raises(ValueError, match=rf"{name}.npz is not a statistics file: it needs mu .* and sigma"):
             fidelity_metrics(a, tmp_path / f"{name}.npz", cuda=False, inception_weights=inception_weights)
+
+
+def test_class_accuracy_is_train_vits_own_val_accuracy(tmp_path):
+    """A classifier's accuracy on the real val glyphs through `class_accuracy` (torch-fidelity's extractor, the
+    domain FID's resize and normalisation) is train_vit.py's own evaluation of the same EMA weights, image by image
+    (the glyphs at the classifier's own size, so both resizes are the identity)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dit3.evaluation import class_accuracy
+    from vit3.glyphs import prepare_glyphs
+
+    root_dir = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("train_vit", root_dir / "train_vit.py")
+    train_vit = sys.modules.setdefault("train_vit", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(train_vit)
+    root = prepare_glyphs(tmp_path / "glyphs16", 16, train_per_class=6, val_per_class=5)
+    common = ["--config", str(root_dir / "configs" / "vit3_glyphs.yaml"), f"data.path={root}", f"output_dir={tmp_path}",
+              "log.progress=false", "log.log_with=none", "threads=1", "data.batch_size=10", "model.img_size=16"]
+    for argv in (["max_steps=12", "run_name=judge"], ["--eval", "resume=latest", "run_name=judge"]):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        r = train_vit.main([*common, *argv])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    top1 = r["eval"]["val_ema"]["top1"]
+    files = sorted((root / "val").glob("*/*.png"))
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # [50, 16, 16, 3]
+    labels = [int(f.parent.name) for f in files]
+    assert class_accuracy(images, labels, tmp_path / "judge", cuda=False) * 100 == pytest.approx(top1, abs=1e-9)
+    # the same images under other labels: the accuracy follows the labels given
+    shifted = [(y + 1) % 10 for y in labels]
+    assert class_accuracy(images, shifted, tmp_path / "judge", cuda=False) < 1.0
+    with pytest.raises(ValueError, match="one label per image"):
+        class_accuracy(images, labels[:-1], tmp_path / "judge", cuda=False)
+    with pytest.raises(ValueError, match="past the 10 classes"):
+        class_accuracy(images[:1], [10], tmp_path / "judge", cuda=False)

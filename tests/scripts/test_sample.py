@@ -437,10 +437,25 @@ def test_domain_fid_with_a_vit3_classifier(run, tmp_path):
     assert other["frechet_inception_distance"] > 0.01  # two different digits differ
     out = tmp_path / "bulk"
     r = _sample("--ckpt", run, "--num-samples", 10, "--batch-size", 10, "--steps", 2, "--out", out,
-                "--fid-ref", root / "val", "--feature-extractor", vit, "--digits-accuracy")
+                "--fid-ref", root / "val", "--feature-extractor", vit, "--digits-accuracy", "--class-accuracy")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["frechet_inception_distance"] == r["metrics"]["frechet_inception_distance"]
     assert "digits_accuracy" in metrics
+    # the classifier's accuracy: its own labels of the samples written, against the classes asked
+    from dit3.evaluation import class_accuracy
+
+    labels = json.loads((out / "info.json").read_text())["labels"]
+    assert metrics["class_accuracy"] == r["class_accuracy"] == class_accuracy(
+        np.load(out / "samples.npz")["arr_0"], labels, vit, cuda=False)
+    with pytest.raises(ConfigError, match="--class-accuracy judges bulk samples with the --feature-extractor"):
+        _sample("--ckpt", run, "--num-samples", 10, "--out", tmp_path / "b2", "--class-accuracy")
+    other = tmp_path / "other-classes"  # a classifier of 7 classes cannot judge a model of 10
+    shutil.copytree(engine.find_latest_checkpoint(vit / "checkpoints"), other)
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace("num_classes: 10", "num_classes: 7"))
+    with pytest.raises(ConfigError, match="has 7 classes, the model 10"):
+        _sample("--ckpt", run, "--num-samples", 10, "--out", tmp_path / "b3", "--feature-extractor", other,
+                "--class-accuracy")
+    assert not (tmp_path / "b2").exists() and not (tmp_path / "b3").exists()
 
 
 def test_official_release_files(tmp_path):
