@@ -5,6 +5,7 @@
     python benchmarks/study.py --quick --seeds 0 1   # --quick sets defaults: options given win
     python benchmarks/study.py --out DIR          # a killed study: rerun the same command, it continues
     python benchmarks/study.py --seeds 0 1 2 3    # a finished one grows by the runs of the new seeds
+    python benchmarks/study.py --lrs 1.5e-3 3e-3 6e-3 1.2e-2   # or of new lrs: the sweep past its edge
     python benchmarks/study.py objective=ddpm     # DiT's DDPM instead of flow matching: key=value reach every run
 
 From one base config it trains one run per mixer (DiT3-*: TTT, DiT-*: softmax attention, DiT3-LA-*:
@@ -17,9 +18,11 @@ mixer's seed-0 run (with a constant lr after warm-up, a run stopped early is the
 Each run is evaluated from its checkpoints at several budgets (fractions of the updates), with the same
 samples, sampler steps and noise for every run (sample.py draws sample i from seed i):
 - unguided (guidance 1, the paper's FID setting) and guided (--cfg-scale) samples;
-- FID, precision and recall against held-out real images, through a domain feature extractor (a small
-  ViT³ digits classifier trained by train_vit.py, as `sample.py --feature-extractor` does) or Inception;
-- on the digits, the share of samples the demo's SVC labels as the class asked for.
+- FID, precision and recall against held-out real images, through a domain feature extractor (on a built-in
+  demo, its judge: a small ViT³ classifier trained by train_vit.py on the real train split, as
+  `sample.py --feature-extractor` uses it) or Inception;
+- class accuracy: the share of samples labelled as the class asked for, by the demo's SVC on the digits,
+  by the judge (`sample.py --class-accuracy`) on the glyphs or with a --feature-extractor of yours.
 Each mixer's time per training update is measured in this process, alone, before any run starts
 (medians of interleaved rounds), for the FID-against-wall-clock view.
 
@@ -62,6 +65,10 @@ from vit3.engine.files import atomic_write_text  # noqa: E402
 from vit3.errors import ConfigError, WriteError  # noqa: E402
 
 MIXERS = ("DiT3", "DiT", "DiT3-LA")
+# data.demo -> its judge: the train_vit.py config trained on the real train split, at this image size (None: the
+# study's; the glyphs' judge is trained once at 32 px and judges any size, resized), and the accuracy of samples
+JUDGES = {"digits": ("vit3_demo.yaml", None, "digits_accuracy"),  # the SVC's; the ViT³ gives the features
+          "glyphs": ("vit3_glyphs.yaml", 32, "class_accuracy")}
 # --quick changes these defaults; an option given with it wins (--quick --seeds 0 1: two seeds, quickly)
 QUICK = dict(seeds=(0,), updates=4, budgets=(0.5, 1.0), sweep_budget=0.5, samples=10, steps=2, time_rounds=2)
 
@@ -87,8 +94,8 @@ class Study:
     steps: int = 0  # sampler steps; 0 = the config's sample.steps
     sampler: str = ""  # "" = the config's sample.sampler (else the run's default: ddpm, or sde-euler for flow)
     cfg_scale: float = 4.0
-    fid_ref: str = ""  # "" on the digits: the held-out real digits
-    feature_extractor: str = ""  # "" on the digits: a ViT³ classifier trained into out/classifier
+    fid_ref: str = ""  # "" on a built-in demo: its held-out real images at the study's size
+    feature_extractor: str = ""  # "" on a built-in demo: its judge (JUDGES), trained into out/classifier
     inception_weights: str = ""
     overrides: tuple = ()  # key=value for every train_dit.py run
     classifier_overrides: tuple = ()  # key=value for the digits classifier's train_vit.py run
@@ -144,8 +151,8 @@ def parse_args(argv=None) -> tuple[Study, Path, list[str], bool]:
     study = Study(config=str(Path(a.config).resolve()), mixers=tuple(a.mixers), size=a.size, lrs=tuple(a.lrs),
                   quick=a.quick, minutes=a.minutes, sampler=a.sampler, cfg_scale=a.cfg_scale, fid_ref=a.fid_ref,
                   feature_extractor=a.feature_extractor, inception_weights=a.inception_weights,
-                  overrides=tuple(a.overrides), classifier_overrides=("max_steps=2", "data.num_workers=0") if a.quick
-                  else (), **picked)
+                  overrides=tuple(a.overrides), **picked,
+                  classifier_overrides=("max_steps=2", "data.num_workers=0", "data.batch_size=8") if a.quick else ())
     check_arguments(study)
     if not a.launcher.strip():
         raise ConfigError('--launcher is empty: give the command that runs a script, e.g. "python"')
@@ -198,17 +205,22 @@ def study_config(study: Study) -> dict:
     return config_to_dict(train_dit.parse_config(["--config", study.config, *study.overrides])[0])
 
 
-def is_digits(study: Study) -> bool:
-    return study_config(study).get("data", {}).get("demo") == "digits"
+def demo(study: Study) -> str:
+    """The config's built-in demo data (digits, glyphs), or "" for data of the user's."""
+    return study_config(study).get("data", {}).get("demo") or ""
 
 
-def digits_root(cfg: dict) -> Path:
-    """The digits folder (train/ and val/) that train_dit.py writes and trains on for this config."""
-    from vit3.digits import default_demo_path, prepare_digits
+def demo_root(study: Study) -> Path:
+    """The demo's folder (train/ and val/) that train_dit.py writes and trains on for the study's config."""
+    import train_dit
 
-    path = cfg["data"].get("path")
-    root = Path(path).expanduser() if path else default_demo_path("digits", int(cfg["model"]["image_size"]))
-    return prepare_digits(root.parent if root.name == "train" else root, int(cfg["model"]["image_size"]))
+    return Path(train_dit.resolve_data(train_dit.parse_config(["--config", study.config, *study.overrides])[0]).path
+                ).parent
+
+
+def accuracy_key(study: Study) -> str:
+    """The class accuracy of samples sample.py reports for the study: the digits' SVC's, a judge's, or none ("")."""
+    return JUDGES[demo(study)][2] if demo(study) else "class_accuracy" if study.feature_extractor else ""
 
 
 def resolve(study: Study) -> Study:
@@ -219,10 +231,10 @@ def resolve(study: Study) -> Study:
     lr = float(cfg.get("optim", {}).get("lr", 1e-4))
     fid_ref = study.fid_ref
     if not fid_ref:
-        if not is_digits(study):
+        if not demo(study):
             raise ConfigError("--fid-ref is needed (an image folder or .npz of held-out real images): "
-                              "only the digits demo brings its own")
-        fid_ref = str(digits_root(cfg) / "val")
+                              "only the built-in demos (data.demo) bring their own")
+        fid_ref = str(demo_root(study) / "val")
     lrs = study.lrs or ((lr,) if study.quick else (lr / 2, lr, lr * 2))
     sample = cfg.get("sample", {})
     return dataclasses.replace(study, size=size, updates=updates, lrs=lrs, fid_ref=fid_ref,
@@ -254,7 +266,8 @@ def check_runs(study: Study, given: Study, out: Path):
 
 def check_spec(study: Study, out: Path):
     """study.json holds the spec the study started with; a rerun must ask for the same study, or for the same
-    with more seeds after the old ones (each seed's runs stand alone, so the study grows by those runs). Written
+    with more seeds after the old ones (each seed's runs stand alone, so the study grows by those runs) or more
+    lrs (the sweep grows by their runs; the seeds train at the lr it then chooses, the old ones kept). Written
     at every start, after every check: a refused command records nothing, and a folder that cannot be written
     is found before any work (WriteError, exit code 5)."""
     if out.exists() and not out.is_dir():
@@ -264,13 +277,16 @@ def check_spec(study: Study, out: Path):
     if path.is_file():
         old = json.loads(path.read_text())
         changed = sorted(k for k in spec if old.get(k) != spec[k])
-        if changed == ["seeds"] and spec["seeds"][:len(old["seeds"])] == old["seeds"]:
-            print(f"study: adding seeds {spec['seeds'][len(old['seeds']):]} to {out}", flush=True)
+        grows = {"seeds": spec["seeds"][:len(old["seeds"])] == old["seeds"],
+                 "lrs": set(old["lrs"]) <= set(spec["lrs"])}
+        if changed and all(grows.get(k) for k in changed):
+            for k in changed:
+                print(f"study: adding {k} {[v for v in spec[k] if v not in old[k]]} to {out}", flush=True)
         elif changed:
             raise ConfigError(f"{out} holds a study with other settings ({', '.join(changed)}: "
                               + "; ".join(f"{k} {old.get(k)} -> {spec[k]}" for k in changed)
-                              + "). Rerun it with its own settings (more --seeds may follow the old ones), "
-                              "or give a new --out")
+                              + "). Rerun it with its own settings (more --seeds may follow the old ones, more "
+                              "--lrs extend the sweep), or give a new --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(spec, indent=2))
@@ -355,16 +371,18 @@ def sample_args(study: Study, run: Path, step: int, cfg_scale: float, classifier
     args += ["--sampler", study.sampler] if study.sampler else []
     args += ["--feature-extractor", classifier] if classifier else []
     args += ["--inception-weights", study.inception_weights] if study.inception_weights else []
-    args += ["--digits-accuracy"] if is_digits(study) else []
+    args += {"digits_accuracy": ["--digits-accuracy"], "class_accuracy": ["--class-accuracy"], "": []}[
+        accuracy_key(study)]
     threads = study_config(study).get("threads", 0)
     return args + (["--threads", str(threads)] if threads else [])  # as the runs: torch's default can oversubscribe
 
 
 def evaluate(study: Study, out: Path, launcher: list[str], run: Path, step: int, cfg_scale: float,
              classifier: str) -> dict:
-    """sample.py on one checkpoint at one guidance: FID / precision / recall (and the SVC's accuracy)."""
+    """sample.py on one checkpoint at one guidance: FID / precision / recall (and the class accuracy)."""
     folder = eval_folder(run, step, cfg_scale)
-    wanted = [FID, "precision", "recall"] + (["digits_accuracy"] if is_digits(study) else [])
+    key = accuracy_key(study)
+    wanted = [FID, "precision", "recall"] + ([key] if key else [])
     metrics_file = folder / "metrics.json"
     if metrics_file.is_file() and all(k in json.loads(metrics_file.read_text()) for k in wanted):
         return json.loads(metrics_file.read_text())
@@ -372,7 +390,7 @@ def evaluate(study: Study, out: Path, launcher: list[str], run: Path, step: int,
     seconds = run_script(cmd, out / "logs" / f"{run.name}-eval.log", f"evaluating {folder.name} of {run.name}")
     State(out).add_seconds(f"eval/{run.name}/{step}/cfg{cfg_scale:g}", seconds)
     metrics = json.loads(metrics_file.read_text())
-    acc = f", SVC {100 * metrics['digits_accuracy']:.1f}%" if "digits_accuracy" in metrics else ""
+    acc = f", {'SVC' if key == 'digits_accuracy' else 'judge'} {100 * metrics[key]:.1f}%" if key else ""
     print(f"    step {step}, guidance {cfg_scale:g}: FID {metrics[FID]:.3f}, precision {metrics['precision']:.2f}, "
           f"recall {metrics['recall']:.2f}{acc} ({seconds:.0f} s)", flush=True)
     return metrics
@@ -384,20 +402,39 @@ def evaluate_run(study: Study, out: Path, launcher: list[str], run: Path, classi
                    for g in dict.fromkeys((1.0, study.cfg_scale))} for step in steps}
 
 
+def judge_data(study: Study, size: int) -> Path:
+    """The demo's real images (train/, val/) at the judge's `size`: the study's own folder at its size, else the
+    folder beside it that train_dit.py would write at that size (~/.cache/vit3/glyphs32 beside .../glyphs64)."""
+    from vit3.digits import prepare_demo_folder
+
+    root = demo_root(study)
+    if int(study_config(study)["model"]["image_size"]) == size:
+        return root
+    return prepare_demo_folder(demo(study), root.parent / f"{demo(study)}{size}", size)
+
+
+def judge_top1(folder: Path) -> float | None:
+    """The val top-1 (%) of a judge trained by train_vit.py, EMA weights (as the extractor loads them), last epoch."""
+    path = folder / "metrics.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    tops = [x.get("val_ema/top1", x.get("val/top1")) for x in lines if "val/top1" in x]
+    return tops[-1] if tops else None
+
+
 def train_classifier(study: Study, out: Path, launcher: list[str]) -> str:
-    """The digits' feature extractor: configs/vit3_demo.yaml trained into out/classifier (once)."""
-    if study.feature_extractor or not is_digits(study):
+    """The demo's judge (JUDGES) trained into out/classifier once, unless --feature-extractor names one."""
+    if study.feature_extractor or not demo(study):
         return study.feature_extractor
     folder = out / "classifier"
     state = State(out)
     if state.data.get("classifier_done"):
         return str(folder)
-    cfg = study_config(study)
-    print(f"classifier: the ViT³ digits classifier (configs/vit3_demo.yaml) into {folder}", flush=True)
-    cmd = [*launcher, str(ROOT / "train_vit.py"), "--config", str(ROOT / "configs" / "vit3_demo.yaml"),
+    config, size, _ = JUDGES[demo(study)]
+    size = size or int(study_config(study)["model"]["image_size"])
+    print(f"classifier: the ViT³ {demo(study)} judge (configs/{config}, {size} px) into {folder}", flush=True)
+    cmd = [*launcher, str(ROOT / "train_vit.py"), "--config", str(ROOT / "configs" / config),
            f"output_dir={out}", "run_name=classifier", "resume=auto", "log.progress=false",
-           f"model.img_size={cfg['model']['image_size']}", f"data.path={digits_root(cfg)}",
-           *study.classifier_overrides]
+           f"model.img_size={size}", f"data.path={judge_data(study, size)}", *study.classifier_overrides]
     seconds = run_script(cmd, out / "logs" / "classifier.log", "training the classifier")
     state.add_seconds("classifier", seconds)
     state.set("classifier_done", True)
@@ -466,6 +503,10 @@ def main(argv=None) -> Path:
                                                                [sweep_at[mixer]])[sweep_at[mixer]]
         print(f"chosen lr (lowest unguided FID at {study.sweep_budget:g} of the budget, seed {study.seeds[0]}): "
               + ", ".join(f"{m} {choose_lr(sweep[m]):g}" for m in study.mixers), flush=True)
+        for m in study.mixers:
+            if choose_lr(sweep[m]) in (min(study.lrs), max(study.lrs)):
+                print(f"    {m}'s best lr {choose_lr(sweep[m]):g} is at the edge of the sweep: the same command "
+                      "with more --lrs, past it, extends the sweep", flush=True)
     chosen = {m: choose_lr(sweep[m]) if sweeping else study.lrs[0] for m in study.mixers}
     runs = []
     for seed in study.seeds:  # seed outermost: a partial study already compares the mixers
@@ -477,7 +518,8 @@ def main(argv=None) -> Path:
             print(f"evaluating {run.name} at {steps}", flush=True)
             runs.append({"mixer": mixer, "lr": chosen[mixer], "seed": seed, "run": str(run),
                          "evals": evaluate_run(study, out, launcher, run, classifier, steps)})
-    report = write_report(study, out, runs, sweep, chosen, State(out).data, updates)
+    judge = {"path": classifier, "val_top1": judge_top1(Path(classifier))} if classifier else None
+    report = write_report(study, out, runs, sweep, chosen, State(out).data, updates, judge)
     print(f"study: done; {report}", flush=True)
     return out
 

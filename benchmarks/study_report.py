@@ -30,11 +30,21 @@ METRICS = {
     "precision": ("cfg1", "precision"),
     "recall": ("cfg1", "recall"),
     "fid_guided": ("guided", FID),
-    "svc_guided": ("guided", "digits_accuracy"),
+    "svc_guided": ("guided", "digits_accuracy"),  # the digits: the demo's SVC
     "svc_unguided": ("cfg1", "digits_accuracy"),
+    "acc_guided": ("guided", "class_accuracy"),  # a judge: a classifier trained by train_vit.py
+    "acc_unguided": ("cfg1", "class_accuracy"),
 }
 TITLES = {"fid": "FID", "precision": "precision", "recall": "recall", "fid_guided": "FID guided",
-          "svc_guided": "SVC guided", "svc_unguided": "SVC unguided"}
+          "svc_guided": "SVC guided", "svc_unguided": "SVC unguided", "acc_guided": "judge guided",
+          "acc_unguided": "judge unguided"}
+PERCENT = ("precision", "recall", "svc_guided", "svc_unguided", "acc_guided", "acc_unguided")
+
+
+def accuracy(summary: dict) -> tuple[str, str]:
+    """The study's class accuracy in the summary: ("svc", "SVC") on the digits, ("acc", "judge") with a judge."""
+    found = {k for steps in summary.values() for by in steps.values() for k in by}
+    return ("svc", "SVC") if "svc_guided" in found or "acc_guided" not in found else ("acc", "judge")
 
 
 def choose_lr(sweep: dict) -> float:
@@ -64,7 +74,8 @@ def training_seconds(out: Path) -> dict:
 
 def portable(value, root: Path = ROOT, home: Path = Path.home()):
     """`value` (a results tree) with each absolute path in its strings (a word of them: "classifier /x/y" and
-    "repa.encoder=/x/y" too) relative to the repository's `root`, or written ~/... if it is outside `root` and inside `home`."""
+    "repa.encoder=/x/y" too) relative to the repository's `root`, or written ~/... if it is outside `root` and
+    inside `home`."""
     def one(word: str) -> str:
         key, eq, value = word.partition("=")
         if eq and os.path.isabs(value):  # an override: key=/a/path
@@ -112,44 +123,52 @@ def mixer_updates(res: dict) -> dict:
 def markdown(res: dict) -> str:
     spec, summary, updates = res["spec"], res["summary"], mixer_updates(res)
     seeds = len(spec["seeds"])
+    acc, judge = accuracy(summary)
+    titles = {k: v for k, v in TITLES.items() if not k.startswith(("svc", "acc")) or k.startswith(acc)}
     budget = (f"{spec['minutes']:g} training minutes each (equal wall clock: each mixer's updates at its measured "
               f"time per update)" if spec.get("minutes") else f"{spec['updates']} updates")
     lines = [f"{', '.join(spec['mixers'])} at {spec['size']}: {budget}, seeds {spec['seeds']}, "
              f"each evaluated with {spec['samples']} samples of {spec['steps']} sampler steps (the same noise for "
-             f"every run), unguided and at guidance {spec['cfg_scale']:g}. Mean ± std over {seeds} seed(s).", "",
-             "At the end:", "",
-             "| mixer | lr (swept) | ms / update | updates | " + " | ".join(TITLES.values()) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(TITLES)]
+             f"every run), unguided and at guidance {spec['cfg_scale']:g}. Mean ± std over {seeds} seed(s).", ""]
+    if res.get("judge"):
+        top1 = res["judge"].get("val_top1")
+        lines += [f"Judge (FID features{', class accuracy' if acc == 'acc' else ''}): {res['judge']['path']}"
+                  + (f", {top1:.1f}% top-1 on the real val images." if top1 is not None else "."), ""]
+    lines += ["At the end:", "",
+              "| mixer | lr (swept) | ms / update | updates | " + " | ".join(titles.values()) + " |",
+              "|---|---:|---:|---:|" + "---:|" * len(titles)]
     for m, steps in summary.items():
         row = steps[int(updates[m])]
-        cells = [_cell(row.get(k), pct=k.startswith("svc") or k in ("precision", "recall")) for k in TITLES]
+        cells = [_cell(row.get(k), pct=k in PERCENT) for k in titles]
         lines.append(f"| {m} | {res['chosen_lr'][m]:g} | {res['update_ms'].get(m, float('nan')):.1f} | {updates[m]} | "
                      + " | ".join(cells) + " |")
     if spec.get("minutes"):
         fractions = spec["budgets"]
-        lines += ["", "Unguided FID (SVC guided, %) by training minutes (each mixer's checkpoint at that share of "
+        lines += ["", f"Unguided FID ({judge} guided, %) by training minutes (each mixer's checkpoint at that share of "
                   "its updates):", "", "| mixer | " + " | ".join(f"{b * spec['minutes']:.3g} min" for b in fractions)
                   + " |", "|---|" + "---:|" * len(fractions)]
         for m, steps in summary.items():
             cells = [steps.get(max(1, round(b * int(updates[m])))) for b in fractions]
             lines.append(f"| {m} | " + " | ".join(
-                f"{_cell(c.get('fid'))} ({_cell(c.get('svc_guided'), pct=True)})" if c else "-" for c in cells) + " |")
+                f"{_cell(c.get('fid'))} ({_cell(c.get(f'{acc}_guided'), pct=True)})" if c else "-" for c in cells)
+                + " |")
     budgets = sorted({int(s) for m in summary.values() for s in m})
-    lines += ["", "Unguided FID (SVC unguided, %) by updates:", "",
+    lines += ["", f"Unguided FID ({judge} unguided, %) by updates:", "",
               "| mixer | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
     for m, steps in summary.items():
         lines.append(f"| {m} | " + " | ".join(
-            f"{_cell(steps[b].get('fid'))} ({_cell(steps[b].get('svc_unguided'), pct=True)})" if b in steps else "-"
+            f"{_cell(steps[b].get('fid'))} ({_cell(steps[b].get(f'{acc}_unguided'), pct=True)})" if b in steps else "-"
             for b in budgets) + " |")
     if res["sweep"]:
         lrs = sorted({float(lr) for s in res["sweep"].values() for lr in s})
         lines += ["", f"The lr sweep (seed {spec['seeds'][0]}, at {spec['sweep_budget']:g} of the budget): unguided "
-                  "FID (SVC guided, %):", "",
+                  f"FID ({judge} guided, %):", "",
                   "| mixer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+        key = METRICS[f"{acc}_guided"][1]
         for m, by_lr in res["sweep"].items():
             by_lr = {float(k): v for k, v in by_lr.items()}
             lines.append(f"| {m} | " + " | ".join(
-                f"{by_lr[lr]['cfg1'][FID]:.2f} ({100 * by_lr[lr]['guided'].get('digits_accuracy', float('nan')):.1f})"
+                f"{by_lr[lr]['cfg1'][FID]:.2f} ({100 * by_lr[lr]['guided'].get(key, float('nan')):.1f})"
                 if lr in by_lr else "-" for lr in lrs) + " |")
     secs = res["seconds"]  # each script's wall clock, summed over reruns (a killed evaluation is not counted)
     train_s = sum(v for k, v in secs.items() if k.startswith("train/"))
@@ -171,17 +190,18 @@ def plot(res: dict, path: Path):
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
     colors = {m: f"C{i}" for i, m in enumerate(res["summary"])}
+    acc, _ = accuracy(res["summary"])
     for m, steps in res["summary"].items():
         ms = res["update_ms"].get(m)
         for col, x_of in enumerate((lambda s: s, lambda s: s * ms / 60e3 if ms else float("nan"))):
-            for row, key, style in ((0, "fid", "-"), (1, "svc_guided", "-"), (1, "svc_unguided", "--")):
+            for row, key, style in ((0, "fid", "-"), (1, f"{acc}_guided", "-"), (1, f"{acc}_unguided", "--")):
                 pts = [(x_of(s), steps[s][key]) for s in sorted(steps) if key in steps[s]]
                 if not pts:
                     continue
-                f = 100 if key.startswith("svc") else 1
+                f = 100 if key in PERCENT else 1
                 x, mean = [p[0] for p in pts], [f * p[1]["mean"] for p in pts]
                 std = [f * p[1]["std"] for p in pts]
-                label = m if key != "svc_unguided" else f"{m} (unguided)"
+                label = m if not key.endswith("_unguided") else f"{m} (unguided)"
                 axes[row, col].plot(x, mean, style, marker="o", color=colors[m], label=label)
                 axes[row, col].fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                                             color=colors[m], alpha=0.2)
@@ -200,14 +220,16 @@ def plot(res: dict, path: Path):
 
 
 def write_report(study, out: Path, runs: list[dict], sweep: dict, chosen: dict, state: dict,
-                 updates: dict | None = None) -> str:
+                 updates: dict | None = None, judge: dict | None = None) -> str:
+    """results.json, results.md and fid.png of the study in `out`; judge: {"path", "val_top1"} of the classifier
+    that gave the FID features (and the class accuracy on the glyphs), if one did."""
     guided = f"cfg{study.cfg_scale:g}"
     runs = [{**r, "run": os.path.relpath(r["run"], out),  # the folder moves with its report
              "evals": {int(s): {"cfg1": e["cfg1"], "guided": e[guided]} for s, e in r["evals"].items()}}
             for r in runs]
     sweep = {m: {lr: {"cfg1": e["cfg1"], "guided": e[guided]} for lr, e in by.items()} for m, by in sweep.items()}
     res = {"spec": dataclasses.asdict(study), "update_ms": state.get("update_ms", {}), "updates": updates,
-           "chosen_lr": chosen,
+           "chosen_lr": chosen, "judge": judge,
            "sweep": sweep, "runs": runs, "summary": summarize(runs),
            "seconds": {**state.get("seconds", {}), **training_seconds(out)}}
     res = portable(res)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from vit3 import engine
+from vit3.digits import DEMOS
 from vit3.engine import SEED_RULE, at_least, between, checked, launch, one_of
 
 from .flow import DIFFUSION_FORMS, LAST_STEPS, LOSS_WEIGHTS, PATHS, PREDICTIONS, TIME_DISTRIBUTIONS
@@ -35,8 +36,9 @@ class DataConfig(engine.DataConfig):
     """The engine's data keys (batch_size, num_workers, pin_memory, bad_images) and these."""
 
     path: str = "data/imagenet/train"  # an ImageFolder: one sub-folder of images per class
-    # "digits": scikit-learn's digits, written as an ImageFolder under ~/.cache/vit3 (path "")
-    demo: str = checked("", one_of("", "digits"))
+    # "digits": scikit-learn's digits, "glyphs": the digits drawn with fonts at any size (vit3.glyphs), written as
+    # an ImageFolder under ~/.cache/vit3 (path "")
+    demo: str = checked("", one_of("", *DEMOS))
     hflip: bool = True  # random horizontal flips (DiT); turn off for data that is not mirror-symmetric
     in_memory: bool = False  # decode every image once and keep them in memory (small data sets: the digits demo)
     latents: str = ""  # folder of pre-extracted latents: extracted there first if incomplete, then trained on

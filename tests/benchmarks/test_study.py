@@ -143,14 +143,19 @@ def test_rerun_with_other_settings_is_refused(quick):
         study.main([*argv, "--cfg-scale", "3"])
 
 
-def test_a_study_grows_by_new_seeds_only(tmp_path, capsys):
-    """More seeds after the old ones extend a study; any other change (fewer or other seeds included) is refused."""
-    s = study.Study(seeds=(0, 1))
+def test_a_study_grows_by_new_seeds_and_lrs_only(tmp_path, capsys):
+    """More seeds after the old ones, or more lrs (the sweep extended past its edge), extend a study; any other
+    change (fewer or other seeds or lrs included) is refused."""
+    s = study.Study(seeds=(0, 1), lrs=(1e-3, 2e-3))
     study.check_spec(s, tmp_path)
     study.check_spec(dataclasses.replace(s, seeds=(0, 1, 2)), tmp_path)
     assert "adding seeds [2]" in capsys.readouterr().out
     assert json.loads((tmp_path / "study.json").read_text())["seeds"] == [0, 1, 2]
-    for other in (dict(seeds=(0, 1)), dict(seeds=(0, 2, 1)), dict(seeds=(0, 1, 2, 3), samples=7)):
+    s = dataclasses.replace(s, seeds=(0, 1, 2), lrs=(1e-3, 2e-3, 4e-3))
+    study.check_spec(s, tmp_path)
+    assert "adding lrs [0.004]" in capsys.readouterr().out
+    for other in (dict(seeds=(0, 1)), dict(seeds=(0, 2, 1)), dict(seeds=(0, 1, 2, 3), samples=7),
+                  dict(lrs=(1e-3, 4e-3)), dict(lrs=(1e-3, 2e-3, 8e-3))):
         with pytest.raises(ConfigError, match="other settings"):
             study.check_spec(dataclasses.replace(s, **other), tmp_path)
 
@@ -410,3 +415,56 @@ def test_compare_studies_takes_the_seeds_both_ran():
     assert row[:3] == ["| DiT3", "4", "[0, 2]"]
     assert row[3] == f"{statistics.fmean([1.0, 3.0]):.3g} ± {statistics.stdev([1.0, 3.0]):.2g}"
     assert row[4] == f"{0.6:.3g} ± {statistics.stdev([0.5, 0.7]):.2g}" and row[6].startswith("75")
+
+
+def test_compare_studies_plot_draws_both_studies(tmp_path):
+    """compare_studies.py --plot: a line per mixer and study, at the updates and minutes of each study's own time
+    per update."""
+    import compare_studies
+    import matplotlib.pyplot as plt
+
+    def res(ms, fids):
+        runs = [{"mixer": "DiT3", "seed": s, "evals": {str(k): {"cfg1": {study.FID: f}, "guided": {
+            study.FID: f, "digits_accuracy": 0.5}} for k, f in fids.items()}} for s in (0, 1)]
+        return {"spec": {"mixers": ["DiT3"]}, "update_ms": {"DiT3": ms}, "runs": runs}
+
+    drawn = {}
+    real = plt.Figure.savefig
+    plt.Figure.savefig = lambda fig, path, **kw: drawn.setdefault("lines", [
+        (ax.get_xlabel(), line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+        for ax in fig.axes if ax.get_ylabel().startswith("FID") for line in ax.get_lines()])
+    try:
+        compare_studies.plot(res(120.0, {500: 8.0, 1000: 2.0}), res(180.0, {500: 6.0, 1000: 1.0}), ("a", "b"),
+                             tmp_path / "c.png")
+    finally:
+        plt.Figure.savefig = real
+    fid = {(xl.split()[1], label): (x, y) for xl, label, x, y in drawn["lines"]}
+    assert fid["updates", "DiT3, a"] == ([500, 1000], [8.0, 2.0])
+    assert fid["minutes", "DiT3, b"] == (pytest.approx([1.5, 3.0]), [6.0, 1.0])  # 500 x 180 ms = 1.5 min
+
+
+def test_crossover_reads_each_curve_at_equal_minutes():
+    """crossover.py against hand-worked numbers: FID read linearly in log FID at the common minutes, the minutes
+    to the worst final FID, and the ratios to DiT³."""
+    import crossover
+
+    def run(mixer, seed, fids):
+        return {"mixer": mixer, "seed": seed, "evals": {str(k): {"cfg1": {study.FID: f}} for k, f in fids.items()}}
+
+    res = {"spec": {"size": "S/2", "minutes": 0.0, "updates": 1000}, "updates": None,
+           "update_ms": {"DiT3": 120.0, "DiT": 60.0},  # 1000 updates: DiT3 2 min, DiT 1 min
+           "runs": [run("DiT3", 0, {500: 10.0, 1000: 1.0}), run("DiT3", 1, {500: 10.0, 1000: 1.0}),
+                    run("DiT", 0, {500: 20.0, 1000: 4.0}), run("DiT", 1, {500: 20.0, 1000: 4.0})],
+           "summary": {"DiT3": {}, "DiT": {}}}
+    p = crossover.point(res, {"model": {"image_size": 32}})
+    assert p["tokens"] == 256 and p["minutes"] == 1.0 and p["target_fid"] == 4.0
+    assert p["mixers"]["DiT3"]["fid"] == pytest.approx(10.0) and p["mixers"]["DiT"]["fid"] == pytest.approx(4.0)
+    need = 1 + math.log(10 / 4) / math.log(10)  # DiT3 falls from 10 at 1 min to 1 at 2 min
+    assert p["mixers"]["DiT3"]["minutes_to_target"] == pytest.approx(need)
+    assert p["mixers"]["DiT"]["minutes_ratio"] == pytest.approx(1.0 / need)
+    assert p["mixers"]["DiT"]["speed_ratio"] == 0.5
+    assert crossover.at([(1.0, 10.0), (3.0, 1000.0)], 2.0) == pytest.approx(100.0)
+    assert crossover.minutes_to([(1.0, 10.0), (2.0, 5.0)], 1.0) is None
+    # an equal-minutes study is read at its own minutes
+    res["spec"]["minutes"] = 0.5
+    assert crossover.point(res, {"model": {"image_size": 64}})["mixers"]["DiT"]["fid"] == pytest.approx(20.0)

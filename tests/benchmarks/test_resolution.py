@@ -1,0 +1,72 @@
+"""The resolution study (benchmarks/resolution.py): its quick mode end to end on tiny glyph folders (one judge,
+a study per size at equal minutes, the crossover figure, the sample grids), its rerun, its bad input."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import resolution  # noqa: E402
+
+from vit3.errors import ConfigError  # noqa: E402
+from vit3.glyphs import prepare_glyphs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resolution")
+    for size in (16, 32):  # 2 train and 1 val glyph per class: the judge's (32 px) and each study's data
+        prepare_glyphs(tmp / "data" / f"glyphs{size}", size, train_per_class=2, val_per_class=1)
+    argv = ["--quick", "--sizes", "16", "32", "--data-root", str(tmp / "data"), "--out", str(tmp / "out"),
+            "--digits", "", "--mixers", "DiT3", "DiT", "threads=1", "data.batch_size=8"]
+    resolution.main(argv)
+    return tmp / "out", argv
+
+
+def test_one_judge_a_study_per_size_the_crossover_and_the_grids(quick):
+    out, _ = quick
+    assert (out / "classifier" / "config.yaml").is_file()  # the judge, trained once at 32 px
+    for size, tokens in ((16, 64), (32, 256)):
+        res = json.loads((out / f"px{size}" / "results.json").read_text())
+        assert res["spec"]["minutes"] == 1e-3  # each mixer the updates that fit 60 ms at its own speed
+        assert res["updates"] == {m: max(1, round(60 / ms)) for m, ms in res["update_ms"].items()}
+        assert res["judge"]["path"].endswith("classifier") and {r["mixer"] for r in res["runs"]} == {"DiT3", "DiT"}
+        for r in res["runs"]:
+            for evals in r["evals"].values():
+                for where in ("cfg1", "guided"):  # the judge labels every sample: class accuracy
+                    assert 0 <= evals[where]["class_accuracy"] <= 1
+                    assert (ROOT / evals[where]["class_judge"]).resolve() == (out / "classifier").resolve()
+        assert (out / f"px{size}" / "runs" / "DiT3-lr0.003-s0" / "config.yaml").read_text().count(
+            f"image_size: {size}") == 1
+        for mixer in ("DiT3", "DiT"):
+            assert (out / "grids" / f"px{size}-{mixer}.png").is_file()
+    points = json.loads((out / "crossover.json").read_text())
+    assert [p["tokens"] for p in points] == [64, 256]
+    assert all(p["mixers"]["DiT3"]["minutes_ratio"] == 1.0 for p in points if p["mixers"]["DiT3"]["minutes_ratio"])
+    assert (out / "crossover.png").is_file() and (out / "samples.png").is_file()
+    assert "| 256 | 32 |" in (out / "crossover.md").read_text()
+
+
+def test_a_rerun_trains_nothing_again(quick, capsys):
+    out, argv = quick
+    before = {p: p.stat().st_mtime_ns for p in out.glob("px*/runs/*/checkpoints/*/*")}
+    resolution.main(argv)
+    assert "done before" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("px*/runs/*/checkpoints/*/*")} == before
+
+
+def test_bad_input_is_one_line_before_any_work(tmp_path):
+    base = ["--out", str(tmp_path / "out"), "--digits", ""]
+    with pytest.raises(ConfigError, match="--minutes gives 1 budgets for 2 --sizes"):
+        resolution.main([*base, "--sizes", "32", "64", "--minutes", "5"])
+    with pytest.raises(ConfigError, match="--feature-extractor is set per size by resolution.py"):
+        resolution.main([*base, "--feature-extractor", str(tmp_path)])
+    with pytest.raises(ConfigError, match="draws the glyphs at each size"):
+        resolution.main([*base, "--config", str(ROOT / "configs" / "study_digits.yaml"), "--sizes", "16",
+                         "--minutes", "1"])
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        resolution.main([*base, "--sizes", "36", "--minutes", "1", "--data-root", str(tmp_path)])
+    assert not (tmp_path / "out").exists()
