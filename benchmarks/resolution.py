@@ -4,6 +4,7 @@ each image size of the glyphs, one judge for all, then the crossover figure and 
     python benchmarks/resolution.py                       # 32 and 64 px (256, 1024 tokens), CPU, alone
     python benchmarks/resolution.py --quick --sizes 16 32 --data-root /tmp/glyphs   # seconds: the orchestration
     python benchmarks/resolution.py --sizes 32 64 --minutes 5 12 --seeds 0 1 --lrs 1.5e-3 3e-3 6e-3
+    python benchmarks/resolution.py data.demo=glyphs_mono --out results/resolution-mono   # white on black
 
 Into --out (default results/resolution; benchmarks/results/resolution holds the committed reports):
 - judge/: the glyphs' judge, configs/vit3_glyphs.yaml trained once at 32 px on the real train split, its val
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--minutes", nargs="+", type=float, default=[5.0, 12.0],
                    help="training minutes of each mixer at each size, one per --sizes")
     p.add_argument("--out", default=str(ROOT / "results" / "resolution"), help="the study folder (checkpoints: big)")
-    p.add_argument("--data-root", default="", help="glyphs folders <root>/glyphs<size> ('' = ~/.cache/vit3)")
+    p.add_argument("--data-root", default="", help="the glyphs folders <root>/<demo><size> ('' = ~/.cache/vit3)")
     p.add_argument("--digits", default=str(ROOT / "benchmarks" / "results" / "study_digits"),
                    help="a digits study folder: the 64-token point of the crossover ('' for none)")
     p.add_argument("--quick", action="store_true", help="study.py --quick at every size, 1 minute of 1e-3")
@@ -64,10 +65,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 def size_argv(a, rest: list[str], size: int, minutes: float, judge: Path | None) -> list[str]:
     """study.py's arguments for the study at `size`: the key=value overrides first, so that none is read as one
     more value of an option given last (--mixers DiT3 DiT threads=1)."""
-    data = [f"data.path={Path(a.data_root).resolve() / f'glyphs{size}'}"] if a.data_root else []
     overrides = [o for o in rest if not o.startswith("-") and "=" in o]
     options = [o for o in rest if o not in overrides]
-    return (["--config", a.config, f"model.image_size={size}", *data, *overrides,
+    if a.data_root:  # the demo's folder at this size under --data-root, as train_dit.py names it in the cache
+        demo = study.demo(study.Study(config=str(Path(a.config).resolve()), overrides=tuple(overrides)))
+        overrides = [f"data.path={Path(a.data_root).resolve() / f'{demo}{size}'}", *overrides]
+    return (["--config", a.config, f"model.image_size={size}", *overrides,
              "--out", str(Path(a.out) / f"px{size}"), "--minutes", str(minutes),
              *(["--feature-extractor", str(judge)] if judge else []), *(["--quick"] if a.quick else []), *options])
 
@@ -125,9 +128,10 @@ def main(argv=None):
     a, rest = parse_args(argv)
     for size, minutes in zip(a.sizes, a.minutes):  # every size's arguments checked before the first work
         given, out, _, _ = study.parse_args(size_argv(a, rest, size, minutes, None))
-        if study.demo(given) != "glyphs":
+        if study.demo(given) not in ("glyphs", "glyphs_mono"):
             raise ConfigError(f"--config {a.config} trains on data.demo={study.demo(given)!r}: the resolution study "
-                              "draws the glyphs at each size (data.demo: glyphs), as configs/study_glyphs.yaml")
+                              "draws the glyphs at each size (data.demo: glyphs or glyphs_mono), as "
+                              "configs/study_glyphs.yaml")
         study.check_runs(study.resolve(given), given, out)
     judge = train_judge(a, rest)
     for size, minutes in zip(a.sizes, a.minutes):

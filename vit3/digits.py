@@ -33,7 +33,9 @@ def default_demo_path(name: str, img_size: int) -> Path:
     return cache / "vit3" / f"{name}{img_size}"
 
 
-DEMOS = ("digits", "glyphs")  # digits: scikit-learn's 8x8 digits; glyphs: digits drawn with fonts (vit3.glyphs)
+# digits: scikit-learn's 8x8 digits; glyphs: digits drawn with fonts in colour (vit3.glyphs); glyphs_mono: the same
+# glyphs white on black
+DEMOS = ("digits", "glyphs", "glyphs_mono")
 
 
 def prepare_demo_folder(demo: str, root: str | os.PathLike, img_size: int) -> Path:
@@ -43,10 +45,10 @@ def prepare_demo_folder(demo: str, root: str | os.PathLike, img_size: int) -> Pa
         raise ConfigError(f"unknown data.demo {demo!r}: the built-in demo datasets are {', '.join(DEMOS)} "
                           "('' for none)")
     root = root or default_demo_path(demo, img_size)
-    if demo == "glyphs":
+    if demo in ("glyphs", "glyphs_mono"):
         from .glyphs import prepare_glyphs
 
-        return prepare_glyphs(root, img_size)
+        return prepare_glyphs(root, img_size, colour=demo == "glyphs")
     return prepare_digits(root, img_size)
 
 

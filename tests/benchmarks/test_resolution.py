@@ -70,3 +70,15 @@ def test_bad_input_is_one_line_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="multiples of 8"):
         resolution.main([*base, "--sizes", "36", "--minutes", "1", "--data-root", str(tmp_path)])
     assert not (tmp_path / "out").exists()
+
+
+def test_each_size_reads_its_own_folder_of_the_demo_asked_for(tmp_path):
+    """--data-root: the study at each size trains on <root>/<demo><size> (glyphs or glyphs_mono), and key=value
+    overrides come before the options, so that none is read as a value of an option given last."""
+    a, rest = resolution.parse_args(["--data-root", str(tmp_path), "--mixers", "DiT3", "DiT", "data.demo=glyphs_mono"])
+    argv = resolution.size_argv(a, rest, 64, 2.0, tmp_path / "judge")
+    assert f"data.path={tmp_path.resolve() / 'glyphs_mono64'}" in argv and "model.image_size=64" in argv
+    assert argv.index("data.demo=glyphs_mono") < argv.index("--mixers") and argv[-2:] == ["DiT3", "DiT"]
+    assert argv[argv.index("--feature-extractor") + 1] == str(tmp_path / "judge")
+    a, rest = resolution.parse_args(["--data-root", str(tmp_path)])
+    assert f"data.path={tmp_path.resolve() / 'glyphs32'}" in resolution.size_argv(a, rest, 32, 2.0, None)

@@ -69,7 +69,32 @@ def test_data_demo_glyphs_goes_to_the_glyphs(tmp_path, monkeypatch):
     """Both trainers' data.demo: 'glyphs' is accepted and written by prepare_glyphs at the model's size; an
     unknown demo names the two."""
     calls = []
-    monkeypatch.setattr(glyphs, "prepare_glyphs", lambda root, size: calls.append((root, size)) or root)
-    assert prepare_demo_folder("glyphs", tmp_path / "g", 64) == tmp_path / "g" and calls == [(tmp_path / "g", 64)]
-    with pytest.raises(ConfigError, match="the built-in demo datasets are digits, glyphs"):
+    monkeypatch.setattr(glyphs, "prepare_glyphs", lambda root, size, colour: calls.append((root, size, colour)) or root)
+    assert prepare_demo_folder("glyphs", tmp_path / "g", 64) == tmp_path / "g"
+    assert prepare_demo_folder("glyphs_mono", tmp_path / "m", 32) == tmp_path / "m"
+    assert calls == [(tmp_path / "g", 64, True), (tmp_path / "m", 32, False)]
+    with pytest.raises(ConfigError, match="the built-in demo datasets are digits, glyphs, glyphs_mono"):
         prepare_demo_folder("mnist", "", 16)
+
+
+def test_mono_glyphs_are_the_colour_glyphs_white_on_black():
+    """glyphs_mono draws each glyph's own shape: the colour glyph is its background plus the mono glyph's
+    coverage times (foreground - background), up to PIL's 8-bit Lanczos passes, whose rounding and clipping
+    at the edges differ by a few levels; the coverage read back from the colour glyph is the mono glyph's, and
+    not another drawing's of the same digit."""
+    for i in (3, 58, 104):
+        params, mono = glyphs.glyph_params(0, i), glyphs.glyph_params(0, i, colour=False)
+        assert (mono["fg"], mono["bg"]) == ((255, 255, 255), (0, 0, 0))
+        assert {k: v for k, v in mono.items() if k not in ("fg", "bg", "offset")} == {
+            k: v for k, v in params.items() if k not in ("fg", "bg", "offset")}
+        assert np.array_equal(mono["offset"], params["offset"])
+        coverage = np.asarray(glyphs.draw_glyph(mono, 32), dtype=np.float64)[..., 0] / 255  # [32, 32]
+        colour = np.asarray(glyphs.draw_glyph(params, 32), dtype=np.float64)  # [32, 32, 3]
+        fg, bg = np.array(params["fg"], dtype=np.float64), np.array(params["bg"], dtype=np.float64)
+        assert coverage.max() > 0.9 and coverage.min() < 0.1  # a white glyph on black
+        assert np.abs(colour - (bg + coverage[..., None] * (fg - bg))).mean() < 1.5  # 8-bit levels
+        k = np.argmax(np.abs(fg - bg))  # the channel where the colours differ most
+        read_back = (colour[..., k] - bg[k]) / (fg[k] - bg[k])
+        assert np.corrcoef(read_back.ravel(), coverage.ravel())[0, 1] > 0.995
+        other = np.asarray(glyphs.draw_glyph(glyphs.glyph_params(0, i + 10, colour=False), 32), dtype=np.float64)
+        assert np.corrcoef(read_back.ravel(), other[..., 0].ravel())[0, 1] < 0.9  # the same digit, drawn otherwise
