@@ -4,10 +4,10 @@ each image size of the glyphs, one judge for all, then the crossover figure and 
     python benchmarks/resolution.py                       # 32 and 64 px (256, 1024 tokens), CPU, alone
     python benchmarks/resolution.py --quick --sizes 16 32 --data-root /tmp/glyphs   # seconds: the orchestration
     python benchmarks/resolution.py --sizes 32 64 --minutes 5 12 --seeds 0 1 --lrs 1.5e-3 3e-3 6e-3
-    python benchmarks/resolution.py data.demo=glyphs_mono --out results/resolution-mono   # white on black
+    python benchmarks/resolution.py data.demo=glyphs --out results/resolution-colour   # the glyphs in colour
 
 Into --out (default results/resolution; benchmarks/results/resolution holds the committed reports):
-- judge/: the glyphs' judge, configs/vit3_glyphs.yaml trained once at 32 px on the real train split, its val
+- classifier/: the glyphs' judge, configs/vit3_glyphs.yaml trained once at 32 px on the real train split, its val
   top-1 in its metrics.jsonl; it gives every size's FID features and class accuracy (samples resized to 32 px);
 - px<size>/: the study at that size (study.py's folder: resumable, a rerun skips what is done; --minutes per
   size: each mixer trains those minutes at its own measured time per update, so a faster mixer trains longer);

@@ -19,7 +19,7 @@ from vit3.glyphs import prepare_glyphs  # noqa: E402
 def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resolution")
     for size in (16, 32):  # 2 train and 1 val glyph per class: the judge's (32 px) and each study's data
-        prepare_glyphs(tmp / "data" / f"glyphs{size}", size, train_per_class=2, val_per_class=1)
+        prepare_glyphs(tmp / "data" / f"glyphs_mono{size}", size, train_per_class=2, val_per_class=1, colour=False)
     argv = ["--quick", "--sizes", "16", "32", "--data-root", str(tmp / "data"), "--out", str(tmp / "out"),
             "--digits", "", "--mixers", "DiT3", "DiT", "threads=1", "data.batch_size=8"]
     resolution.main(argv)
@@ -75,10 +75,10 @@ def test_bad_input_is_one_line_before_any_work(tmp_path):
 def test_each_size_reads_its_own_folder_of_the_demo_asked_for(tmp_path):
     """--data-root: the study at each size trains on <root>/<demo><size> (glyphs or glyphs_mono), and key=value
     overrides come before the options, so that none is read as a value of an option given last."""
-    a, rest = resolution.parse_args(["--data-root", str(tmp_path), "--mixers", "DiT3", "DiT", "data.demo=glyphs_mono"])
+    a, rest = resolution.parse_args(["--data-root", str(tmp_path), "--mixers", "DiT3", "DiT", "data.demo=glyphs"])
     argv = resolution.size_argv(a, rest, 64, 2.0, tmp_path / "judge")
-    assert f"data.path={tmp_path.resolve() / 'glyphs_mono64'}" in argv and "model.image_size=64" in argv
-    assert argv.index("data.demo=glyphs_mono") < argv.index("--mixers") and argv[-2:] == ["DiT3", "DiT"]
+    assert f"data.path={tmp_path.resolve() / 'glyphs64'}" in argv and "model.image_size=64" in argv
+    assert argv.index("data.demo=glyphs") < argv.index("--mixers") and argv[-2:] == ["DiT3", "DiT"]
     assert argv[argv.index("--feature-extractor") + 1] == str(tmp_path / "judge")
-    a, rest = resolution.parse_args(["--data-root", str(tmp_path)])
-    assert f"data.path={tmp_path.resolve() / 'glyphs32'}" in resolution.size_argv(a, rest, 32, 2.0, None)
+    a, rest = resolution.parse_args(["--data-root", str(tmp_path)])  # the config's: white on black
+    assert f"data.path={tmp_path.resolve() / 'glyphs_mono32'}" in resolution.size_argv(a, rest, 32, 2.0, None)
