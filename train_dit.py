@@ -274,8 +274,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
             raise ConfigError(f"sample.{key}={getattr(sc, key)} does not exist")
     if sc.digits_per_class and cfg.data.demo != "digits":
         raise ConfigError(f"sample.digits_per_class={sc.digits_per_class} scores samples with the digits' SVC, and "
-                          f"this run trains on data.demo={cfg.data.demo!r}: set sample.digits_per_class=0 (the glyphs are "
-                          "judged by a classifier: sample.py --class-accuracy, benchmarks/study.py)")
+                          f"this run trains on data.demo={cfg.data.demo!r}: set sample.digits_per_class=0 (the "
+                          "glyphs are judged by a classifier: sample.py --class-accuracy, benchmarks/study.py)")
     if cfg.data.latents and not cfg.vae.name:
         raise ConfigError("data.latents needs a VAE (vae.name); pixel-space training (vae.name='') reads images")
     check_repa(cfg)

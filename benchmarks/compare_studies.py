@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from study_report import METRICS, TITLES
+from study_report import METRICS, PERCENT, TITLES
 
 
 def values(res: dict, mixer: str, seeds: set, step: int, metric: str) -> list[float]:
@@ -22,6 +22,12 @@ def values(res: dict, mixer: str, seeds: set, step: int, metric: str) -> list[fl
     evals = [r["evals"][str(step)][where] for r in res["runs"]
              if r["mixer"] == mixer and r["seed"] in seeds and str(step) in r["evals"]]
     return [e[key] for e in evals if key in e]
+
+
+def accuracy(res: dict) -> str:
+    """The study's class accuracy: "svc" (the digits' SVC), or "acc" (a judge, e.g. on the glyphs)."""
+    keys = {k for r in res["runs"] for e in r["evals"].values() for k in e["guided"]}
+    return "acc" if "class_accuracy" in keys and "digits_accuracy" not in keys else "svc"
 
 
 def cell(v: list[float], pct: bool) -> str:
@@ -33,7 +39,8 @@ def cell(v: list[float], pct: bool) -> str:
 
 
 def table(a: dict, b: dict, names: tuple[str, str]) -> list[str]:
-    metrics = ("fid", "svc_unguided", "fid_guided", "svc_guided")
+    acc = accuracy(a)
+    metrics = ("fid", f"{acc}_unguided", "fid_guided", f"{acc}_guided")
     lines = ["| mixer | updates | seeds | " + " | ".join(f"{TITLES[m]} ({n})" for m in metrics for n in names) + " |",
              "|---|---:|---|" + "---:|" * (2 * len(metrics))]
     for mixer in [m for m in a["spec"]["mixers"] if m in b["spec"]["mixers"]]:
@@ -42,7 +49,7 @@ def table(a: dict, b: dict, names: tuple[str, str]) -> list[str]:
         steps = sorted({int(s) for r in a["runs"] if r["mixer"] == mixer for s in r["evals"]}
                        & {int(s) for r in b["runs"] if r["mixer"] == mixer for s in r["evals"]})
         for step in steps:
-            cells = [cell(values(res, mixer, seeds, step, m), pct=m.startswith("svc")) for m in metrics
+            cells = [cell(values(res, mixer, seeds, step, m), pct=m in PERCENT) for m in metrics
                      for res in (a, b)]
             lines.append(f"| {mixer} | {step} | {sorted(seeds)} | " + " | ".join(cells) + " |")
     return lines
@@ -58,6 +65,7 @@ def plot(a: dict, b: dict, names: tuple[str, str], path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+    acc = f"{accuracy(a)}_guided"
     mixers = [m for m in a["spec"]["mixers"] if m in b["spec"]["mixers"]]
     for i, mixer in enumerate(mixers):
         seeds = ({r["seed"] for r in a["runs"] if r["mixer"] == mixer}
@@ -66,12 +74,12 @@ def plot(a: dict, b: dict, names: tuple[str, str], path: Path):
             steps = sorted({int(s) for r in res["runs"] if r["mixer"] == mixer and r["seed"] in seeds
                             for s in r["evals"]})
             ms = res["update_ms"][mixer]
-            for row, metric in ((0, "fid"), (1, "svc_guided")):
+            for row, metric in ((0, "fid"), (1, acc)):
                 pts = [(s, values(res, mixer, seeds, s, metric)) for s in steps]
                 pts = [(s, v) for s, v in pts if v]
                 if not pts:
                     continue
-                f = 100 if metric.startswith("svc") else 1
+                f = 100 if metric in PERCENT else 1
                 mean = [f * statistics.fmean(v) for _, v in pts]
                 std = [f * statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
                 for col, x in enumerate(([s for s, _ in pts], [s * ms / 60e3 for s, _ in pts])):
@@ -81,7 +89,7 @@ def plot(a: dict, b: dict, names: tuple[str, str], path: Path):
                                     color=f"C{i}", alpha=0.15)
     for col, xl in enumerate(("training updates", "training minutes on this machine (time per update x updates)")):
         axes[0, col].set(xlabel=xl, ylabel="FID, unguided (lower is better)", yscale="log")
-        axes[1, col].set(xlabel=xl, ylabel=f"{TITLES['svc_guided']}, % of samples of the class asked")
+        axes[1, col].set(xlabel=xl, ylabel=f"{TITLES[acc]}, % of samples of the class asked")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

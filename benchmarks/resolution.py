@@ -35,6 +35,7 @@ from vit3.errors import ConfigError  # noqa: E402
 
 CONFIG = ROOT / "configs" / "study_glyphs.yaml"
 GRID_CLASSES = list(range(10))
+MINUTES = [5.0, 12.0]  # the default --sizes' budgets
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -43,16 +44,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", default=str(CONFIG), help="the base train_dit.py config (a data.demo: glyphs one)")
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 64],
                    help="image sizes in pixels (tokens at patch 2: (size / 2)^2)")
-    p.add_argument("--minutes", nargs="+", type=float, default=[5.0, 12.0],
-                   help="training minutes of each mixer at each size, one per --sizes")
+    p.add_argument("--minutes", nargs="+", type=float,
+                   help=f"training minutes of each mixer at each size, one per --sizes (default {MINUTES}; quick: "
+                        "1e-3 each)")
     p.add_argument("--out", default=str(ROOT / "results" / "resolution"), help="the study folder (checkpoints: big)")
     p.add_argument("--data-root", default="", help="the glyphs folders <root>/<demo><size> ('' = ~/.cache/vit3)")
     p.add_argument("--digits", default=str(ROOT / "benchmarks" / "results" / "study_digits"),
                    help="a digits study folder: the 64-token point of the crossover ('' for none)")
     p.add_argument("--quick", action="store_true", help="study.py --quick at every size, 1 minute of 1e-3")
     a, rest = p.parse_known_args(argv)
-    if a.quick and "--minutes" not in (argv or sys.argv[1:]):
-        a.minutes = [1e-3] * len(a.sizes)
+    if a.minutes is None:
+        a.minutes = [1e-3] * len(a.sizes) if a.quick else MINUTES
     if len(a.minutes) != len(a.sizes):
         raise ConfigError(f"--minutes gives {len(a.minutes)} budgets for {len(a.sizes)} --sizes: one per size")
     for o in rest:
@@ -91,7 +93,7 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
     from PIL import Image
 
     out = Path(a.out)
-    cells = {}
+    cells, specs = {}, {}
     for size in sizes:
         spec = json.loads((out / f"px{size}" / "results.json").read_text())
         for r in (r for r in spec["runs"] if r["seed"] == spec["spec"]["seeds"][0]):
@@ -104,6 +106,7 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
                        "--sampler", s["sampler"], "--out", str(png)]
                 run_script(cmd, out / "logs" / "grids.log", f"the sample grid of {run.name} at {size} px")
             cells[size, r["mixer"]] = (png, spec["updates"][r["mixer"]] if spec.get("updates") else None)
+        specs[size] = spec
     mixers = list(dict.fromkeys(m for _, m in cells))
     fig, axes = plt.subplots(len(mixers), len(sizes), figsize=(6.5 * len(sizes), 0.6 + 1.8 * len(mixers)),
                              squeeze=False)
@@ -114,7 +117,7 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
             if (size, m) in cells:
                 png, updates = cells[size, m]
                 ax.imshow(Image.open(png))
-                ax.set_title(f"{m}, {size} px ({(size // 2) ** 2} tokens)"
+                ax.set_title(f"{m}, {size} px ({crossover.tokens(specs[size], {'model': {'image_size': size}})} tokens)"
                              + (f", {updates} updates" if updates else ""), fontsize=9)
     fig.suptitle("the same classes and noise for every mixer, at the end of equal training minutes")
     fig.tight_layout()

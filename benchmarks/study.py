@@ -221,7 +221,8 @@ def demo_root(study: Study) -> Path:
 
 def accuracy_key(study: Study) -> str:
     """The class accuracy of samples sample.py reports for the study: the digits' SVC's, a judge's, or none ("")."""
-    return JUDGES[demo(study)][2] if demo(study) else "class_accuracy" if study.feature_extractor else ""
+    data = demo(study)
+    return JUDGES[data][2] if data else "class_accuracy" if study.feature_extractor else ""
 
 
 def resolve(study: Study) -> Study:

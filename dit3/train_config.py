@@ -36,8 +36,8 @@ class DataConfig(engine.DataConfig):
     """The engine's data keys (batch_size, num_workers, pin_memory, bad_images) and these."""
 
     path: str = "data/imagenet/train"  # an ImageFolder: one sub-folder of images per class
-    # "digits": scikit-learn's digits, "glyphs": the digits drawn with fonts at any size (vit3.glyphs), written as
-    # an ImageFolder under ~/.cache/vit3 (path "")
+    # "digits": scikit-learn's digits, "glyphs": the digits drawn with fonts at any size (vit3.glyphs),
+    # "glyphs_mono": the same white on black; written as an ImageFolder under ~/.cache/vit3 (path "")
     demo: str = checked("", one_of("", *DEMOS))
     hflip: bool = True  # random horizontal flips (DiT); turn off for data that is not mirror-symmetric
     in_memory: bool = False  # decode every image once and keep them in memory (small data sets: the digits demo)

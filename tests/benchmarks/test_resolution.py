@@ -50,6 +50,14 @@ def test_one_judge_a_study_per_size_the_crossover_and_the_grids(quick):
     assert "| 256 | 32 |" in (out / "crossover.md").read_text()
 
 
+def test_crossover_names_each_points_own_study_whatever_the_order(quick, tmp_path):
+    import crossover
+
+    out, _ = quick
+    points = crossover.write([out / "px32", out / "px16"], tmp_path / "x")  # sorted by tokens on the way
+    assert [(p["tokens"], Path(p["study"]).name) for p in points] == [(64, "px16"), (256, "px32")]
+
+
 def test_a_rerun_trains_nothing_again(quick, capsys):
     out, argv = quick
     before = {p: p.stat().st_mtime_ns for p in out.glob("px*/runs/*/checkpoints/*/*")}

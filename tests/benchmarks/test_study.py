@@ -417,6 +417,18 @@ def test_compare_studies_takes_the_seeds_both_ran():
     assert row[4] == f"{0.6:.3g} ± {statistics.stdev([0.5, 0.7]):.2g}" and row[6].startswith("75")
 
 
+def test_compare_studies_takes_a_judges_accuracy_where_the_study_has_one():
+    """On the glyphs the class accuracy is the judge's (class_accuracy), not the digits' SVC's."""
+    import compare_studies
+
+    e = {study.FID: 2.0, "class_accuracy": 0.5}
+    res = {"spec": {"mixers": ["DiT3"]}, "runs": [{"mixer": "DiT3", "seed": 0,
+                                                   "evals": {"4": {"cfg1": e, "guided": e}}}]}
+    lines = compare_studies.table(res, res, ("a", "b"))
+    assert "judge unguided (a)" in lines[0] and "SVC" not in lines[0]
+    assert lines[2].split(" | ")[5:7] == ["50", "50"]  # the judge's 0.5, in %
+
+
 def test_compare_studies_plot_draws_both_studies(tmp_path):
     """compare_studies.py --plot: a line per mixer and study, at the updates and minutes of each study's own time
     per update."""

@@ -100,7 +100,7 @@ def test_statistics_npz_in_float64_or_float32_and_malformed(inception_weights, t
 
 def test_class_accuracy_is_train_vits_own_val_accuracy(tmp_path):
     """A classifier's accuracy on the real val glyphs through `class_accuracy` (torch-fidelity's extractor, the
-    domain FID's resize and normalisation) is train_vit.py's own evaluation of the same EMA weights, image by image
+    domain FID's resize and normalisation) is train_vit.py's own evaluation of the same EMA weights
     (the glyphs at the classifier's own size, so both resizes are the identity)."""
     import importlib.util
     import sys
