@@ -131,9 +131,9 @@ def main(argv=None):
     a, rest = parse_args(argv)
     for size, minutes in zip(a.sizes, a.minutes):  # every size's arguments checked before the first work
         given, out, _, _ = study.parse_args(size_argv(a, rest, size, minutes, None))
-        if study.demo(given) not in ("glyphs", "glyphs_mono"):
+        if not study.demo(given).startswith("glyphs"):
             raise ConfigError(f"--config {a.config} trains on data.demo={study.demo(given)!r}: the resolution study "
-                              "draws the glyphs at each size (data.demo: glyphs or glyphs_mono), as "
+                              "draws the glyphs at each size (data.demo: glyphs, glyphs_mono or glyphs_plain), as "
                               "configs/study_glyphs.yaml")
         study.check_runs(study.resolve(given), given, out)
     judge = train_judge(a, rest)

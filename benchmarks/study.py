@@ -69,7 +69,8 @@ MIXERS = ("DiT3", "DiT", "DiT3-LA")
 # study's; the glyphs' judge is trained once at 32 px and judges any size, resized), and the accuracy of samples
 JUDGES = {"digits": ("vit3_demo.yaml", None, "digits_accuracy"),  # the SVC's; the ViT³ gives the features
           "glyphs": ("vit3_glyphs.yaml", 32, "class_accuracy"),
-          "glyphs_mono": ("vit3_glyphs.yaml", 32, "class_accuracy")}  # its judge trained on its own glyphs
+          "glyphs_mono": ("vit3_glyphs.yaml", 32, "class_accuracy"),  # each judge trained on its own glyphs
+          "glyphs_plain": ("vit3_glyphs.yaml", 32, "class_accuracy")}
 # --quick changes these defaults; an option given with it wins (--quick --seeds 0 1: two seeds, quickly)
 QUICK = dict(seeds=(0,), updates=4, budgets=(0.5, 1.0), sweep_budget=0.5, samples=10, steps=2, time_rounds=2)
 

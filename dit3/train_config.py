@@ -37,7 +37,8 @@ class DataConfig(engine.DataConfig):
 
     path: str = "data/imagenet/train"  # an ImageFolder: one sub-folder of images per class
     # "digits": scikit-learn's digits, "glyphs": the digits drawn with fonts at any size (vit3.glyphs),
-    # "glyphs_mono": the same white on black; written as an ImageFolder under ~/.cache/vit3 (path "")
+    # "glyphs_mono": the same white on black, "glyphs_plain": white on black with less variety; written as an
+    # ImageFolder under ~/.cache/vit3 (path "")
     demo: str = checked("", one_of("", *DEMOS))
     hflip: bool = True  # random horizontal flips (DiT); turn off for data that is not mirror-symmetric
     in_memory: bool = False  # decode every image once and keep them in memory (small data sets: the digits demo)

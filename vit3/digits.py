@@ -34,8 +34,8 @@ def default_demo_path(name: str, img_size: int) -> Path:
 
 
 # digits: scikit-learn's 8x8 digits; glyphs: digits drawn with fonts in colour (vit3.glyphs); glyphs_mono: the same
-# glyphs white on black
-DEMOS = ("digits", "glyphs", "glyphs_mono")
+# glyphs white on black; glyphs_plain: white on black with less variety (four bold faces, narrower ranges)
+DEMOS = ("digits", "glyphs", "glyphs_mono", "glyphs_plain")
 
 
 def prepare_demo_folder(demo: str, root: str | os.PathLike, img_size: int) -> Path:
@@ -45,10 +45,10 @@ def prepare_demo_folder(demo: str, root: str | os.PathLike, img_size: int) -> Pa
         raise ConfigError(f"unknown data.demo {demo!r}: the built-in demo datasets are {', '.join(DEMOS)} "
                           "('' for none)")
     root = root or default_demo_path(demo, img_size)
-    if demo in ("glyphs", "glyphs_mono"):
-        from .glyphs import prepare_glyphs
+    if demo.startswith("glyphs"):
+        from .glyphs import STYLES, prepare_glyphs
 
-        return prepare_glyphs(root, img_size, colour=demo == "glyphs")
+        return prepare_glyphs(root, img_size, style=STYLES[demo])
     return prepare_digits(root, img_size)
 
 

@@ -11,9 +11,14 @@ Glyph i is drawn from its own seed (seed, i) with parameters relative to the ima
 the same drawings at every size and on every machine (given the same fonts: matplotlib's own files);
 `train_per_class` and `val_per_class` glyphs of each digit make the fixed train / val split.
 
-`colour=False` (`data.demo: glyphs_mono`) draws the same glyphs white on black: the same fonts, sizes,
-angles, places and strokes without the two random colours, which a tiny model does not learn in minutes
-(benchmarks/README.md: 13% of its guided samples right after 1500 updates in colour, 43% white on black).
+Three styles, one per `data.demo`:
+- "colour" (`glyphs`): the full variety above;
+- "mono" (`glyphs_mono`): the same glyphs white on black: the same fonts, sizes, angles, places and strokes
+  without the two random colours, which a tiny model does not learn in minutes (benchmarks/README.md: 13% of
+  its guided samples right after 1500 updates in colour, 43% white on black);
+- "plain" (`glyphs_plain`): white on black with less variety: four bold faces (sans, serif, mono and STIX,
+  whose serifs and stroke ends are still detail above 8x8), a narrower size, angle, place and stroke. A tiny
+  model learns which digit to draw from it in the few hundred updates a CPU gives it at 1024 tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +38,12 @@ FONTS = (
 )
 CANVAS = 256  # drawn on at least this many pixels (at least 2x) and reduced with a Lanczos filter: anti-aliased
 MIN_CONTRAST = 0.35  # |luminance(foreground) - luminance(background)| in [0, 1]: the glyph stays legible
+PLAIN_FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono-Bold.ttf", "STIXGeneralBol.ttf")
+# each style's ranges: size (a share of the image side), angle (degrees), offset (a share of the side), stroke
+RANGES = {"colour": dict(fonts=FONTS, size=(0.5, 0.8), angle=25, offset=0.1, stroke=0.03),
+          "plain": dict(fonts=PLAIN_FONTS, size=(0.65, 0.75), angle=8, offset=0.04, stroke=0.01)}
+RANGES["mono"] = RANGES["colour"]
+STYLES = {"glyphs": "colour", "glyphs_mono": "mono", "glyphs_plain": "plain"}  # data.demo -> style
 
 
 def font_dir() -> Path:
@@ -41,22 +52,26 @@ def font_dir() -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-def glyph_params(seed: int, index: int, colour: bool = True) -> dict:
-    """The drawing of glyph `index`: its digit (index mod 10), font, relative size, rotation, centre offset,
-    relative stroke, and colours (white on black without `colour`: the colours are drawn all the same, so the
-    rest is the colour glyph's); from its own seed, so any glyph is drawn alone and the same everywhere."""
+def glyph_params(seed: int, index: int, style: str = "colour") -> dict:
+    """The drawing of glyph `index` in `style` (STYLES): its digit (index mod 10), font, relative size, rotation,
+    centre offset, relative stroke, and colours (white on black but in colour: the colours are drawn all the
+    same, so a mono glyph is the colour glyph's shape); from its own seed, so any glyph is drawn alone and the
+    same everywhere."""
+    if style not in RANGES:
+        raise ConfigError(f"unknown glyph style {style!r}: one of {', '.join(RANGES)}")
+    r = RANGES[style]
     rng = np.random.default_rng([seed, index])
     while True:  # colours of clearly different luminance (Rec. 601 weights)
         fg, bg = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
         if abs(fg @ [0.299, 0.587, 0.114] - bg @ [0.299, 0.587, 0.114]) >= MIN_CONTRAST:
             break
-    if not colour:
+    if style != "colour":
         fg, bg = np.ones(3), np.zeros(3)
-    return {"digit": index % 10, "font": FONTS[rng.integers(len(FONTS))],
-            "size": rng.uniform(0.5, 0.8),  # the font's size as a share of the image side
-            "angle": rng.uniform(-25, 25),  # degrees
-            "offset": rng.uniform(-0.1, 0.1, 2),  # the centre's shift, as a share of the image side
-            "stroke": rng.uniform(0, 0.03),  # a share of the image side: from the font's own weight to bolder
+    return {"digit": index % 10, "font": r["fonts"][rng.integers(len(r["fonts"]))],
+            "size": rng.uniform(*r["size"]),  # the font's size as a share of the image side
+            "angle": rng.uniform(-r["angle"], r["angle"]),  # degrees
+            "offset": rng.uniform(-r["offset"], r["offset"], 2),  # the centre's shift, a share of the image side
+            "stroke": rng.uniform(0, r["stroke"]),  # a share of the image side: from the font's own weight up
             "fg": tuple(int(c) for c in (fg * 255).round()), "bg": tuple(int(c) for c in (bg * 255).round())}
 
 
@@ -77,13 +92,15 @@ def draw_glyph(params: dict, img_size: int, fonts: Path | None = None):
 
 
 def prepare_glyphs(root: str | os.PathLike, img_size: int = 64, train_per_class: int = 600,
-                   val_per_class: int = 100, seed: int = 0, colour: bool = True) -> Path:
+                   val_per_class: int = 100, seed: int = 0, style: str = "colour") -> Path:
     """Write root/{train,val}/<digit>/<index>.png (RGB, img_size^2) once: glyphs 0 .. 10 * train_per_class - 1
-    are the train split, the next 10 * val_per_class the val split; in colour, or white on black."""
+    are the train split, the next 10 * val_per_class the val split; in `style` (STYLES)."""
     from .digits import write_demo_once
 
     if img_size < 8 or img_size % 8:
         raise ConfigError(f"the glyphs demo is drawn at sizes that are multiples of 8 (32, 64, 128), not {img_size}")
+    if style not in RANGES:
+        raise ConfigError(f"unknown glyph style {style!r}: one of {', '.join(RANGES)}")
     fonts = font_dir()
     missing = [f for f in FONTS if not (fonts / f).is_file()]
     if missing:
@@ -96,9 +113,9 @@ def prepare_glyphs(root: str | os.PathLike, img_size: int = 64, train_per_class:
             for c in range(10):
                 (tmp / split / str(c)).mkdir(parents=True, exist_ok=True)
             for i in indices:
-                params = glyph_params(seed, i, colour)
+                params = glyph_params(seed, i, style)
                 draw_glyph(params, img_size, fonts).save(tmp / split / str(params["digit"]) / f"{i:05d}.png")
-        return (f"glyphs {img_size}px, {n_train} train / {n_val} val, seed {seed}, {len(FONTS)} fonts, "
-                f"{'colour' if colour else 'white on black'}\n")
+        return (f"glyphs {img_size}px, {n_train} train / {n_val} val, seed {seed}, style {style} "
+                f"({len(RANGES[style]['fonts'])} fonts)\n")
 
     return write_demo_once(root, fill)

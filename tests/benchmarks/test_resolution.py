@@ -19,7 +19,7 @@ from vit3.glyphs import prepare_glyphs  # noqa: E402
 def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resolution")
     for size in (16, 32):  # 2 train and 1 val glyph per class: the judge's (32 px) and each study's data
-        prepare_glyphs(tmp / "data" / f"glyphs_mono{size}", size, train_per_class=2, val_per_class=1, colour=False)
+        prepare_glyphs(tmp / "data" / f"glyphs_mono{size}", size, train_per_class=2, val_per_class=1, style="mono")
     argv = ["--quick", "--sizes", "16", "32", "--data-root", str(tmp / "data"), "--out", str(tmp / "out"),
             "--digits", "", "--mixers", "DiT3", "DiT", "threads=1", "data.batch_size=8"]
     resolution.main(argv)

@@ -136,7 +136,7 @@ def test_glyphs_study_config_trains_on_the_glyphs_at_its_size(tmp_path):
     digits' SVC score is refused for glyphs in one line."""
     from vit3.glyphs import prepare_glyphs
 
-    glyphs = prepare_glyphs(tmp_path / "glyphs_mono16", 16, train_per_class=2, val_per_class=1, colour=False)
+    glyphs = prepare_glyphs(tmp_path / "glyphs_mono16", 16, train_per_class=2, val_per_class=1, style="mono")
     base = ["--config", str(ROOT / "configs" / "study_glyphs.yaml"), f"data.path={glyphs}", f"output_dir={tmp_path}",
             "log.progress=false", "log.log_with=none", "threads=1", "data.batch_size=8", "model.image_size=16"]
     r = train_dit.main([*base, "max_steps=2", "sample.steps=2", "sample.per_class=1"])

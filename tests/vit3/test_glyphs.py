@@ -69,11 +69,12 @@ def test_data_demo_glyphs_goes_to_the_glyphs(tmp_path, monkeypatch):
     """Both trainers' data.demo: 'glyphs' is accepted and written by prepare_glyphs at the model's size; an
     unknown demo names the two."""
     calls = []
-    monkeypatch.setattr(glyphs, "prepare_glyphs", lambda root, size, colour: calls.append((root, size, colour)) or root)
+    monkeypatch.setattr(glyphs, "prepare_glyphs", lambda root, size, style: calls.append((root, size, style)) or root)
     assert prepare_demo_folder("glyphs", tmp_path / "g", 64) == tmp_path / "g"
     assert prepare_demo_folder("glyphs_mono", tmp_path / "m", 32) == tmp_path / "m"
-    assert calls == [(tmp_path / "g", 64, True), (tmp_path / "m", 32, False)]
-    with pytest.raises(ConfigError, match="the built-in demo datasets are digits, glyphs, glyphs_mono"):
+    assert prepare_demo_folder("glyphs_plain", tmp_path / "p", 64) == tmp_path / "p"
+    assert calls == [(tmp_path / "g", 64, "colour"), (tmp_path / "m", 32, "mono"), (tmp_path / "p", 64, "plain")]
+    with pytest.raises(ConfigError, match="the built-in demo datasets are digits, glyphs, glyphs_mono, glyphs_plain"):
         prepare_demo_folder("mnist", "", 16)
 
 
@@ -83,7 +84,7 @@ def test_mono_glyphs_are_the_colour_glyphs_white_on_black():
     at the edges differ by a few levels; the coverage read back from the colour glyph is the mono glyph's, and
     not another drawing's of the same digit."""
     for i in (3, 58, 104):
-        params, mono = glyphs.glyph_params(0, i), glyphs.glyph_params(0, i, colour=False)
+        params, mono = glyphs.glyph_params(0, i), glyphs.glyph_params(0, i, "mono")
         assert (mono["fg"], mono["bg"]) == ((255, 255, 255), (0, 0, 0))
         assert {k: v for k, v in mono.items() if k not in ("fg", "bg", "offset")} == {
             k: v for k, v in params.items() if k not in ("fg", "bg", "offset")}
@@ -96,5 +97,30 @@ def test_mono_glyphs_are_the_colour_glyphs_white_on_black():
         k = np.argmax(np.abs(fg - bg))  # the channel where the colours differ most
         read_back = (colour[..., k] - bg[k]) / (fg[k] - bg[k])
         assert np.corrcoef(read_back.ravel(), coverage.ravel())[0, 1] > 0.995
-        other = np.asarray(glyphs.draw_glyph(glyphs.glyph_params(0, i + 10, colour=False), 32), dtype=np.float64)
+        other = np.asarray(glyphs.draw_glyph(glyphs.glyph_params(0, i + 10, "mono"), 32), dtype=np.float64)
         assert np.corrcoef(read_back.ravel(), other[..., 0].ravel())[0, 1] < 0.9  # the same digit, drawn otherwise
+
+
+def test_plain_glyphs_vary_less_and_keep_their_detail(tmp_path):
+    """glyphs_plain: white on black, only the four bold faces, every parameter inside its narrower range; a
+    glyph lies nearer its digit's mean drawing than a mono glyph does (what makes it quick to learn), and a
+    64-pixel plain glyph still loses a large share of its variance at 8x8."""
+    plain = [glyphs.glyph_params(0, i, "plain") for i in range(400)]
+    assert {p["font"] for p in plain} == set(glyphs.PLAIN_FONTS) and {p["digit"] for p in plain} == set(range(10))
+    assert all((p["fg"], p["bg"]) == ((255, 255, 255), (0, 0, 0)) for p in plain)
+    assert all(0.65 <= p["size"] <= 0.75 and abs(p["angle"]) <= 8 and np.abs(p["offset"]).max() <= 0.04
+               and 0 <= p["stroke"] <= 0.01 for p in plain)
+
+    def spread(style: str) -> float:  # the mean distance of a glyph to its digit's mean drawing, at 32 px
+        x = torch.cat([_tensor(glyphs.draw_glyph(glyphs.glyph_params(0, i, style), 32)) for i in range(200)])
+        x = x.view(20, 10, -1)  # [drawing, digit, pixels]: glyph i is digit i mod 10
+        return float((x - x.mean(0)).norm(dim=-1).mean())
+
+    assert spread("plain") < 0.8 * spread("mono")  # 8.4 against 11.5
+    x = torch.cat([_tensor(glyphs.draw_glyph(p, 64)) for p in plain[:20]])
+    coarse = F.interpolate(F.adaptive_avg_pool2d(x, 8), size=64, mode="bicubic", align_corners=False)
+    assert float(((x - coarse) ** 2).mean() / x.var(dim=(2, 3), keepdim=True).mean()) > 0.15
+    with pytest.raises(ConfigError, match="unknown glyph style 'grey': one of colour, plain, mono"):
+        glyphs.glyph_params(0, 1, "grey")
+    with pytest.raises(ConfigError, match="unknown glyph style"):
+        glyphs.prepare_glyphs(tmp_path / "g", 32, style="grey")
