@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import shlex
+from fractions import Fraction
 import sys
 from pathlib import Path
 
@@ -255,7 +256,9 @@ def check_runs(study: Study, given: Study, out: Path):
     for mixer in study.mixers:
         for lr in study.lrs:
             for seed in study.seeds:
-                cfg, _ = train_dit.parse_config(train_args(study, out, mixer, lr, seed, study.updates))
+                # --minutes: each mixer's updates are a multiple of the budgets' quantum, whatever max_steps says
+                updates = budget_quantum(study) if study.minutes else study.updates
+                cfg, _ = train_dit.parse_config(train_args(study, out, mixer, lr, seed, updates, updates))
                 # the model name and its patch against the image size (a latent run also divides by the VAE's 8)
                 train_dit.model_input(cfg, 1, 3)
     run = out / "runs" / run_name(study.mixers[-1], study.lrs[-1], study.seeds[-1])
@@ -322,17 +325,39 @@ def run_name(mixer: str, lr: float, seed: int) -> str:
     return f"{mixer}-lr{lr:g}-s{seed}"
 
 
+MAX_CHECKPOINTS = 64  # a run's checkpoints, one every gcd of its budget steps: more is a disk filled
+
+
+def budget_quantum(study: Study) -> int:
+    """The least number of updates of which every budget is a whole share (0.25 0.5 1: 4; 1/3 2/3 1: 3)."""
+    return math.lcm(*(Fraction(b).limit_denominator(1000).denominator for b in study.budgets))
+
+
 def mixer_updates(study: Study, update_ms: dict) -> dict:
     """mixer -> its updates: study.updates each, or (--minutes) the updates that fit the minutes at its measured
-    ms per update."""
+    ms per update, to the nearest multiple of the budgets' quantum: its budget checkpoints then fall on a
+    common interval (4607 updates at budgets 0.25 0.5 1 would have a checkpoint at every update)."""
     if not study.minutes:
         return {m: study.updates for m in study.mixers}
-    return {m: max(1, round(study.minutes * 60e3 / update_ms[m])) for m in study.mixers}
+    q = budget_quantum(study)
+    return {m: q * max(1, round(study.minutes * 60e3 / update_ms[m] / q)) for m in study.mixers}
 
 
 def budget_steps(study: Study, updates: int | None = None) -> list[int]:
     """The checkpoints evaluated: each budget's share of `updates` (default: study.updates)."""
     return [max(1, round(b * (updates or study.updates))) for b in study.budgets]
+
+
+def checkpoint_every(study: Study, updates: int | None = None) -> int:
+    """The checkpoint interval that lands on every budget step; ConfigError where it would save more than
+    MAX_CHECKPOINTS checkpoints a run (--updates 1501 at budgets 0.25 0.5 1: one every update)."""
+    updates = updates or study.updates
+    every = math.gcd(*budget_steps(study, updates))
+    if updates // every > MAX_CHECKPOINTS:
+        raise ConfigError(f"--updates {updates} with --budgets {' '.join(f'{b:g}' for b in study.budgets)}: the "
+                          f"budgets' checkpoints fall every {every} updates, {updates // every} checkpoints a run; "
+                          f"give --updates a multiple of {budget_quantum(study)}")
+    return every
 
 
 def train_args(study: Study, out: Path, mixer: str, lr: float, seed: int, upto: int,
@@ -341,7 +366,7 @@ def train_args(study: Study, out: Path, mixer: str, lr: float, seed: int, upto: 
     checkpoint at each budget (`check_runs` reads them before the first run)."""
     return ["--config", study.config, *study.overrides, f"output_dir={out / 'runs'}",
             f"run_name={run_name(mixer, lr, seed)}", f"model.name={mixer}-{study.size}", f"optim.lr={lr}",
-            f"seed={seed}", f"max_steps={upto}", f"checkpoint.every_steps={math.gcd(*budget_steps(study, updates))}",
+            f"seed={seed}", f"max_steps={upto}", f"checkpoint.every_steps={checkpoint_every(study, updates)}",
             "checkpoint.keep_last=0", "resume=auto", "sample.every=0", "sample.digits_per_class=0",
             "sample.fid_every=0", "log.progress=false"]
 

@@ -19,7 +19,7 @@ from vit3.glyphs import prepare_glyphs  # noqa: E402
 def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resolution")
     for size in (16, 32):  # 2 train and 1 val glyph per class: the judge's (32 px) and each study's data
-        prepare_glyphs(tmp / "data" / f"glyphs_mono{size}", size, train_per_class=2, val_per_class=1, style="mono")
+        prepare_glyphs(tmp / "data" / f"glyphs_plain{size}", size, train_per_class=2, val_per_class=1, style="plain")
     argv = ["--quick", "--sizes", "16", "32", "--data-root", str(tmp / "data"), "--out", str(tmp / "out"),
             "--digits", "", "--mixers", "DiT3", "DiT", "threads=1", "data.batch_size=8"]
     resolution.main(argv)
@@ -31,8 +31,9 @@ def test_one_judge_a_study_per_size_the_crossover_and_the_grids(quick):
     assert (out / "classifier" / "config.yaml").is_file()  # the judge, trained once at 32 px
     for size, tokens in ((16, 64), (32, 256)):
         res = json.loads((out / f"px{size}" / "results.json").read_text())
-        assert res["spec"]["minutes"] == 1e-3  # each mixer the updates that fit 60 ms at its own speed
-        assert res["updates"] == {m: max(1, round(60 / ms)) for m, ms in res["update_ms"].items()}
+        # each mixer the updates that fit 60 ms at its own speed, to a multiple of 2 (quick budgets: 0.5 1)
+        assert res["spec"]["minutes"] == 1e-3
+        assert res["updates"] == {m: 2 * max(1, round(60 / ms / 2)) for m, ms in res["update_ms"].items()}
         assert res["judge"]["path"].endswith("classifier") and {r["mixer"] for r in res["runs"]} == {"DiT3", "DiT"}
         for r in res["runs"]:
             for evals in r["evals"].values():
@@ -81,12 +82,12 @@ def test_bad_input_is_one_line_before_any_work(tmp_path):
 
 
 def test_each_size_reads_its_own_folder_of_the_demo_asked_for(tmp_path):
-    """--data-root: the study at each size trains on <root>/<demo><size> (glyphs or glyphs_mono), and key=value
-    overrides come before the options, so that none is read as a value of an option given last."""
+    """--data-root: the study at each size trains on <root>/<demo><size> (glyphs, glyphs_mono or glyphs_plain),
+    and key=value overrides come before the options, so that none is read as a value of an option given last."""
     a, rest = resolution.parse_args(["--data-root", str(tmp_path), "--mixers", "DiT3", "DiT", "data.demo=glyphs"])
     argv = resolution.size_argv(a, rest, 64, 2.0, tmp_path / "judge")
     assert f"data.path={tmp_path.resolve() / 'glyphs64'}" in argv and "model.image_size=64" in argv
     assert argv.index("data.demo=glyphs") < argv.index("--mixers") and argv[-2:] == ["DiT3", "DiT"]
     assert argv[argv.index("--feature-extractor") + 1] == str(tmp_path / "judge")
-    a, rest = resolution.parse_args(["--data-root", str(tmp_path)])  # the config's: white on black
-    assert f"data.path={tmp_path.resolve() / 'glyphs_mono32'}" in resolution.size_argv(a, rest, 32, 2.0, None)
+    a, rest = resolution.parse_args(["--data-root", str(tmp_path)])  # the config's: the plain glyphs
+    assert f"data.path={tmp_path.resolve() / 'glyphs_plain32'}" in resolution.size_argv(a, rest, 32, 2.0, None)

@@ -332,17 +332,25 @@ def test_a_run_dies_with_its_study(tmp_path):
 
 
 def test_equal_minutes_give_each_mixer_the_updates_of_its_own_speed():
-    """--minutes M: each mixer trains M x 60 s / its measured ms per update (at least 1), its checkpoints at the
-    budgets' shares of its own updates; without it every mixer has study.updates."""
+    """--minutes M: each mixer trains M x 60 s / its measured ms per update, to the nearest multiple of the
+    budgets' quantum (at least one), its checkpoints at the budgets' shares of its own updates; without it every
+    mixer has study.updates. A run whose budgets would put a checkpoint at nearly every update is refused."""
     s = study.Study(mixers=("DiT3", "DiT"), updates=10, minutes=2.0, budgets=(0.25, 0.5, 1.0))
     assert study.mixer_updates(s, {"DiT3": 200.0, "DiT": 100.0}) == {"DiT3": 600, "DiT": 1200}
+    # 4607.1 updates fit (the resolution study's DiT3-LA at 52.1 ms in 4 min): 4608, a checkpoint every 1152
+    assert study.mixer_updates(dataclasses.replace(s, minutes=4.0), {"DiT3": 52.095, "DiT": 100.0})["DiT3"] == 4608
+    assert study.checkpoint_every(s, 4608) == 1152
+    assert study.budget_quantum(dataclasses.replace(s, budgets=(1 / 3, 2 / 3, 1.0))) == 3
     assert study.mixer_updates(dataclasses.replace(s, minutes=0.0), {"DiT3": 200.0, "DiT": 100.0}) == \
         {"DiT3": 10, "DiT": 10}
     assert study.mixer_updates(dataclasses.replace(s, minutes=1e-6), {"DiT3": 200.0, "DiT": 100.0}) == \
-        {"DiT3": 1, "DiT": 1}
+        {"DiT3": 4, "DiT": 4}
     assert study.budget_steps(s, 600) == [150, 300, 600] and study.budget_steps(s) == [2, 5, 10]
     args = study.train_args(s, Path("/o"), "DiT", 1e-3, 0, 1200, 1200)
     assert "checkpoint.every_steps=300" in args and "max_steps=1200" in args
+    with pytest.raises(ConfigError, match="--updates 4607 with --budgets 0.25 0.5 1: the budgets' checkpoints fall "
+                                          "every 1 updates, 4607 checkpoints a run; give --updates a multiple of 4"):
+        study.train_args(s, Path("/o"), "DiT", 1e-3, 0, 4607, 4607)
     for bad in ("-1", "nan"):
         with pytest.raises(ConfigError, match=f"--minutes {bad}: the training minutes of each mixer"):
             study.parse_args(["--quick", "--minutes", bad])

@@ -136,12 +136,12 @@ def test_glyphs_study_config_trains_on_the_glyphs_at_its_size(tmp_path):
     digits' SVC score is refused for glyphs in one line."""
     from vit3.glyphs import prepare_glyphs
 
-    glyphs = prepare_glyphs(tmp_path / "glyphs_mono16", 16, train_per_class=2, val_per_class=1, style="mono")
+    glyphs = prepare_glyphs(tmp_path / "glyphs_plain16", 16, train_per_class=2, val_per_class=1, style="plain")
     base = ["--config", str(ROOT / "configs" / "study_glyphs.yaml"), f"data.path={glyphs}", f"output_dir={tmp_path}",
             "log.progress=false", "log.log_with=none", "threads=1", "data.batch_size=8", "model.image_size=16"]
     r = train_dit.main([*base, "max_steps=2", "sample.steps=2", "sample.per_class=1"])
     assert r["step"] == 2 and r["run_dir"].name == "000-study_glyphs"
     assert (r["run_dir"] / "samples" / "final.png").is_file()
     assert "20 images from" in (r["run_dir"] / "log.txt").read_text()  # the 2 x 10 train glyphs
-    with pytest.raises(ConfigError, match="digits_per_class=5 scores samples with the digits' SVC.*'glyphs_mono'"):
+    with pytest.raises(ConfigError, match="digits_per_class=5 scores samples with the digits' SVC.*'glyphs_plain'"):
         train_dit.parse_config([*base, "sample.digits_per_class=5"])
