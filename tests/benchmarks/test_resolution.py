@@ -40,8 +40,9 @@ def test_one_judge_a_study_per_size_the_crossover_and_the_grids(quick):
                 for where in ("cfg1", "guided"):  # the judge labels every sample: class accuracy
                     assert 0 <= evals[where]["class_accuracy"] <= 1
                     assert (ROOT / evals[where]["class_judge"]).resolve() == (out / "classifier").resolve()
-        assert (out / f"px{size}" / "runs" / "DiT3-lr0.003-s0" / "config.yaml").read_text().count(
-            f"image_size: {size}") == 1
+        for r in res["runs"]:  # each run trained at its study's size (quick: the config's lr, 1.5e-3)
+            assert (out / f"px{size}" / r["run"] / "config.yaml").read_text().count(f"image_size: {size}") == 1
+        assert {r["run"] for r in res["runs"]} == {"runs/DiT3-lr0.0015-s0", "runs/DiT-lr0.0015-s0"}
         for mixer in ("DiT3", "DiT"):
             assert (out / "grids" / f"px{size}-{mixer}.png").is_file()
     points = json.loads((out / "crossover.json").read_text())
