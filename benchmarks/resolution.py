@@ -121,7 +121,7 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
                 ax.imshow(Image.open(png))
                 ax.set_title(f"{m}, {size} px ({crossover.tokens(specs[size], {'model': {'image_size': size}})} tokens)"
                              + (f", {updates} updates" if updates else ""), fontsize=9)
-    fig.suptitle("the same classes and noise for every mixer, at the end of equal training minutes")
+    fig.suptitle("the same classes and noise for every mixer,\nat the end of equal training minutes", fontsize=10)
     fig.tight_layout()
     path = out / "samples.png"
     fig.savefig(path, dpi=110)

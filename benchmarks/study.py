@@ -50,8 +50,8 @@ import dataclasses
 import json
 import math
 import shlex
-from fractions import Fraction
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,11 +253,11 @@ def check_runs(study: Study, given: Study, out: Path):
     import train_dit
     from vit3.engine import config_to_dict
 
+    # --minutes: each mixer's updates are a multiple of the budgets' quantum, whatever max_steps says
+    updates = budget_quantum(study) if study.minutes else study.updates
     for mixer in study.mixers:
         for lr in study.lrs:
             for seed in study.seeds:
-                # --minutes: each mixer's updates are a multiple of the budgets' quantum, whatever max_steps says
-                updates = budget_quantum(study) if study.minutes else study.updates
                 cfg, _ = train_dit.parse_config(train_args(study, out, mixer, lr, seed, updates, updates))
                 # the model name and its patch against the image size (a latent run also divides by the VAE's 8)
                 train_dit.model_input(cfg, 1, 3)
