@@ -3,7 +3,10 @@ each image size of the glyphs, one judge for all, then the crossover figure and 
 
     python benchmarks/resolution.py                       # 32 and 64 px (256, 1024 tokens), CPU, alone
     python benchmarks/resolution.py --quick --sizes 16 32 --data-root /tmp/glyphs   # seconds: the orchestration
-    python benchmarks/resolution.py --sizes 32 --minutes 4 --seeds 0 1 --samples 100   # what ran: 256 tokens
+    python benchmarks/resolution.py --sizes 32 --minutes 4 --seeds 0 1 --samples 100 \
+        --lrs 7.5e-4 1.5e-3 3e-3 6e-3 1.2e-2                                   # what ran: 256 tokens,
+    python benchmarks/resolution.py --sizes 64 --minutes 12 --seeds 0 1 --samples 100 \
+        --lrs 1.5e-3 3e-3 6e-3 1.2e-2                                          # then 1024, into the same --out
     python benchmarks/resolution.py data.demo=glyphs --out results/resolution-colour   # the glyphs in colour
 
 Into --out (default results/resolution; benchmarks/results/resolution holds the committed reports):
@@ -11,8 +14,11 @@ Into --out (default results/resolution; benchmarks/results/resolution holds the 
   top-1 in its metrics.jsonl; it gives every size's FID features and class accuracy (samples resized to 32 px);
 - px<size>/: the study at that size (study.py's folder: resumable, a rerun skips what is done; --minutes per
   size: each mixer trains those minutes at its own measured time per update, so a faster mixer trains longer);
-- crossover.{png,json,md}: benchmarks/crossover.py over the sizes and --digits (the 64-token digits study);
-- samples.png: every mixer's seed-0 run at every size, at the end of its minutes, the same classes and noise.
+- crossover.{png,json,md}: benchmarks/crossover.py over every size studied in --out (this command's and earlier
+  ones', so sizes studied one at a time, each with its own --lrs, come together) and --digits (the 64-token
+  digits study);
+- samples.png: every mixer's seed-0 run at every size studied in --out, at the end of its minutes, the same
+  classes and noise.
 Options after the known ones (--lrs, --samples, --cfg-scale, key=value, ...) reach every size's study.py.
 A killed run: rerun the same command.
 """
@@ -129,6 +135,11 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
     return path
 
 
+def studied_sizes(out: Path) -> list[int]:
+    """The image sizes with a finished study in `out` (px<size>/results.json), smallest first."""
+    return sorted(int(p.parent.name[2:]) for p in out.glob("px*/results.json"))
+
+
 def main(argv=None):
     a, rest = parse_args(argv)
     for size, minutes in zip(a.sizes, a.minutes):  # every size's arguments checked before the first work
@@ -142,10 +153,11 @@ def main(argv=None):
     for size, minutes in zip(a.sizes, a.minutes):
         print(f"resolution: {size} px, {(size // 2) ** 2} tokens, {minutes:g} minutes each", flush=True)
         study.main(size_argv(a, rest, size, minutes, judge))
-    folders = ([Path(a.digits)] if a.digits else []) + [Path(a.out) / f"px{s}" for s in a.sizes]
+    sizes = studied_sizes(Path(a.out))
+    folders = ([Path(a.digits)] if a.digits else []) + [Path(a.out) / f"px{s}" for s in sizes]
     crossover.write(folders, Path(a.out) / "crossover")
     _, _, launcher, _ = study.parse_args(size_argv(a, rest, a.sizes[0], a.minutes[0], judge))
-    grids = sample_grids(a, a.sizes, launcher)
+    grids = sample_grids(a, sizes, launcher)
     print(f"resolution: done; {Path(a.out) / 'crossover.md'}, {Path(a.out) / 'crossover.png'}, {grids}", flush=True)
 
 

@@ -68,6 +68,23 @@ def test_a_rerun_trains_nothing_again(quick, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("px*/runs/*/checkpoints/*/*")} == before
 
 
+def test_a_size_studied_alone_joins_the_earlier_sizes_in_the_report(quick, tmp_path):
+    """Sizes studied one command at a time (each with its own --lrs) come together: the crossover and the grids
+    cover every size with a finished study in --out, not only the sizes of the last command."""
+    from PIL import Image
+
+    out, argv = quick
+    assert argv[1:4] == ["--sizes", "16", "32"]
+    one = [argv[0], "--sizes", "32", *argv[4:]]  # the fixture's command at 32 px only
+    (out / "crossover.json").unlink()
+    (out / "samples.png").unlink()
+    resolution.main(one)
+    assert [p["tokens"] for p in json.loads((out / "crossover.json").read_text())] == [64, 256]
+    width = Image.open(out / "samples.png").size[0]
+    assert width == round(6.5 * 2 * 110)  # a column per size: 16 and 32 px
+    assert resolution.studied_sizes(out) == [16, 32] and resolution.studied_sizes(tmp_path) == []
+
+
 def test_bad_input_is_one_line_before_any_work(tmp_path):
     base = ["--out", str(tmp_path / "out"), "--digits", ""]
     with pytest.raises(ConfigError, match="--minutes gives 1 budgets for 2 --sizes"):
