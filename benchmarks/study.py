@@ -537,6 +537,7 @@ def main(argv=None) -> Path:
                       "with more --lrs, past it, extends the sweep", flush=True)
     chosen = {m: choose_lr(sweep[m]) if sweeping else study.lrs[0] for m in study.mixers}
     runs = []
+    judge = {"path": classifier, "val_top1": judge_top1(Path(classifier))} if classifier else None
     for seed in study.seeds:  # seed outermost: a partial study already compares the mixers
         for mixer in study.mixers:
             k += 1  # the chosen sweep run goes on from the sweep budget
@@ -546,9 +547,9 @@ def main(argv=None) -> Path:
             print(f"evaluating {run.name} at {steps}", flush=True)
             runs.append({"mixer": mixer, "lr": chosen[mixer], "seed": seed, "run": str(run),
                          "evals": evaluate_run(study, out, launcher, run, classifier, steps)})
-    judge = {"path": classifier, "val_top1": judge_top1(Path(classifier))} if classifier else None
-    report = write_report(study, out, runs, sweep, chosen, State(out).data, updates, judge)
-    print(f"study: done; {report}", flush=True)
+        # reported at every finished seed: a study of hours has its partial results on disk as they come
+        report = write_report(study, out, runs, sweep, chosen, State(out).data, updates, judge)
+        print(f"study: {'done' if seed == study.seeds[-1] else f'seed {seed} done'}; {report}", flush=True)
     return out
 
 

@@ -122,14 +122,17 @@ def mixer_updates(res: dict) -> dict:
 
 def markdown(res: dict) -> str:
     spec, summary, updates = res["spec"], res["summary"], mixer_updates(res)
-    seeds = len(spec["seeds"])
+    done = sorted({r["seed"] for r in res["runs"]})
     acc, judge = accuracy(summary)
     titles = {k: v for k, v in TITLES.items() if not k.startswith(("svc", "acc")) or k.startswith(acc)}
     budget = (f"{spec['minutes']:g} training minutes each (equal wall clock: each mixer's updates at its measured "
               f"time per update)" if spec.get("minutes") else f"{spec['updates']} updates")
     lines = [f"{', '.join(spec['mixers'])} at {spec['size']}: {budget}, seeds {spec['seeds']}, "
              f"each evaluated with {spec['samples']} samples of {spec['steps']} sampler steps (the same noise for "
-             f"every run), unguided and at guidance {spec['cfg_scale']:g}. Mean ± std over {seeds} seed(s).", ""]
+             f"every run), unguided and at guidance {spec['cfg_scale']:g}. Mean ± std over {len(done)} seed(s).", ""]
+    if done != spec["seeds"]:
+        lines += [f"**Partial**: seeds {done} of {spec['seeds']} finished so far; the study's command, run again, "
+                  "goes on with the rest.", ""]
     if res.get("judge"):
         top1 = res["judge"].get("val_top1")
         lines += [f"Judge (FID features{', class accuracy' if acc == 'acc' else ''}): {res['judge']['path']}"
@@ -212,7 +215,7 @@ def plot(res: dict, path: Path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     budget = f"{res['spec']['minutes']:g} min each" if res["spec"].get("minutes") else "equal updates"
-    fig.suptitle(f"{res['spec']['size']}, {budget}, {len(res['spec']['seeds'])} seed(s): mean, band = ± one std "
+    fig.suptitle(f"{res['spec']['size']}, {budget}, {len({r['seed'] for r in res['runs']})} seed(s): mean, band = ± one std "
                  "over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -377,6 +377,34 @@ def test_an_equal_minutes_study_reports_by_minutes(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out.count("updates done before") >= 2
 
 
+def test_every_finished_seed_is_reported_before_the_next_one_trains(tmp_path, monkeypatch):
+    """A study killed while its second seed trains has the first seed's report on disk, marked partial; the same
+    command then finishes it, and the report is whole."""
+    ms = {"DiT3": 1500.0}
+    monkeypatch.setattr(study, "time_updates", lambda s, out, again=False: study.State(out).set("update_ms", ms) or ms)
+    out = tmp_path / "study"
+    argv = ["--quick", "--mixers", "DiT3", "--seeds", "0", "1", "--minutes", "0.1", "--out", str(out),
+            f"data.path={tmp_path / 'digits16'}", "threads=1"]
+    train = study.train
+
+    def killed_at_seed_1(*args, **kwargs):
+        if args[5] == 1:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(study, "train", killed_at_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(argv)
+    res = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in res["runs"]] == [0]
+    assert "**Partial**: seeds [0] of [0, 1] finished so far" in (out / "results.md").read_text()
+    monkeypatch.setattr(study, "train", train)
+    study.main(argv)
+    res = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in res["runs"]] == [0, 1] and res["summary"]["DiT3"]["4"]["fid"]["n"] == 2
+    assert "Partial" not in (out / "results.md").read_text()
+
+
 def test_the_timed_update_includes_repa_when_the_config_has_it(vit_file):
     """A study with repa.* overrides times the update its runs make: the projector is trained by the step and
     the encoder stays frozen."""
