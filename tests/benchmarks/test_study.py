@@ -76,8 +76,9 @@ def test_quick_study_trains_evaluates_and_reports_every_mixer(quick):
 
 
 def test_committed_results_name_no_path_of_this_machine():
-    paths = sorted((ROOT / "benchmarks" / "results").glob("study_*/*.json"))
-    assert len(paths) >= 4  # the digits study, its two ablations, the REPA study
+    results = ROOT / "benchmarks" / "results"
+    paths = sorted(results.glob("study_*/*.json")) + sorted(results.glob("resolution/**/*.json"))
+    assert len(paths) >= 6  # the digits study, its two ablations, the REPA study; the resolution study, crossover
     for path in paths:
         assert absolute_paths(json.loads(path.read_text())) == [], path
         assert "=/" not in path.read_text(), path  # nor as an override's value
