@@ -137,7 +137,7 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
 
 def studied_sizes(out: Path) -> list[int]:
     """The image sizes with a finished study in `out` (px<size>/results.json), smallest first."""
-    return sorted(int(p.parent.name[2:]) for p in out.glob("px*/results.json"))
+    return sorted(int(p.parent.name[2:]) for p in out.glob("px*/results.json") if p.parent.name[2:].isdigit())
 
 
 def main(argv=None):

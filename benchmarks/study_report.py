@@ -120,9 +120,14 @@ def mixer_updates(res: dict) -> dict:
     return res.get("updates") or {m: res["spec"]["updates"] for m in res["summary"]}
 
 
+def seeds_done(res: dict) -> list[int]:
+    """The seeds whose runs are in the report (a study reports at every finished seed)."""
+    return sorted({r["seed"] for r in res["runs"]})
+
+
 def markdown(res: dict) -> str:
     spec, summary, updates = res["spec"], res["summary"], mixer_updates(res)
-    done = sorted({r["seed"] for r in res["runs"]})
+    done = seeds_done(res)
     acc, judge = accuracy(summary)
     titles = {k: v for k, v in TITLES.items() if not k.startswith(("svc", "acc")) or k.startswith(acc)}
     budget = (f"{spec['minutes']:g} training minutes each (equal wall clock: each mixer's updates at its measured "
@@ -215,7 +220,7 @@ def plot(res: dict, path: Path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     budget = f"{res['spec']['minutes']:g} min each" if res["spec"].get("minutes") else "equal updates"
-    fig.suptitle(f"{res['spec']['size']}, {budget}, {len({r['seed'] for r in res['runs']})} seed(s): mean, band = ± one std "
+    fig.suptitle(f"{res['spec']['size']}, {budget}, {len(seeds_done(res))} seed(s): mean, band = ± one std "
                  "over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
