@@ -6,6 +6,7 @@
     python benchmarks/study.py --out DIR          # a killed study: rerun the same command, it continues
     python benchmarks/study.py --seeds 0 1 2 3    # a finished one grows by the runs of the new seeds
     python benchmarks/study.py --lrs 1.5e-3 3e-3 6e-3 1.2e-2   # or of new lrs: the sweep past its edge
+    python benchmarks/study.py --minutes 24 --sweep-budget 0.25   # a --minutes 12 study's runs train on to 24
     python benchmarks/study.py objective=ddpm     # DiT's DDPM instead of flow matching: key=value reach every run
 
 From one base config it trains one run per mixer (DiT3-*: TTT, DiT-*: softmax attention, DiT3-LA-*:
@@ -272,8 +273,9 @@ def check_runs(study: Study, given: Study, out: Path):
 
 def check_spec(study: Study, out: Path):
     """study.json holds the spec the study started with; a rerun must ask for the same study, or for the same
-    with more seeds after the old ones (each seed's runs stand alone, so the study grows by those runs) or more
-    lrs (the sweep grows by their runs; the seeds train at the lr it then chooses, the old ones kept). Written
+    with more seeds after the old ones (each seed's runs stand alone, so the study grows by those runs), more
+    lrs (the sweep grows by their runs; the seeds train at the lr it then chooses, the old ones kept) or whole
+    multiples of its minutes (`minutes_grow`: every run trains on). Written
     at every start, after every check: a refused command records nothing, and a folder that cannot be written
     is found before any work (WriteError, exit code 5)."""
     if out.exists() and not out.is_dir():
@@ -285,20 +287,49 @@ def check_spec(study: Study, out: Path):
         changed = sorted(k for k in spec if old.get(k) != spec[k])
         grows = {"seeds": spec["seeds"][:len(old["seeds"])] == old["seeds"],
                  "lrs": set(old["lrs"]) <= set(spec["lrs"])}
+        if "minutes" in changed:
+            grows["minutes"] = grows["sweep_budget"] = minutes_grow(study, old, out)
         if changed and all(grows.get(k) for k in changed):
-            for k in changed:
+            for k in (k for k in changed if k in ("seeds", "lrs")):
                 print(f"study: adding {k} {[v for v in spec[k] if v not in old[k]]} to {out}", flush=True)
+            state = State(out)
+            if "minutes" in changed and "updates" in state.data and "updates_minutes" not in state.data:
+                # a state.json from before studies could grow: its updates are the old minutes' (main grows them)
+                state.set("updates_minutes", old["minutes"])
         elif changed:
             raise ConfigError(f"{out} holds a study with other settings ({', '.join(changed)}: "
                               + "; ".join(f"{k} {old.get(k)} -> {spec[k]}" for k in changed)
                               + "). Rerun it with its own settings (more --seeds may follow the old ones, more "
-                              "--lrs extend the sweep), or give a new --out")
+                              "--lrs extend the sweep, --minutes x k with --sweep-budget / k trains every run on), "
+                              "or give a new --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(spec, indent=2))
     except OSError as e:
         raise WriteError(f"cannot write the study into {out} ({e.strerror or e}): give an --out that can be "
                          "written") from None
+
+
+def minutes_grow(study: Study, old: dict, out: Path) -> bool:
+    """Whether the study in `out` (spec `old`) may grow to study.minutes: by a whole factor k, the sweep keeping
+    its minutes (--sweep-budget / k) and the budgets the same, so every run goes on from its last checkpoint to
+    k x its updates (a constant-lr run stopped early is the prefix of the longer one), and each budget step the
+    old runs passed is k x an old budget step: one of their checkpoints. ConfigError naming the rule broken."""
+    k = study.minutes / old["minutes"] if old["minutes"] else 0.0
+    if not (k > 1 and abs(k - round(k)) < 1e-9):
+        if old["minutes"] and study.minutes > old["minutes"]:
+            raise ConfigError(f"--minutes {old['minutes']:g} -> {study.minutes:g}: a study's minutes grow by a "
+                              f"whole factor (--minutes {2 * old['minutes']:g}, {3 * old['minutes']:g}, ...), so "
+                              "that its runs' checkpoints stay on the budgets")
+        return False
+    k = round(k)
+    if len(old["lrs"]) > 1 and abs(study.sweep_budget * k - old["sweep_budget"]) > 1e-9:
+        raise ConfigError(f"--minutes {old['minutes']:g} -> {study.minutes:g} keeps the sweep's runs as they are: "
+                          f"give --sweep-budget {old['sweep_budget'] / k:g} (the old {old['sweep_budget']:g} / {k}), "
+                          f"one of the --budgets")
+    print(f"study: growing {out} from {old['minutes']:g} to {study.minutes:g} minutes: every run goes on from "
+          "its last checkpoint", flush=True)
+    return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -510,9 +541,13 @@ def main(argv=None) -> Path:
           f"{[f'{lr:g}' for lr in study.lrs]}, {budget}, evaluated at {list(study.budgets)} of it "
           f"({study.samples} samples, {study.steps} steps, guidance 1 and {study.cfg_scale:g}) -> {out}", flush=True)
     update_ms, state = time_updates(study, out, again=retime), State(out)
-    # the runs' lengths are fixed at the first start: a --retime changes the report's minutes, not the runs
+    # the runs' lengths are fixed at the first start (a --retime changes the report's minutes, not the runs) and
+    # grow with the minutes by their whole factor (check_spec)
     updates = state.data.get("updates") or mixer_updates(study, update_ms)
-    state.set("updates", updates)
+    grown = study.minutes / state.data.get("updates_minutes", study.minutes) if study.minutes else 1
+    state.data["updates_minutes"] = study.minutes
+    state.set("updates", {m: round(n * grown) for m, n in updates.items()})
+    updates = state.data["updates"]
     if study.minutes:
         print("    updates in the minutes: " + ", ".join(f"{m} {n}" for m, n in updates.items()), flush=True)
     classifier = train_classifier(study, out, launcher)

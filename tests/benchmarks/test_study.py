@@ -406,6 +406,36 @@ def test_every_finished_seed_is_reported_before_the_next_one_trains(tmp_path, mo
     assert "Partial" not in (out / "results.md").read_text()
 
 
+def test_a_study_grows_to_a_whole_multiple_of_its_minutes(tmp_path, monkeypatch, capsys):
+    """A finished equal-minutes study given k x its minutes (and the sweep's budget / k) trains every seed's run on
+    from its last checkpoint to k x its updates; the sweep's runs and the evaluations done are kept. Another
+    growth is refused, naming what to give."""
+    ms = {"DiT3": 1500.0}  # 0.1 min: 4 updates
+    monkeypatch.setattr(study, "time_updates", lambda s, out, again=False: study.State(out).set("update_ms", ms) or ms)
+    out = tmp_path / "study"
+    argv = ["--quick", "--mixers", "DiT3", "--lrs", "1e-3", "2e-3", "--budgets", "0.25", "0.5", "1",
+            "--out", str(out), f"data.path={tmp_path / 'digits16'}", "threads=1"]
+    study.main([*argv, "--minutes", "0.1", "--sweep-budget", "0.5"])
+    run = out / "runs" / json.loads((out / "results.json").read_text())["runs"][0]["run"].split("/")[-1]
+    kept = {p: p.stat().st_mtime_ns for p in (out / "evals").rglob("metrics.json")}
+    for bad, message in ((["--minutes", "0.15", "--sweep-budget", "0.5"], r"whole factor \(--minutes 0.2, 0.3"),
+                         (["--minutes", "0.2", "--sweep-budget", "0.5"], "give --sweep-budget 0.25")):
+        with pytest.raises(ConfigError, match=message):
+            study.main([*argv, *bad])
+    capsys.readouterr()
+    study.main([*argv, "--minutes", "0.2", "--sweep-budget", "0.25"])
+    log = capsys.readouterr().out
+    assert "growing" in log and log.count("updates done before") == 2  # the two sweep runs, at 2 updates
+    assert "training to 8 updates" in log
+    res = json.loads((out / "results.json").read_text())
+    assert res["updates"] == {"DiT3": 8} and sorted(map(int, res["runs"][0]["evals"])) == [2, 4, 8]
+    assert "resumed from" in (out / "logs" / f"{run.name}.log").read_text()  # from step 4, not trained anew
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # no evaluation done again
+    assert (run / "checkpoints" / "step-00000008").is_dir()
+    study.main([*argv, "--minutes", "0.2", "--sweep-budget", "0.25"])  # grown once: the rerun does nothing new
+    assert json.loads((out / "results.json").read_text())["updates"] == {"DiT3": 8}
+
+
 def test_the_timed_update_includes_repa_when_the_config_has_it(vit_file):
     """A study with repa.* overrides times the update its runs make: the projector is trained by the step and
     the encoder stays frozen."""
