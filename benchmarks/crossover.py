@@ -119,7 +119,9 @@ def markdown(points: list[dict]) -> str:
              "|---:|---:|---:|" + "---:|" * (3 * len(mixers) + 1)]
     for p in points:
         mx = p["mixers"]
-        fid = [f"{mx[m]['fid']:.3g} ± {mx[m]['fid_std']:.2g}" if m in mx else "-" for m in mixers]
+        # one seed has no spread to show: "± 0" would claim one
+        fid = [(f"{mx[m]['fid']:.3g} ± {mx[m]['fid_std']:.2g}" if len(mx[m]["fid_values"]) > 1 else
+                f"{mx[m]['fid']:.3g} (1 seed)") if m in mx else "-" for m in mixers]
         need = [("never" if mx[m]["minutes_to_target"] is None else
                  f"{mx[m]['minutes_to_target']:.2f} ({mx[m]['minutes_ratio']:.2f})" if mx[m]["minutes_ratio"]
                  else f"{mx[m]['minutes_to_target']:.2f}") if m in mx else "-" for m in mixers]

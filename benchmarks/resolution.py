@@ -6,7 +6,9 @@ each image size of the glyphs, one judge for all, then the crossover figure and 
     python benchmarks/resolution.py --sizes 32 --minutes 4 --seeds 0 1 --samples 100 \
         --lrs 7.5e-4 1.5e-3 3e-3 6e-3 1.2e-2                                   # what ran: 256 tokens,
     python benchmarks/resolution.py --sizes 64 --minutes 12 --seeds 0 1 --samples 100 \
-        --lrs 1.5e-3 3e-3 6e-3 1.2e-2                                          # then 1024, into the same --out
+        --lrs 1.5e-3 3e-3 6e-3 1.2e-2                                          # then 1024, into the same --out,
+    python benchmarks/resolution.py --sizes 64 --minutes 24 --seeds 0 1 --samples 100 \
+        --lrs 1.5e-3 3e-3 6e-3 1.2e-2 --sweep-budget 0.25                      # grown to 24 min (sweep kept)
     python benchmarks/resolution.py data.demo=glyphs --out results/resolution-colour   # the glyphs in colour
 
 Into --out (default results/resolution; benchmarks/results/resolution holds the committed reports):
@@ -41,9 +43,10 @@ from vit3.errors import ConfigError  # noqa: E402
 
 CONFIG = ROOT / "configs" / "study_glyphs.yaml"
 GRID_CLASSES = list(range(10))
-# the default --sizes' budgets, from the calibration (benchmarks/README.md): at 256 tokens SiT's guided samples
-# were 81% right after 2.1 min; at 1024 tokens DiT³'s 34% after 8.7 min, 90% some 22-27 min away
-MINUTES = [4.0, 25.0]
+# the default --sizes' budgets, those of the study that ran (benchmarks/README.md); from the calibration: at 256
+# tokens SiT's guided samples were 81% right after 2.1 min; at 1024 tokens DiT³'s 34% after 8.7 min, 90% some
+# 22-27 min away
+MINUTES = [4.0, 24.0]
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -93,7 +96,8 @@ def train_judge(a, rest: list[str]) -> Path:
 
 def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
     """samples.png: a row per mixer, a column per size: each seed-0 run's last checkpoint, guided as its study's
-    guided evaluation, classes 0-9 twice, the same noise everywhere."""
+    guided evaluation, classes 0-9 twice, the same noise everywhere. A grid is named by its checkpoint, so a study
+    grown to more minutes draws its new last one (not the grid drawn before it grew)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,14 +110,15 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
         spec = json.loads((out / f"px{size}" / "results.json").read_text())
         for r in (r for r in spec["runs"] if r["seed"] == spec["spec"]["seeds"][0]):
             run = out / f"px{size}" / r["run"]
-            png = out / "grids" / f"px{size}-{r['mixer']}.png"
+            updates = max(map(int, r["evals"]))  # the run's last budget: its end
+            png = out / "grids" / f"px{size}-{r['mixer']}-step{updates}.png"
             if not png.is_file():
                 s = spec["spec"]
-                cmd = [*launcher, str(ROOT / "sample.py"), "--ckpt", str(run), "--classes", *map(str, GRID_CLASSES),
-                       "--per-class", "2", "--cfg-scale", str(s["cfg_scale"]), "--steps", str(s["steps"]),
-                       "--sampler", s["sampler"], "--out", str(png)]
+                cmd = [*launcher, str(ROOT / "sample.py"), "--ckpt", str(run / "checkpoints" / f"step-{updates:08d}"),
+                       "--classes", *map(str, GRID_CLASSES), "--per-class", "2", "--cfg-scale", str(s["cfg_scale"]),
+                       "--steps", str(s["steps"]), "--sampler", s["sampler"], "--out", str(png)]
                 run_script(cmd, out / "logs" / "grids.log", f"the sample grid of {run.name} at {size} px")
-            cells[size, r["mixer"]] = (png, spec["updates"][r["mixer"]] if spec.get("updates") else None)
+            cells[size, r["mixer"]] = (png, updates)
         specs[size] = spec
     mixers = list(dict.fromkeys(m for _, m in cells))
     fig, axes = plt.subplots(len(mixers), len(sizes), figsize=(6.5 * len(sizes), 0.6 + 1.8 * len(mixers)),
@@ -126,7 +131,7 @@ def sample_grids(a, sizes: list[int], launcher: list[str]) -> Path:
                 png, updates = cells[size, m]
                 ax.imshow(Image.open(png))
                 ax.set_title(f"{m}, {size} px ({crossover.tokens(specs[size], {'model': {'image_size': size}})} tokens)"
-                             + (f", {updates} updates" if updates else ""), fontsize=9)
+                             f", {updates} updates", fontsize=9)
     fig.suptitle("the same classes and noise for every mixer,\nat the end of equal training minutes", fontsize=10)
     fig.tight_layout()
     path = out / "samples.png"

@@ -292,10 +292,13 @@ def check_spec(study: Study, out: Path):
         if changed and all(grows.get(k) for k in changed):
             for k in (k for k in changed if k in ("seeds", "lrs")):
                 print(f"study: adding {k} {[v for v in spec[k] if v not in old[k]]} to {out}", flush=True)
-            state = State(out)
-            if "minutes" in changed and "updates" in state.data and "updates_minutes" not in state.data:
-                # a state.json from before studies could grow: its updates are the old minutes' (main grows them)
-                state.set("updates_minutes", old["minutes"])
+            if "minutes" in changed:
+                print(f"study: growing {out} from {old['minutes']:g} to {study.minutes:g} minutes: every run goes "
+                      "on from its last checkpoint", flush=True)
+                state = State(out)
+                if "updates" in state.data and "updates_minutes" not in state.data:
+                    # a state.json from before studies could grow: its updates are the old minutes' (main grows them)
+                    state.set("updates_minutes", old["minutes"])
         elif changed:
             raise ConfigError(f"{out} holds a study with other settings ({', '.join(changed)}: "
                               + "; ".join(f"{k} {old.get(k)} -> {spec[k]}" for k in changed)
@@ -327,8 +330,6 @@ def minutes_grow(study: Study, old: dict, out: Path) -> bool:
         raise ConfigError(f"--minutes {old['minutes']:g} -> {study.minutes:g} keeps the sweep's runs as they are: "
                           f"give --sweep-budget {old['sweep_budget'] / k:g} (the old {old['sweep_budget']:g} / {k}), "
                           f"one of the --budgets")
-    print(f"study: growing {out} from {old['minutes']:g} to {study.minutes:g} minutes: every run goes on from "
-          "its last checkpoint", flush=True)
     return True
 
 

@@ -44,7 +44,7 @@ def test_one_judge_a_study_per_size_the_crossover_and_the_grids(quick):
             assert (out / f"px{size}" / r["run"] / "config.yaml").read_text().count(f"image_size: {size}") == 1
         assert {r["run"] for r in res["runs"]} == {"runs/DiT3-lr0.0015-s0", "runs/DiT-lr0.0015-s0"}
         for mixer in ("DiT3", "DiT"):
-            assert (out / "grids" / f"px{size}-{mixer}.png").is_file()
+            assert (out / "grids" / f"px{size}-{mixer}-step{res['updates'][mixer]}.png").is_file()
     points = json.loads((out / "crossover.json").read_text())
     assert [p["tokens"] for p in points] == [64, 256]
     assert all(p["mixers"]["DiT3"]["minutes_ratio"] == 1.0 for p in points if p["mixers"]["DiT3"]["minutes_ratio"])
@@ -83,6 +83,27 @@ def test_a_size_studied_alone_joins_the_earlier_sizes_in_the_report(quick, tmp_p
     width = Image.open(out / "samples.png").size[0]
     assert width == round(6.5 * 2 * 110)  # a column per size: 16 and 32 px
     assert resolution.studied_sizes(out) == [16, 32] and resolution.studied_sizes(tmp_path) == []
+
+
+def test_a_grown_study_draws_its_new_last_checkpoint(quick, tmp_path):
+    """A size's study grown to twice its minutes trains on, and samples.png draws each run's new end (a grid drawn
+    before the study grew is not taken for it). Grown in place (the study names its judge by path), then put back
+    as the fixture made it."""
+    import shutil
+
+    out, argv = quick
+    shutil.copytree(out, tmp_path / "kept")
+    try:
+        before = json.loads((out / "px32" / "results.json").read_text())["updates"]
+        resolution.main([argv[0], "--sizes", "32", "--minutes", "2e-3", *argv[4:]])
+        res = json.loads((out / "px32" / "results.json").read_text())
+        assert res["updates"] == {m: 2 * n for m, n in before.items()}
+        for m, n in res["updates"].items():
+            assert (out / "grids" / f"px32-{m}-step{n}.png").is_file()
+            assert (out / "grids" / f"px32-{m}-step{n // 2}.png").is_file()  # the grid of before, kept
+    finally:
+        shutil.rmtree(out)
+        shutil.move(tmp_path / "kept", out)
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path):

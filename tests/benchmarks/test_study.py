@@ -547,3 +547,10 @@ def test_crossover_reads_each_curve_at_equal_minutes():
     # an equal-minutes study is read at its own minutes
     res["spec"]["minutes"] = 0.5
     assert crossover.point(res, {"model": {"image_size": 64}})["mixers"]["DiT"]["fid"] == pytest.approx(20.0)
+    # the table gives a spread over seeds, and says where there is one seed, not "± 0"
+    res["spec"]["minutes"], res["runs"][0]["evals"]["500"]["cfg1"][study.FID] = 0.0, 30.0
+    row = crossover.markdown([crossover.point(res, {"model": {"image_size": 32}})]).splitlines()[2].split(" | ")
+    assert row[3] == f"{statistics.fmean([10.0, 30.0]):.3g} ± {statistics.stdev([10.0, 30.0]):.2g}"
+    res["runs"] = [r for r in res["runs"] if r["seed"] == 0]
+    row = crossover.markdown([crossover.point(res, {"model": {"image_size": 32}})]).splitlines()[2].split(" | ")
+    assert row[3:5] == ["30 (1 seed)", "4 (1 seed)"]
