@@ -288,7 +288,7 @@ def check_spec(study: Study, out: Path):
         grows = {"seeds": spec["seeds"][:len(old["seeds"])] == old["seeds"],
                  "lrs": set(old["lrs"]) <= set(spec["lrs"])}
         if "minutes" in changed:
-            grows["minutes"] = grows["sweep_budget"] = minutes_grow(study, old, out)
+            grows["minutes"] = grows["sweep_budget"] = minutes_grow(study, old)
         if changed and all(grows.get(k) for k in changed):
             for k in (k for k in changed if k in ("seeds", "lrs")):
                 print(f"study: adding {k} {[v for v in spec[k] if v not in old[k]]} to {out}", flush=True)
@@ -313,8 +313,8 @@ def check_spec(study: Study, out: Path):
                          "written") from None
 
 
-def minutes_grow(study: Study, old: dict, out: Path) -> bool:
-    """Whether the study in `out` (spec `old`) may grow to study.minutes: by a whole factor k, the sweep keeping
+def minutes_grow(study: Study, old: dict) -> bool:
+    """Whether a study of spec `old` may grow to study.minutes: by a whole factor k, the sweep keeping
     its minutes (--sweep-budget / k) and the budgets the same, so every run goes on from its last checkpoint to
     k x its updates (a constant-lr run stopped early is the prefix of the longer one), and each budget step the
     old runs passed is k x an old budget step: one of their checkpoints. ConfigError naming the rule broken."""
